@@ -1,0 +1,94 @@
+"""Names shared by the operator, the trainer and the CRD: group/version, condition types and reasons,
+exit codes, labels. Import-light on purpose (the operator and the trainer both import it)."""
+
+from __future__ import annotations
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune"]
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+
+class ConditionType:
+    """metav1.Condition types a FineTuneJob carries. `kubectl wait --for=condition=Succeeded ftj/x` works."""
+
+    CREATED = "Created"  # the child workload (Job, Service, ConfigMap) exists
+    SUSPENDED = "Suspended"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    # Informational: the forgetting check exceeded its threshold (with action: warn the job still succeeds).
+    FORGETTING_EXCEEDED = "ForgettingThresholdExceeded"
+
+
+class Reason:
+    """CamelCase reasons, as metav1.Condition requires (`^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$`)."""
+
+    JOB_CREATED = "JobCreated"
+    INVALID_SPEC = "InvalidSpec"
+    PENDING = "PodsPending"
+    RUNNING = "PodsRunning"
+    SUSPENDED = "JobSuspended"
+    RESUMED = "JobResumed"
+    SUCCEEDED = "TrainingSucceeded"
+    TRAINER_ERROR = "TrainerError"  # the trainer exited with a permanent exit code
+    BACKOFF_LIMIT = "BackoffLimitExceeded"
+    DEADLINE = "DeadlineExceeded"
+    POD_FAILED = "PodFailed"
+    RESTARTING = "Restarting"
+    JOB_MISSING = "JobMissing"
+    FORGETTING = "ForgettingThresholdExceeded"
+    WITHIN_THRESHOLD = "WithinThreshold"
+
+
+class Phase:
+    """The one-word summary derived from the conditions (never stored independently of them)."""
+
+    PENDING = "Pending"
+    SUSPENDED = "Suspended"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    ALL = [PENDING, SUSPENDED, RUNNING, SUCCEEDED, FAILED]
+    TERMINAL = {SUCCEEDED, FAILED}
+
+
+class ExitCode:
+    """The trainer's exit codes. The operator's Job carries a podFailurePolicy that fails the Job at once on
+    the permanent ones (retrying a bad config or a diverged run only burns GPU hours)."""
+
+    OK = 0
+    RETRIABLE = 1  # anything unexpected: the Job's backoffLimit decides
+    DATA_ERROR = 65  # EX_DATAERR: dataset empty/malformed, missing column
+    CONFIG_ERROR = 78  # EX_CONFIG: spec cannot work (model not found, wrong format for stage, ...)
+    DIVERGED = 79  # loss became NaN/inf
+    FORGETTING = 80  # forgetting threshold exceeded with action: fail
+    PREEMPTED = 143  # 128 + SIGTERM: checkpoint written, a restart resumes
+
+    PERMANENT = (DATA_ERROR, CONFIG_ERROR, DIVERGED, FORGETTING)
+
+
+class Label:
+    """Labels on every child object; `job-name` lets a user `kubectl get pods -l kubetune.dev/job-name=x`."""
+
+    JOB_NAME = f"{GROUP}/job-name"
+    STAGE = f"{GROUP}/stage"
+    ADAPTER = f"{GROUP}/adapter"
+    COMPONENT = "app.kubernetes.io/component"
+    MANAGED_BY = "app.kubernetes.io/managed-by"
+    PART_OF = "app.kubernetes.io/part-of"
+    MANAGED_BY_VALUE = "kubetune-operator"
+
+
+# Where the operator mounts the resolved job config inside the trainer container.
+CONFIG_MOUNT_DIR = "/etc/kubetune"
+CONFIG_FILE_NAME = "job.yaml"
+TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_METRICS_PORT = 9400
+DEFAULT_RENDEZVOUS_PORT = 29500

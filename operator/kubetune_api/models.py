@@ -1,0 +1,755 @@
+"""The FineTuneJob API (kubetune.dev/v1alpha1): the single source of truth.
+
+`crds/` is generated from these models (`python -m kubetune_api.crdgen`), the operator validates and renders
+from them, and the trainer parses the resolved spec with them. Field descriptions become `kubectl explain`
+text, so they are written for the person reading a manifest. Cross-field rules live next to the model they
+constrain (`x-kubernetes-validations`, CEL) so the apiserver rejects bad manifests before the operator sees
+them; `validate_spec()` repeats the ones CEL cannot express.
+
+Defaults that depend on other fields (e.g. LoRA rank, which must be absent for `full`) are *not* schema
+defaults: they are applied in code (`effective_*` helpers), and the descriptions say what they are.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from .constants import Phase
+
+# CEL cost estimation needs bounded strings and lists: every string and list carries a max.
+NAME_MAX = 253
+URI_MAX = 2048
+LIST_MAX = 64
+URI_PATTERN = r"^(s3|file|pvc|hf)://.+"
+
+
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
+    """One x-kubernetes-validations entry (apiextensions.k8s.io/v1 ValidationRule)."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def validations(*rules: dict) -> dict:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields refused (the CRD prunes them anyway)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True,
+        validate_default=True,
+    )
+
+    def to_k8s(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class StrEnum(str, enum.Enum):
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.value
+
+
+class Stage(StrEnum):
+    CPT = "cpt"
+    SFT = "sft"
+    DPO = "dpo"
+    ORPO = "orpo"
+    KTO = "kto"
+    GRPO = "grpo"
+    RLOO = "rloo"
+    PPO = "ppo"
+    REWARD = "reward"
+
+
+class AdapterType(StrEnum):
+    LORA = "lora"
+    QLORA = "qlora"
+    DORA = "dora"
+    GALORE = "galore"
+    FULL = "full"
+
+
+class DatasetFormat(StrEnum):
+    TEXT = "text"  # {"text": ...}
+    CHAT = "chat"  # {"messages": [{"role", "content"}, ...]}
+    PROMPT_COMPLETION = "prompt_completion"  # {"prompt", "completion"}
+    PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}
+    UNPAIRED_PREFERENCE = "unpaired_preference"  # {"prompt", "completion", "label": bool}
+    PROMPT_ONLY = "prompt_only"  # {"prompt", ...extra columns handed to reward functions}
+
+
+# Which dataset formats each stage accepts. Used by CEL (rendered into the rule) and by validate_spec().
+STAGE_FORMATS: dict[str, list[str]] = {
+    "cpt": ["text"],
+    "sft": ["chat", "prompt_completion", "text"],
+    "dpo": ["preference"],
+    "orpo": ["preference"],
+    "kto": ["unpaired_preference", "preference"],
+    "grpo": ["prompt_only"],
+    "rloo": ["prompt_only"],
+    "ppo": ["prompt_only"],
+    "reward": ["preference"],
+}
+
+
+class SecretKeyRef(Model):
+    name: str = Field(..., max_length=NAME_MAX, description="Name of a Secret in the FineTuneJob's namespace.")
+    key: str = Field(..., max_length=NAME_MAX, description="Key inside the Secret.")
+
+
+class StorageCredentials(Model):
+    """S3 credentials, only ever as a Secret reference: the operator wires them into the pod with
+    secretKeyRef and never reads them."""
+
+    secret_name: str = Field(
+        ..., max_length=NAME_MAX,
+        description="Secret in the job's namespace holding the S3 access key pair (never copied into status, "
+        "events or logs).",
+    )
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", max_length=NAME_MAX, description="Key in the Secret holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX, description="Key in the Secret holding the secret key."
+    )
+
+
+class ModelSpec(Model):
+    source: str = Field(
+        ..., max_length=URI_MAX, pattern=URI_PATTERN,
+        description="Where the base model lives: s3://bucket/prefix (a folder saved with save_pretrained), "
+        "file:///abs/path, pvc://<claim>/<path> (mounted read-only), or hf://org/name (needs internet).",
+    )
+    revision: Optional[str] = Field(
+        None, max_length=NAME_MAX, description="Revision (branch, tag or commit) for hf:// sources."
+    )
+    dtype: str = Field(
+        "auto", json_schema_extra={"enum": ["auto", "float32", "bfloat16", "float16"]},
+        description="Weights dtype when loading. auto: bfloat16 on GPUs that support it, float32 on CPU.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Off unless you trust the source."
+    )
+    tokenizer: Optional[str] = Field(
+        None, max_length=URI_MAX, pattern=URI_PATTERN,
+        description="Tokenizer location when it is not stored with the model (same URI forms as source).",
+    )
+
+
+class DatasetSource(Model):
+    uri: str = Field(
+        ..., max_length=URI_MAX, pattern=URI_PATTERN,
+        description="A file or folder: s3://..., file://..., pvc://<claim>/<path> or hf://org/name. Files: "
+        ".jsonl, .json, .parquet, .csv, .txt (txt: one example per line for text, whole file otherwise).",
+    )
+    split: Optional[str] = Field(None, max_length=NAME_MAX, description="Split name for hf:// sources.")
+
+
+class ColumnMapping(Model):
+    """Rename the dataset's columns to the names the format expects (e.g. {prompt: question})."""
+
+    text: Optional[str] = Field(None, max_length=NAME_MAX, description="Column holding raw text (format text).")
+    messages: Optional[str] = Field(None, max_length=NAME_MAX, description="Column holding chat messages.")
+    prompt: Optional[str] = Field(None, max_length=NAME_MAX, description="Column holding the prompt.")
+    completion: Optional[str] = Field(None, max_length=NAME_MAX, description="Column holding the completion.")
+    chosen: Optional[str] = Field(None, max_length=NAME_MAX, description="Column holding the preferred answer.")
+    rejected: Optional[str] = Field(None, max_length=NAME_MAX, description="Column holding the rejected answer.")
+    label: Optional[str] = Field(
+        None, max_length=NAME_MAX, description="Column holding the desirable (true) / undesirable label (KTO)."
+    )
+    answer: Optional[str] = Field(
+        None, max_length=NAME_MAX, description="Column holding the reference answer that RL rewards compare to."
+    )
+
+
+class DatasetSpec(Model):
+    format: DatasetFormat = Field(
+        ..., description="Shape of each example: text, chat, prompt_completion, preference, unpaired_preference "
+        "or prompt_only. Each stage accepts only some formats (e.g. dpo needs preference).",
+    )
+    train: list[DatasetSource] = Field(
+        ..., min_length=1, max_length=LIST_MAX, description="Training data; several sources are concatenated."
+    )
+    eval: Optional[list[DatasetSource]] = Field(
+        None, max_length=LIST_MAX, description="Held-out evaluation data. When absent, evalFraction of train is held out."
+    )
+    eval_fraction: Optional[float] = Field(
+        None, ge=0.0, le=0.5,
+        description="Fraction of the training data held out for evaluation when `eval` is not given. Default "
+        "0.1; 0 disables evaluation.",
+    )
+    columns: Optional[ColumnMapping] = Field(None, description="Column renames applied before formatting.")
+    max_samples: Optional[int] = Field(
+        None, ge=1, description="Use at most this many training examples (after shuffling with the seed)."
+    )
+
+
+class RewardFunction(Model):
+    """One reward for RL stages: a built-in by name, or your own `module:function` shipped with `source`."""
+
+    name: str = Field(
+        ..., max_length=NAME_MAX,
+        description="A built-in reward (exact_match, normalized_match, numeric_match, regex_match, "
+        "think_answer_format, length_penalty) or 'module:function' for your own, loaded from `source`.",
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the weighted sum.")
+    params: Optional[dict[str, str]] = Field(
+        None, json_schema_extra={"maxProperties": 32},
+        description="Parameters for the reward, as strings (e.g. tolerance: '0.01', pattern: '^<think>').",
+    )
+    source: Optional[str] = Field(
+        None, max_length=URI_MAX, pattern=URI_PATTERN,
+        description="A .py file or folder holding the custom reward module (only for 'module:function'). "
+        "It runs only inside the trainer pod.",
+    )
+
+
+class DPOParams(Model):
+    beta: float = Field(0.1, gt=0, description="KL strength of the implicit reward (TRL DPOConfig.beta).")
+    loss_type: str = Field(
+        "sigmoid", json_schema_extra={"enum": ["sigmoid", "ipo", "hinge", "robust", "bco_pair", "apo_zero"]},
+        description="DPO loss variant.",
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5, description="Conservative DPO label smoothing.")
+
+
+class ORPOParams(Model):
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (TRL ORPOConfig.beta).")
+
+
+class KTOParams(Model):
+    beta: float = Field(0.1, gt=0, description="KL strength (TRL KTOConfig.beta).")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples.")
+
+
+class GRPOParams(Model):
+    num_generations: int = Field(4, ge=2, le=64, description="Completions sampled per prompt (group size).")
+    max_completion_length: int = Field(64, ge=1, le=32768, description="Tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL penalty against the reference model (0 disables it).")
+    rewards: list[RewardFunction] = Field(
+        ..., min_length=1, max_length=16, description="Reward functions; the reward is their weighted sum."
+    )
+
+
+class RLOOParams(Model):
+    num_generations: int = Field(4, ge=2, le=64, description="Completions sampled per prompt (RLOO's k).")
+    max_completion_length: int = Field(64, ge=1, le=32768, description="Tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    beta: float = Field(0.05, ge=0, description="KL penalty against the reference model.")
+    reward_model: Optional[str] = Field(
+        None, max_length=URI_MAX, pattern=URI_PATTERN,
+        description="A sequence-classification reward model (e.g. the output of a `reward` stage job).",
+    )
+    rewards: Optional[list[RewardFunction]] = Field(
+        None, max_length=16, description="Reward functions, alone or added to the reward model's score."
+    )
+
+
+class PPOParams(Model):
+    reward_model: str = Field(
+        ..., max_length=URI_MAX, pattern=URI_PATTERN,
+        description="A sequence-classification reward model (e.g. the output of a `reward` stage job).",
+    )
+    max_completion_length: int = Field(32, ge=1, le=32768, description="Tokens generated per rollout.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    ppo_epochs: int = Field(2, ge=1, le=16, description="Optimisation passes over each rollout batch.")
+    clip_range: float = Field(0.2, gt=0, le=1, description="PPO ratio clipping.")
+    value_clip_range: float = Field(0.2, gt=0, le=1, description="Value-function clipping.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty against the reference policy.")
+    vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+
+
+class RewardModelParams(Model):
+    center_rewards_coefficient: Optional[float] = Field(
+        None, ge=0, description="Push rewards towards zero mean (TRL RewardConfig.center_rewards_coefficient)."
+    )
+
+
+_STAGE_BLOCKS = ["dpo", "orpo", "kto", "grpo", "rloo", "ppo", "reward"]
+
+
+class TrainingSpec(Model):
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (ignored when maxSteps is set).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: str = Field(
+        "cosine",
+        json_schema_extra={"enum": ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"]},
+        description="Learning-rate schedule after warmup.",
+    )
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, ge=8, le=1048576, description="Maximum tokens per example (or per packed row).")
+    packing: bool = Field(False, description="Pack several examples into each row (cpt, sft) for throughput.")
+    seed: int = Field(42, ge=0, description="Seed for data order, initialisation and sampling.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: str = Field(
+        "auto", json_schema_extra={"enum": ["auto", "bf16", "fp16", "fp32"]},
+        description="Mixed precision. auto: bf16 where the GPU supports it, fp32 on CPU.",
+    )
+    checkpoint_every_steps: int = Field(
+        100, ge=1, description="Save a full checkpoint (weights, optimizer, scheduler, RNG) to the output "
+        "every N steps; a restarted pod resumes from the latest one. Also saved on SIGTERM.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Complete checkpoints kept in the object store.")
+    eval_every_steps: int = Field(50, ge=1, description="Evaluate (eval loss, perplexity) every N steps.")
+    log_every_steps: int = Field(5, ge=1, description="Publish train metrics every N steps.")
+    dpo: Optional[DPOParams] = Field(None, description="DPO settings (stage dpo only).")
+    orpo: Optional[ORPOParams] = Field(None, description="ORPO settings (stage orpo only).")
+    kto: Optional[KTOParams] = Field(None, description="KTO settings (stage kto only).")
+    grpo: Optional[GRPOParams] = Field(None, description="GRPO settings (stage grpo only; rewards required).")
+    rloo: Optional[RLOOParams] = Field(None, description="RLOO settings (stage rloo only).")
+    ppo: Optional[PPOParams] = Field(None, description="PPO settings (stage ppo only; rewardModel required).")
+    reward: Optional[RewardModelParams] = Field(None, description="Reward-model training settings (stage reward only).")
+
+
+class QuantizationSpec(Model):
+    quant_type: str = Field("nf4", json_schema_extra={"enum": ["nf4", "fp4"]}, description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = Field(
+        "auto", json_schema_extra={"enum": ["auto", "float32", "bfloat16", "float16"]},
+        description="Dtype for matmuls on the de-quantized weights. auto: bfloat16 on GPU, float32 on CPU.",
+    )
+
+
+class GaLoreSpec(Model):
+    rank: int = Field(128, ge=1, le=8192, description="Rank of the gradient projection.")
+    update_proj_gap: int = Field(200, ge=1, description="Steps between recomputing the projection (SVD).")
+    scale: float = Field(0.25, gt=0, description="Scale applied to the projected update.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["attn", "mlp"], max_length=LIST_MAX,
+        description="Name fragments of the linear layers whose gradients are projected.",
+    )
+    optimizer: str = Field(
+        "galore_adamw", json_schema_extra={"enum": ["galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise"]},
+        description="GaLore optimizer variant (galore_adamw_8bit needs CUDA).",
+    )
+
+
+class AdapterSpec(Model):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.type != 'full' || (!has(self.rank) && !has(self.alpha) && !has(self.dropout) && "
+                "!has(self.targetModules) && !has(self.useRslora) && !has(self.init))",
+                "full fine-tuning trains every weight: remove rank, alpha, dropout, targetModules, useRslora "
+                "and init, or choose type lora/qlora/dora", reason="FieldValueForbidden"),
+            cel("self.type != 'galore' || (!has(self.rank) && !has(self.alpha) && !has(self.dropout) && "
+                "!has(self.targetModules) && !has(self.useRslora) && !has(self.init))",
+                "galore trains full weights with a projected optimizer: put its settings under adapter.galore "
+                "(rank, updateProjGap, scale, targetModules), not rank/alpha/dropout/targetModules",
+                reason="FieldValueForbidden"),
+            cel("self.type == 'qlora' || !has(self.quantization)",
+                "adapter.quantization (4-bit base) is only for type qlora", field_path=".quantization",
+                reason="FieldValueForbidden"),
+            cel("self.type == 'galore' || !has(self.galore)",
+                "adapter.galore is only for type galore", field_path=".galore", reason="FieldValueForbidden"),
+            cel("!has(self.alpha) || !has(self.rank) || self.alpha > 0",
+                "adapter.alpha must be positive", field_path=".alpha"),
+        )
+    )
+
+    type: AdapterType = Field(
+        AdapterType.LORA, description="lora, qlora (4-bit base + LoRA), dora (weight-decomposed LoRA), galore "
+        "(full weights, low-rank projected optimizer) or full.",
+    )
+    rank: Optional[int] = Field(None, ge=1, le=4096, description="LoRA rank r (lora/qlora/dora). Default 16.")
+    alpha: Optional[float] = Field(None, description="LoRA alpha (scaling = alpha/r). Default 2*rank.")
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="LoRA dropout. Default 0.05.")
+    target_modules: Optional[list[str]] = Field(
+        None, max_length=LIST_MAX,
+        description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear']. Default all-linear. "
+        "Names that match no module fail the job before training.",
+    )
+    use_rslora: Optional[bool] = Field(None, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
+    init: Optional[str] = Field(
+        None, json_schema_extra={"enum": ["default", "gaussian", "pissa", "olora"]},
+        description="Adapter initialisation; pissa/olora start from the weights' principal components.",
+    )
+    quantization: Optional[QuantizationSpec] = Field(None, description="4-bit options (type qlora only).")
+    galore: Optional[GaLoreSpec] = Field(None, description="GaLore options (type galore only).")
+
+
+class EarlyStoppingSpec(Model):
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss decrease that counts as improvement.")
+
+
+class EvaluationSpec(Model):
+    reference: Optional[list[DatasetSource]] = Field(
+        None, max_length=LIST_MAX,
+        description="General-domain text (format text) for the forgetting check: perplexity is measured on it "
+        "before and after training.",
+    )
+    reference_max_samples: int = Field(256, ge=1, le=100000, description="Reference examples evaluated.")
+    forgetting_threshold: float = Field(
+        0.10, ge=0, le=100,
+        description="Largest allowed relative rise of reference perplexity (0.10 = +10 %).",
+    )
+    on_forgetting: str = Field(
+        "warn", json_schema_extra={"enum": ["warn", "fail"]},
+        description="warn: set condition ForgettingThresholdExceeded and succeed; fail: fail the job "
+        "(artifacts are still written, marked in manifest.json).",
+    )
+    early_stopping: Optional[EarlyStoppingSpec] = Field(
+        None, description="Stop when eval loss stops improving (guards against overfitting)."
+    )
+
+
+class Toleration(Model):
+    key: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint key.")
+    operator: Optional[str] = Field(None, json_schema_extra={"enum": ["Exists", "Equal"]}, description="Exists or Equal.")
+    value: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint value (operator Equal).")
+    effect: Optional[str] = Field(
+        None, json_schema_extra={"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]}, description="Taint effect."
+    )
+    toleration_seconds: Optional[int] = Field(None, description="For NoExecute: how long the pod stays bound.")
+
+
+QUANTITY = {
+    "x-kubernetes-int-or-string": True,
+    "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+}
+
+
+class ResourcesSpec(Model):
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per node (requests = limits of gpuResourceName).")
+    gpu_resource_name: str = Field(
+        "nvidia.com/gpu", max_length=NAME_MAX, description="Extended resource name for GPUs (e.g. amd.com/gpu)."
+    )
+    cpu: Optional[str] = Field(None, json_schema_extra=QUANTITY, description="CPU request per node pod, e.g. '8'.")
+    memory: Optional[str] = Field(
+        None, json_schema_extra=QUANTITY, description="Memory request and limit per node pod, e.g. 64Gi."
+    )
+    shared_memory: Optional[str] = Field(
+        None, json_schema_extra=QUANTITY,
+        description="Size of /dev/shm (a memory-backed emptyDir); data loaders and NCCL need more than the 64Mi default.",
+    )
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods); >1 runs torchrun across an indexed Job.")
+    node_selector: Optional[dict[str, str]] = Field(
+        None, json_schema_extra={"maxProperties": 32}, description="Node labels the pods must match."
+    )
+    tolerations: Optional[list[Toleration]] = Field(
+        None, max_length=LIST_MAX,
+        description="Tolerations for the pods. A toleration for the GPU resource taint is added automatically.",
+    )
+    affinity: Optional[dict[str, Any]] = Field(
+        None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="A core/v1 Affinity, copied to the pods unchanged.",
+    )
+    priority_class_name: Optional[str] = Field(None, max_length=NAME_MAX, description="PriorityClass of the pods.")
+    image: Optional[str] = Field(None, max_length=URI_MAX, description="Trainer image override.")
+    pod_labels: Optional[dict[str, str]] = Field(
+        None, json_schema_extra={"maxProperties": 32}, description="Extra labels on the pods."
+    )
+    pod_annotations: Optional[dict[str, str]] = Field(
+        None, json_schema_extra={"maxProperties": 32}, description="Extra annotations on the pods."
+    )
+    service_account_name: Optional[str] = Field(
+        None, max_length=NAME_MAX,
+        description="ServiceAccount for the trainer pods (default: the namespace's default; the trainer needs no "
+        "Kubernetes API access).",
+    )
+
+
+class DeepSpeedSpec(Model):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("!has(self.offloadParams) || !self.offloadParams || self.zeroStage == 3",
+                "offloadParams needs zeroStage 3 (only ZeRO-3 partitions parameters)", field_path=".offloadParams"),
+        )
+    )
+
+    zero_stage: int = Field(2, json_schema_extra={"enum": [1, 2, 3]}, description="ZeRO stage: 1, 2 or 3.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+
+
+class DistributedSpec(Model):
+    backend: str = Field(
+        "auto", json_schema_extra={"enum": ["auto", "nccl", "gloo"]},
+        description="torch.distributed backend. auto: nccl with GPUs, gloo without.",
+    )
+    processes_per_node: Optional[int] = Field(
+        None, ge=1, le=64, description="torchrun --nproc-per-node. Default: GPUs per node (1 without GPUs)."
+    )
+    deepspeed: Optional[DeepSpeedSpec] = Field(None, description="Train with DeepSpeed ZeRO.")
+
+
+class OutputSpec(Model):
+    uri: str = Field(
+        ..., max_length=URI_MAX, pattern=r"^(s3|file|pvc)://.+",
+        description="Where results go: s3://bucket/prefix, file:///abs/path or pvc://<claim>/<path>. The run "
+        "writes <uri>/<namespace>/<name>/ (adapter, checkpoints, manifest.json, metrics).",
+    )
+    endpoint: Optional[str] = Field(
+        None, max_length=URI_MAX, pattern=r"^https?://.+",
+        description="S3 endpoint URL for non-AWS stores (SeaweedFS, Ceph, ...). Also used for s3:// model and "
+        "dataset sources. Default: the operator's configured endpoint.",
+    )
+    region: Optional[str] = Field(None, max_length=NAME_MAX, description="S3 region.")
+    credentials: Optional[StorageCredentials] = Field(
+        None, description="S3 credentials Secret (used for every s3:// URI of this job)."
+    )
+    merged_model: bool = Field(
+        False, description="Also write the base model with the adapter merged in (merged into a full-precision base)."
+    )
+
+
+_IMMUTABLE = ["stage", "model", "dataset", "training", "adapter", "evaluation", "output", "distributed"]
+_OPTIONAL_IMMUTABLE = ["evaluation", "distributed"]
+
+SPEC_RULES = [
+    # Immutability: what was trained must be what the spec says. Only suspend and scheduling fields change.
+    *[cel(f"self.{f} == oldSelf.{f}", f"spec.{f} is immutable once the job exists; create a new FineTuneJob",
+          field_path=f".{f}", reason="FieldValueForbidden") for f in _IMMUTABLE if f not in _OPTIONAL_IMMUTABLE],
+    *[cel(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+          f"spec.{f} is immutable once the job exists; create a new FineTuneJob", field_path=f".{f}",
+          reason="FieldValueForbidden") for f in _OPTIONAL_IMMUTABLE],
+    cel("oldSelf.suspend == true || self.resources == oldSelf.resources",
+        "spec.resources can change only while the job is suspended (set spec.suspend: true first)",
+        field_path=".resources", reason="FieldValueForbidden"),
+]
+
+# Rules that do not compare with oldSelf (the CRD generator puts them in a separate list entry).
+SPEC_CREATE_RULES = [
+    *[cel(f"self.stage != '{stage}' || self.dataset.format in {formats!r}",
+          f"stage {stage} needs dataset.format in {formats}", field_path=".dataset.format")
+      for stage, formats in STAGE_FORMATS.items()],
+    *[cel(f"!has(self.training.{b}) || self.stage == '{b}'",
+          f"spec.training.{b} is only for stage {b}; remove it or set stage: {b}", field_path=f".training.{b}",
+          reason="FieldValueForbidden") for b in _STAGE_BLOCKS],
+    cel("self.stage != 'grpo' || has(self.training.grpo)",
+        "stage grpo needs spec.training.grpo.rewards (at least one reward function, e.g. {name: exact_match})",
+        field_path=".training.grpo", reason="FieldValueRequired"),
+    cel("self.stage != 'ppo' || has(self.training.ppo)",
+        "stage ppo needs spec.training.ppo.rewardModel (a reward model URI)", field_path=".training.ppo",
+        reason="FieldValueRequired"),
+    cel("self.stage != 'rloo' || (has(self.training.rloo) && (has(self.training.rloo.rewardModel) || "
+        "(has(self.training.rloo.rewards) && size(self.training.rloo.rewards) > 0)))",
+        "stage rloo needs spec.training.rloo.rewardModel or at least one entry in spec.training.rloo.rewards",
+        field_path=".training.rloo", reason="FieldValueRequired"),
+    cel("!has(self.dataset.eval) || !has(self.dataset.evalFraction)",
+        "set either dataset.eval or dataset.evalFraction, not both", field_path=".dataset.evalFraction"),
+    cel("!has(self.distributed) || !has(self.distributed.deepspeed) || self.adapter.type != 'qlora' || "
+        "self.distributed.deepspeed.zeroStage != 3",
+        "qlora cannot be combined with DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); use zeroStage 2",
+        field_path=".distributed.deepspeed.zeroStage"),
+]
+
+
+class FineTuneJobSpec(Model):
+    model_config = ConfigDict(json_schema_extra=validations(*SPEC_CREATE_RULES, *SPEC_RULES))
+
+    stage: Stage = Field(
+        ..., description="Training stage: cpt (continued pre-training), sft, dpo, orpo, kto, grpo (RL with "
+        "verifiable rewards), rloo, ppo (RLHF with a reward model) or reward (reward-model training).",
+    )
+    model: ModelSpec = Field(..., description="The base model.")
+    dataset: DatasetSpec = Field(..., description="Training (and evaluation) data.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="What is trained: an adapter or all weights.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyper-parameters and the stage's own settings.")
+    evaluation: Optional[EvaluationSpec] = Field(
+        None, description="Forgetting check and early stopping. Eval loss/perplexity are always measured."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods: GPUs, nodes, scheduling.")
+    distributed: Optional[DistributedSpec] = Field(None, description="torchrun / DeepSpeed settings.")
+    output: OutputSpec = Field(..., description="Where the adapter, checkpoints and reports are written.")
+    suspend: bool = Field(
+        False, description="Suspend the job: its pods are deleted (a checkpoint is saved on SIGTERM) and it "
+        "resumes from the latest checkpoint when unsuspended. Kueue manages jobs through this field.",
+    )
+    retry_limit: int = Field(
+        3, ge=0, le=100, description="Pod restarts tolerated for retriable failures (the Job's backoffLimit). "
+        "Invalid config/data and NaN loss fail at once.",
+    )
+    active_deadline_seconds: Optional[int] = Field(
+        None, ge=1, description="Fail the job when it runs longer than this."
+    )
+    ttl_seconds_after_finished: Optional[int] = Field(
+        None, ge=0, description="Delete the FineTuneJob this long after it finishes (its artifacts stay)."
+    )
+
+
+class Condition(Model):
+    """Shaped like metav1.Condition."""
+
+    type: str = Field(..., max_length=316, description="Condition type, e.g. Succeeded.")
+    status: str = Field(..., json_schema_extra={"enum": ["True", "False", "Unknown"]}, description="True, False or Unknown.")
+    reason: str = Field(..., max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field("", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})
+    observed_generation: Optional[int] = Field(None, ge=0, description="The .metadata.generation this condition was set for.")
+
+
+class Progress(Model):
+    step: Optional[int] = Field(None, description="Optimizer steps done.")
+    total_steps: Optional[int] = Field(None, description="Optimizer steps planned.")
+    summary: Optional[str] = Field(None, description="step/total (percent), shown in `kubectl get`.")
+    epoch: Optional[float] = Field(None, description="Epochs done (fractional).")
+    loss: Optional[float] = Field(None, description="Latest train loss.")
+    eval_loss: Optional[float] = Field(None, description="Latest eval loss.")
+    perplexity: Optional[float] = Field(None, description="Latest eval perplexity (exp of eval loss).")
+    learning_rate: Optional[float] = Field(None, description="Latest learning rate.")
+    tokens_per_second: Optional[float] = Field(None, description="Training throughput.")
+    eta_seconds: Optional[int] = Field(None, description="Estimated seconds to completion.")
+    last_progress_time: Optional[str] = Field(None, description="When the step count last increased.")
+
+
+class Forgetting(Model):
+    reference_perplexity_before: Optional[float] = Field(None, description="Reference-set perplexity before training.")
+    reference_perplexity_after: Optional[float] = Field(None, description="Reference-set perplexity after training.")
+    relative_change: Optional[float] = Field(None, description="after/before - 1.")
+    threshold: Optional[float] = Field(None, description="The configured threshold.")
+    exceeded: Optional[bool] = Field(None, description="relativeChange > threshold.")
+
+
+class Artifacts(Model):
+    output_uri: Optional[str] = Field(None, description="This job's output prefix.")
+    adapter_uri: Optional[str] = Field(None, description="The trained adapter (PEFT format) or full model.")
+    merged_model_uri: Optional[str] = Field(None, description="The merged model, when requested.")
+    manifest_uri: Optional[str] = Field(None, description="manifest.json (digests, config, metrics, versions).")
+    latest_checkpoint: Optional[str] = Field(None, description="The latest complete checkpoint.")
+
+
+class Workload(Model):
+    kind: Optional[str] = Field(None, description="Kind of the child workload (Job).")
+    name: Optional[str] = Field(None, description="Name of the child Job.")
+    service: Optional[str] = Field(None, description="Headless Service for multi-node rendezvous.")
+    config_map: Optional[str] = Field(None, description="ConfigMap holding the resolved trainer config.")
+
+
+class FineTuneJobStatus(Model):
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    observed_generation: Optional[int] = Field(None, description="The .metadata.generation last reconciled.")
+    phase: Optional[str] = Field(None, json_schema_extra={"enum": Phase.ALL}, description="Pending, Suspended, Running, Succeeded or Failed (derived from conditions).")
+    conditions: Optional[list[Condition]] = Field(
+        None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Latest observations (metav1.Condition).",
+    )
+    start_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the trainer first started running.")
+    completion_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the job finished.")
+    workload: Optional[Workload] = Field(None, description="Child objects.")
+    restart_count: Optional[int] = Field(None, description="Pod (re)starts after the first (failures and preemptions).")
+    progress: Optional[Progress] = Field(None, description="Training progress, updated while running.")
+    forgetting: Optional[Forgetting] = Field(None, description="Result of the forgetting check.")
+    artifacts: Optional[Artifacts] = Field(None, description="Where the results are.")
+    message: Optional[str] = Field(None, description="Last notable event, human-readable.")
+
+
+class ObjectMeta(Model):
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+    name: str = Field("local", max_length=NAME_MAX)
+    namespace: str = Field("default", max_length=NAME_MAX)
+    uid: Optional[str] = None
+    generation: Optional[int] = None
+    labels: Optional[dict[str, str]] = None
+    annotations: Optional[dict[str, str]] = None
+
+
+class FineTuneJob(Model):
+    """The whole object; used by the trainer (`kubetune run`) and tests, not for the CRD schema root."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+    api_version: str = "kubetune.dev/v1alpha1"
+    kind: str = "FineTuneJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: Optional[FineTuneJobStatus] = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation CEL cannot do (or should not, for cost): called by the operator (PermanentError) and by the
+# trainer before training. Returns a list of "field: problem; fix" strings.
+# --------------------------------------------------------------------------------------------------------
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def validate_spec(spec: FineTuneJobSpec) -> list[str]:
+    errors: list[str] = []
+    stage = spec.stage
+    fmt = spec.dataset.format
+    if fmt not in STAGE_FORMATS[stage]:
+        errors.append(f"spec.dataset.format: stage {stage} needs one of {STAGE_FORMATS[stage]}, got {fmt}")
+    for block in _STAGE_BLOCKS:
+        if getattr(spec.training, block) is not None and block != stage:
+            errors.append(f"spec.training.{block}: only for stage {block}; remove it or set stage: {block}")
+    if stage == "grpo" and (spec.training.grpo is None or not spec.training.grpo.rewards):
+        errors.append("spec.training.grpo.rewards: stage grpo needs at least one reward function")
+    if stage == "ppo" and spec.training.ppo is None:
+        errors.append("spec.training.ppo.rewardModel: stage ppo needs a reward model URI")
+    if stage == "rloo":
+        r = spec.training.rloo
+        if r is None or (r.reward_model is None and not r.rewards):
+            errors.append("spec.training.rloo: stage rloo needs rewardModel or rewards")
+    a = spec.adapter
+    lora_fields = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targetModules": a.target_modules,
+                   "useRslora": a.use_rslora, "init": a.init}
+    if a.type in ("full", "galore"):
+        bad = [k for k, v in lora_fields.items() if v is not None]
+        if bad:
+            errors.append(f"spec.adapter.{bad[0]}: not allowed with adapter type {a.type} (remove {', '.join(bad)})")
+    if a.quantization is not None and a.type != "qlora":
+        errors.append("spec.adapter.quantization: only for adapter type qlora")
+    if a.galore is not None and a.type != "galore":
+        errors.append("spec.adapter.galore: only for adapter type galore")
+    rewards = (spec.training.grpo.rewards if spec.training.grpo else []) + (
+        spec.training.rloo.rewards or [] if spec.training.rloo else [])
+    for i, r in enumerate(rewards):
+        custom = ":" in r.name
+        if custom and not r.source:
+            errors.append(f"rewards[{i}].source: custom reward '{r.name}' needs source (a .py file or folder URI)")
+    if spec.resources.nodes > 1 and spec.distributed and spec.distributed.backend == "nccl" and spec.resources.gpus == 0:
+        errors.append("spec.distributed.backend: nccl needs GPUs (resources.gpus >= 1); use gloo or auto")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------------
+# Effective values (defaults that depend on other fields). The trainer and the operator both use these so
+# that what the manifest says and what runs cannot disagree.
+# --------------------------------------------------------------------------------------------------------
+def effective_lora(a: AdapterSpec) -> dict:
+    rank = a.rank or 16
+    return {
+        "r": rank,
+        "lora_alpha": a.alpha if a.alpha is not None else 2 * rank,
+        "lora_dropout": a.dropout if a.dropout is not None else 0.05,
+        "target_modules": a.target_modules or ["all-linear"],
+        "use_rslora": bool(a.use_rslora),
+        "init": a.init or "default",
+    }
+
+
+def effective_eval_fraction(d: DatasetSpec) -> float:
+    if d.eval:
+        return 0.0
+    return 0.1 if d.eval_fraction is None else d.eval_fraction
+
+
+def processes_per_node(spec: FineTuneJobSpec) -> int:
+    d = spec.distributed
+    if d and d.processes_per_node:
+        return d.processes_per_node
+    return max(1, spec.resources.gpus)
+
+
+def parse_job(obj: dict) -> FineTuneJob:
+    """Parse a FineTuneJob manifest (dict) into the typed model."""
+    return FineTuneJob.model_validate(obj)

@@ -1,0 +1,54 @@
+# Shared settings of up.sh / down.sh / status.sh (sourced, not run). Every value can be overridden by env.
+# shellcheck shell=bash
+CLUSTER_SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$CLUSTER_SCRIPTS/../.." && pwd)
+DIR=${KUBETUNE_CLUSTER_DIR:-/tmp/kubetune-cluster}
+CACHE=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
+BIN=${KUBETUNE_BIN_DIR:-$CACHE/bin/current}
+PYBIN=${KUBETUNE_PYTHON_BIN_DIR:-$REPO_ROOT/.venv/bin}
+
+ETCD_PORT=${KUBETUNE_ETCD_PORT:-2379}
+ETCD_PEER_PORT=${KUBETUNE_ETCD_PEER_PORT:-2380}
+APISERVER_PORT=${KUBETUNE_APISERVER_PORT:-6443}
+KCM_PORT=${KUBETUNE_KCM_PORT:-10257}
+SCHEDULER_PORT=${KUBETUNE_SCHEDULER_PORT:-10259}
+S3_PORT=${KUBETUNE_S3_PORT:-9000}
+# SeaweedFS also listens on each HTTP port + 10000 for gRPC (19333, 19340, 18888, 19000)
+S3_MASTER_PORT=${KUBETUNE_S3_MASTER_PORT:-9333}
+S3_VOLUME_PORT=${KUBETUNE_S3_VOLUME_PORT:-9340}
+S3_FILER_PORT=${KUBETUNE_S3_FILER_PORT:-8888}
+S3_BUCKET=${KUBETUNE_S3_BUCKET:-kubetune}
+PROMETHEUS_PORT=${KUBETUNE_PROMETHEUS_PORT:-9090}
+OPERATOR_METRICS_PORT=${KUBETUNE_OPERATOR_METRICS_PORT:-18080}
+SERVICE_CIDR=${KUBETUNE_SERVICE_CIDR:-10.96.0.0/16}
+SERVICE_FIRST_IP=${KUBETUNE_SERVICE_FIRST_IP:-10.96.0.1}
+
+PKI=$DIR/pki
+RUN=$DIR/run
+LOGS=$DIR/logs
+# start order; down.sh stops them in reverse
+COMPONENTS=(etcd s3 prometheus kube-apiserver kube-controller-manager kube-scheduler kwok node-agent)
+
+log() { printf '[kubetune-cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+pid_of() { cat "$RUN/$1.pid" 2>/dev/null; }
+# A component counts as running when the process group recorded in its pid file still has members.
+running() {
+  local p; p=$(pid_of "$1") || return 1
+  [[ -n $p ]] && kill -0 -- "-$p" 2>/dev/null
+}
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# stop_group NAME PGID [GRACE_S]: SIGTERM the process group, SIGKILL what is left after GRACE_S seconds.
+stop_group() {
+  local name=$1 pg=$2 grace=${3:-10} i
+  kill -0 -- "-$pg" 2>/dev/null || return 0
+  kill -TERM -- "-$pg" 2>/dev/null || true
+  for ((i = 0; i < grace * 10; i++)); do
+    kill -0 -- "-$pg" 2>/dev/null || { log "stopped $name"; return 0; }
+    sleep 0.1
+  done
+  log "$name did not stop in ${grace}s: SIGKILL"
+  kill -KILL -- "-$pg" 2>/dev/null || true
+}

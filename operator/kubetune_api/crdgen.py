@@ -165,7 +165,7 @@ def build_crd() -> dict:
                         "rule": "size(self.metadata.name) <= 50",
                         "message": "metadata.name must be at most 50 characters (child Job, Service and pod "
                         "names add suffixes and must stay within 63)",
-                        "fieldPath": ".metadata.name", "reason": "FieldValueInvalid",
+                        "reason": "FieldValueInvalid",
                     }],
                     "properties": {
                         "apiVersion": {"type": "string", "description": "APIVersion of this object (kubetune.dev/v1alpha1)."},

@@ -529,8 +529,9 @@ SPEC_RULES = [
 
 # Rules that do not compare with oldSelf (the CRD generator puts them in a separate list entry).
 SPEC_CREATE_RULES = [
-    *[cel(f"self.stage != '{stage}' || self.dataset.format in {formats!r}",
-          f"stage {stage} needs dataset.format in {formats}", field_path=".dataset.format")
+    *[{**cel(f"self.stage != '{stage}' || self.dataset.format in {formats!r}",
+             f"stage {stage} needs dataset.format {' or '.join(formats)}", field_path=".dataset.format"),
+       "messageExpression": f"'stage {stage} needs dataset.format {' or '.join(formats)}, got ' + self.dataset.format"}
       for stage, formats in STAGE_FORMATS.items()],
     *[cel(f"!has(self.training.{b}) || self.stage == '{b}'",
           f"spec.training.{b} is only for stage {b}; remove it or set stage: {b}", field_path=f".training.{b}",

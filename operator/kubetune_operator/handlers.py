@@ -1,0 +1,224 @@
+"""kopf handlers of the kubetune operator: thin; the work is in reconciler.py (children and status),
+render.py / status.py (pure), progress.py (the periodic loop) and metrics.py.
+
+    python -m kubetune_operator --standalone --namespace team-a     # see __main__.py
+    kopf run -m kubetune_operator.handlers --standalone -n team-a     # the same handlers under kopf's own CLI
+
+What triggers what:
+- FineTuneJob created / found at startup / spec changed -> reconcile with all children checked: invalid spec
+  -> Failed/InvalidSpec + kopf.PermanentError; name taken by a foreign object -> kopf.TemporaryError.
+- a labelled child Job or trainer pod changed -> reconcile of its FineTuneJob (status follows the pods).
+- FineTuneJob watch events -> the per-job Prometheus series (removed on deletion).
+- deletion: nothing blocks it (no finalizer: the one delete handler is optional); the garbage collector
+  removes the children through their owner references.
+- the startup handler owns all settings and starts the progress loop (scrape, TTL, resync).
+
+Importing this module must not import torch or transformers (the operator image has neither).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import kopf
+
+from kubetune_api import constants as C
+from kubetune_api.constants import Label
+
+from .kube import EventRecorder, KubeApi
+from .metrics import OperatorMetrics
+from .peering import PeeringGate
+from .progress import ProgressLoop, aiohttp_fetcher, job_view
+from .reconciler import Reconciler, Result, snapshot_job, snapshot_pod
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+FTJ = (C.GROUP, C.VERSION, C.PLURAL)
+ANNOTATION_PREFIX = f"operator.{C.GROUP}"  # kopf's progress/diffbase annotations on FineTuneJobs
+CHILD_LABELS = {Label.MANAGED_BY: Label.MANAGED_BY_VALUE, Label.JOB_NAME: kopf.PRESENT}
+CHILD_SELECTOR = f"{Label.MANAGED_BY}={Label.MANAGED_BY_VALUE},{Label.JOB_NAME}"
+RETRY_BACKOFF = 5.0  # seconds before kopf retries a handler that raised something unexpected
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> None:
+    """Everything the operator sets on kopf, in one place (called by the startup handler)."""
+    # Progress and diff-base in annotations under our own prefix: status stays entirely ours.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"  # unused: no handler requires one
+    # Events: only the ones the operator posts on purpose (kopf.event-style), not every log line.
+    settings.posting.enabled = True
+    settings.posting.loggers = False
+    settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "kubetune-operator"
+    # Watch only kubetune's Jobs and pods (server-side filtering: a busy cluster has many pods).
+    settings.watching.label_selectors["batch", "v1", "jobs"] = CHILD_SELECTOR
+    settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
+    # Re-establish watches regularly: a silently dead connection would otherwise freeze the status.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def _counted(handler: str) -> Callable:
+    """Count exceptions of a handler in kubetune_operator_reconcile_errors_total{handler}."""
+    def decorate(fn: Callable) -> Callable:
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception:
+                    kwargs["memo"].metrics.reconcile_error(handler)
+                    raise
+        else:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception:
+                    kwargs["memo"].metrics.reconcile_error(handler)
+                    raise
+        return wrapper
+    return decorate
+
+
+def raise_for(result: Result) -> None:
+    """Turn a reconcile result into kopf's retry semantics."""
+    if result.state == "invalid":
+        raise kopf.PermanentError(f"invalid spec: {result.message}")
+    if result.state == "conflict":
+        raise kopf.TemporaryError(result.message, delay=result.delay)
+    if result.state == "waiting":
+        raise kopf.TemporaryError(result.message, delay=5)
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs: kopf.Index,
+                  trainer_jobs: kopf.Index, trainer_pods: kopf.Index, **_: Any) -> None:
+    cfg: OperatorSettings = memo.get("settings") or OperatorSettings.from_env()
+    configure_kopf(settings, cfg)
+    api = KubeApi.from_environment()
+    metrics = OperatorMetrics()
+    port = metrics.serve(cfg.metrics_host, cfg.metrics_port)
+    log.info("serving metrics on http://%s:%d/metrics", cfg.metrics_host, port)
+    lookup = IndexLookup(trainer_jobs, trainer_pods)
+    recorder = EventRecorder(api, instance=memo.get("identity"))
+    reconciler = Reconciler(api, cfg, metrics, recorder, lookup)
+    peering = memo.get("peering") or {}
+    gate = PeeringGate(api, standalone=peering.get("standalone", True), name=peering.get("name", "default"),
+                       identity=memo.get("identity"), priority=peering.get("priority", 0),
+                       namespaces=cfg.watch_namespaces, mandatory=peering.get("mandatory", False))
+    fetch, close_fetch = aiohttp_fetcher(cfg.progress_timeout_seconds)
+    loop = ProgressLoop(cfg, reconciler, gate, jobs=lambda: _views(finetunejobs), pods=lookup.pods, fetch=fetch)
+    stopped = asyncio.Event()
+    memo.update(settings=cfg, api=api, metrics=metrics, reconciler=reconciler, loop_stopped=stopped,
+                loop_task=asyncio.create_task(loop.run(stopped), name="kubetune progress loop"),
+                close_fetch=close_fetch)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("loop_stopped") is not None:
+        memo.loop_stopped.set()
+        try:
+            await asyncio.wait_for(memo.loop_task, timeout=10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            memo.loop_task.cancel()
+    if memo.get("close_fetch") is not None:
+        await memo.close_fetch()
+    if memo.get("metrics") is not None:
+        memo.metrics.shutdown()
+
+
+@kopf.on.probe(id="finetunejobs")
+async def finetunejobs_known(memo: kopf.Memo, **_: Any) -> int:
+    """Reported on the liveness endpoint: FineTuneJobs this operator tracks."""
+    return sum(1 for _ in memo.metrics.jobs())
+
+
+# ------------------------------------------------------------------------------------------------ indices
+class IndexLookup:
+    """Child Jobs and pods of a FineTuneJob, from kopf's in-memory indices (kept current by the watches)."""
+
+    def __init__(self, jobs: kopf.Index, pods: kopf.Index):
+        self._jobs, self._pods = jobs, pods
+
+    @staticmethod
+    def _get(index: kopf.Index, namespace: str, name: str) -> list[dict]:
+        store = index.get((namespace, name))
+        return list(store) if store is not None else []
+
+    def jobs(self, namespace: str, name: str) -> list[dict]:
+        return self._get(self._jobs, namespace, name)
+
+    def pods(self, namespace: str, name: str) -> list[dict]:
+        return self._get(self._pods, namespace, name)
+
+
+def _views(index: kopf.Index) -> list:
+    return [view for store in list(index.values()) for view in store]
+
+
+@kopf.index(*FTJ)
+def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): job_view(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+def trainer_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[Label.JOB_NAME]): snapshot_job(body)}
+
+
+@kopf.index("v1", "pods", labels=CHILD_LABELS)
+def trainer_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[Label.JOB_NAME]): snapshot_pod(body)}
+
+
+# ------------------------------------------------------------------------------------------------ FineTuneJobs
+@kopf.on.resume(*FTJ, backoff=RETRY_BACKOFF)
+@kopf.on.create(*FTJ, backoff=RETRY_BACKOFF)
+@kopf.on.update(*FTJ, field="spec", backoff=RETRY_BACKOFF)
+@_counted("reconcile")
+async def reconcile(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Validate, ensure the children, align suspend, write status."""
+    raise_for(await memo.reconciler.reconcile(namespace, name, ensure_all=True))
+
+
+@kopf.on.event(*FTJ)
+@_counted("metrics")
+async def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                      **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        memo.metrics.forget_job(namespace, name)
+        memo.reconciler.forget(namespace, name)
+    else:
+        memo.metrics.observe_job(body)
+
+
+@kopf.on.delete(*FTJ, optional=True)
+@_counted("delete")
+async def finetunejob_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Runs only when something else delays the deletion (e.g. foreground cascading); the DELETED watch event
+    above covers the common case."""
+    memo.metrics.forget_job(namespace, name)
+
+
+# ------------------------------------------------------------------------------------------------ children
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+@_counted("job-event")
+async def trainer_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME])
+
+
+@kopf.on.event("v1", "pods", labels=CHILD_LABELS)
+@_counted("pod-event")
+async def trainer_pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME])

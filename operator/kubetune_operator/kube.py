@@ -1,0 +1,181 @@
+"""A small JSON client for the few API calls the operator makes itself (kopf does the watching), and an event
+recorder.
+
+Why not the typed kubernetes client methods: they convert to and from generated models, which drop fields the
+client version does not know (new Job status fields) and refuse plain dicts. This wrapper sends and returns the
+API's JSON as dicts, over the official client's connection pool and authentication (kubeconfig or in-cluster
+service account, with token refresh). Calls are blocking and run in worker threads.
+
+Events are posted here rather than with `kopf.event()` because the progress loop runs outside kopf's handler
+context, where kopf's event queue is not available; one recorder keeps all of the operator's events alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import socket
+from typing import Any, Optional
+from urllib.parse import urlencode
+
+from kubetune_api import constants as C
+
+log = logging.getLogger(__name__)
+
+EVENT_MESSAGE_MAX = 1024
+COMPONENT = "kubetune-operator"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str = "", message: str = ""):
+        super().__init__(f"{status} {reason}: {message}".strip())
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def collection_path(api_version: str, plural: str, namespace: str) -> str:
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    return f"{base}/namespaces/{namespace}/{plural}"
+
+
+PLURALS = {("v1", "ConfigMap"): "configmaps", ("v1", "Service"): "services", ("v1", "Pod"): "pods",
+           ("batch/v1", "Job"): "jobs", ("v1", "Event"): "events"}
+
+
+def object_path(obj: dict) -> str:
+    """Path of a namespaced object from its apiVersion/kind/metadata."""
+    plurals = {**PLURALS, (C.API_VERSION, C.KIND): C.PLURAL}
+    plural = plurals[(obj["apiVersion"], obj["kind"])]
+    meta = obj["metadata"]
+    return f"{collection_path(obj['apiVersion'], plural, meta['namespace'])}/{meta['name']}"
+
+
+# ------------------------------------------------------------------------------------------------ client
+class KubeApi:
+    """async request() returning parsed JSON; ApiError for non-2xx answers."""
+
+    def __init__(self, api_client: Any = None, timeout: float = 30.0):
+        self._client = api_client
+        self.timeout = timeout
+
+    @classmethod
+    def from_environment(cls) -> "KubeApi":
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return cls(client.ApiClient())
+
+    def _request_sync(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
+                      content_type: str = "application/json") -> Optional[dict]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        url_path = path + (("?" + urlencode(query)) if query else "")
+        m, url, h, b, p = self._client.param_serialize(method, url_path, header_params=headers, body=body,
+                                                       auth_settings=["BearerToken"])
+        resp = self._client.call_api(m, url, h, b, p, _request_timeout=self.timeout)
+        resp.read()
+        data = resp.data or b""
+        if not 200 <= resp.status < 300:
+            try:
+                status = json.loads(data)
+                raise ApiError(resp.status, status.get("reason", ""), status.get("message", ""))
+            except ValueError:
+                raise ApiError(resp.status, "", data[:200].decode(errors="replace")) from None
+        return json.loads(data) if data else None
+
+    async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
+                      content_type: str = "application/json") -> Optional[dict]:
+        return await asyncio.to_thread(self._request_sync, method, path, body, query, content_type)
+
+    # conveniences -------------------------------------------------------------------------------------
+    async def get(self, path: str) -> Optional[dict]:
+        """The object, or None when it does not exist."""
+        try:
+            return await self.request("GET", path)
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    async def create(self, obj: dict) -> dict:
+        path = object_path(obj).rsplit("/", 1)[0]
+        return await self.request("POST", path, obj)
+
+    async def merge_patch(self, path: str, patch: dict) -> Optional[dict]:
+        return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
+
+    async def delete(self, path: str, propagation: str = "Background") -> bool:
+        """True when deleted (or being deleted), False when it did not exist."""
+        try:
+            await self.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
+                                                "propagationPolicy": propagation})
+            return True
+        except ApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+
+
+# ------------------------------------------------------------------------------------------------ events
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def event_body(obj: dict, type_: str, reason: str, message: str, instance: str) -> dict:
+    meta = obj.get("metadata") or {}
+    if len(message) > EVENT_MESSAGE_MAX:
+        message = message[: EVENT_MESSAGE_MAX - 3] + "..."
+    now = _now()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name', 'kubetune')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"),
+                           "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+                           "resourceVersion": meta.get("resourceVersion")},
+        "type": type_,
+        "reason": reason,
+        "message": message,
+        "source": {"component": COMPONENT},  # the "From" column of `kubectl describe`
+        "reportingComponent": COMPONENT,
+        "reportingInstance": instance,
+        "action": reason,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "eventTime": now,
+        "count": 1,
+    }
+
+
+class EventRecorder:
+    """Posts core/v1 Events about FineTuneJobs. Best effort: a failed post is logged, never raised (an event
+    must not fail a reconcile)."""
+
+    def __init__(self, api: KubeApi, instance: str | None = None):
+        self.api = api
+        self.instance = instance or os.environ.get("POD_ID") or socket.gethostname()
+
+    async def event(self, obj: dict, type_: str, reason: str, message: str) -> None:
+        body = event_body(obj, type_, reason, message, self.instance)
+        ns = body["metadata"]["namespace"]
+        try:
+            await self.api.request("POST", f"/api/v1/namespaces/{ns}/events", body)
+        except Exception as exc:  # noqa: BLE001 - events are best effort
+            log.warning("could not post event %s for %s/%s: %s", reason, ns, body["involvedObject"]["name"], exc)

@@ -1,0 +1,145 @@
+"""The operator's Prometheus metrics, registered from `kubetune_api.metrics_catalog.OPERATOR_METRICS` (the one
+table the dashboard, the alert rules and docs/metrics.md also use).
+
+Per-job series (`kubetune_job_*`) are set from the FineTuneJob's status on every watch event, so they carry
+the last-known values after the trainer pod is gone and after an operator restart (the status is the memory),
+and they are removed when the FineTuneJob is deleted. Fleet series: jobs per phase, phase transitions and job
+durations (observed when the operator writes a transition, so a restart does not count a job twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from kubetune_api.constants import Phase
+from kubetune_api.metrics_catalog import OPERATOR_METRICS, MetricDef
+
+log = logging.getLogger(__name__)
+
+# Fine-tuning runs take minutes to days.
+DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 172800, 345600, 604800)
+
+_PROGRESS_GAUGES = {
+    "kubetune_job_train_loss": "loss",
+    "kubetune_job_eval_loss": "evalLoss",
+    "kubetune_job_eval_perplexity": "perplexity",
+}
+
+
+def _unsuffixed(m: MetricDef) -> str:
+    # prometheus_client adds `_total` to counters itself
+    return m.name[: -len("_total")] if m.type == "counter" and m.name.endswith("_total") else m.name
+
+
+class OperatorMetrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        disable_created_metrics()  # `*_created` series are not in the catalog (and nobody queries them)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics: dict[str, object] = {}
+        for m in OPERATOR_METRICS:
+            kind = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}[m.type]
+            kwargs = {"buckets": DURATION_BUCKETS} if m.type == "histogram" else {}
+            self.metrics[m.name] = kind(_unsuffixed(m), m.help, list(m.labels), registry=self.registry, **kwargs)
+        self._phases: dict[tuple[str, str], str] = {}
+        self._job_series: dict[tuple[str, str], set[str]] = {}
+        self._server = None
+        for phase in Phase.ALL:
+            self.metrics["kubetune_operator_jobs"].labels(phase=phase).set(0)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics; returns the bound port (port 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return server.server_address[1]
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # fleet ----------------------------------------------------------------------------------------------
+    def _recount(self) -> None:
+        counts = {p: 0 for p in Phase.ALL}
+        for phase in self._phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, n in counts.items():
+            self.metrics["kubetune_operator_jobs"].labels(phase=phase).set(n)
+
+    def transition(self, from_phase: Optional[str], to_phase: str) -> None:
+        self.metrics["kubetune_operator_phase_transitions_total"].labels(
+            from_phase=from_phase or "", to_phase=to_phase).inc()
+
+    def finished(self, stage: str, result: str, seconds: Optional[float]) -> None:
+        if seconds is not None and seconds >= 0:
+            self.metrics["kubetune_operator_job_duration_seconds"].labels(stage=stage, result=result).observe(seconds)
+
+    def reconcile_error(self, handler: str) -> None:
+        self.metrics["kubetune_operator_reconcile_errors_total"].labels(handler=handler).inc()
+
+    # per job --------------------------------------------------------------------------------------------
+    def jobs(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every FineTuneJob seen and not deleted."""
+        return list(self._phases)
+
+    def observe_job(self, body: dict) -> None:
+        """Set the per-job series from a FineTuneJob as stored (its status)."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        status = body.get("status") or {}
+        phase = status.get("phase") or Phase.PENDING
+        self._phases[key] = phase
+        self._recount()
+        labels = {"namespace": key[0], "finetunejob": key[1]}
+        series = self._job_series.setdefault(key, set())
+        for p in Phase.ALL:
+            self.metrics["kubetune_job_phase"].labels(**labels, phase=p).set(1 if p == phase else 0)
+        series.add("kubetune_job_phase")
+        progress = status.get("progress") or {}
+        for name, field in _PROGRESS_GAUGES.items():
+            if isinstance(progress.get(field), (int, float)):
+                self.metrics[name].labels(**labels).set(progress[field])
+                series.add(name)
+        step, total = progress.get("step"), progress.get("totalSteps")
+        if isinstance(step, int) and isinstance(total, int) and total > 0:
+            self.metrics["kubetune_job_progress_ratio"].labels(**labels).set(step / total)
+            series.add("kubetune_job_progress_ratio")
+        forgetting = status.get("forgetting") or {}
+        if isinstance(forgetting.get("relativeChange"), (int, float)):
+            self.metrics["kubetune_job_forgetting_relative_change"].labels(**labels).set(forgetting["relativeChange"])
+            series.add("kubetune_job_forgetting_relative_change")
+        evaluation = (body.get("spec") or {}).get("evaluation") or {}
+        if evaluation.get("reference"):
+            self.metrics["kubetune_job_forgetting_threshold"].labels(**labels).set(
+                float(evaluation.get("forgettingThreshold", 0.10)))
+            series.add("kubetune_job_forgetting_threshold")
+
+    def forget_all_jobs(self) -> None:
+        """Drop every per-job series: a paused (standby) replica must not export stale values next to the
+        active one's. kopf re-lists when this replica becomes active, which brings them back."""
+        for namespace, name in list(self._job_series):
+            self.forget_job(namespace, name)
+        self._phases.clear()
+        self._recount()
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """Remove every series of a deleted FineTuneJob."""
+        key = (namespace, name)
+        self._phases.pop(key, None)
+        self._recount()
+        for metric_name in self._job_series.pop(key, set()):
+            metric = self.metrics[metric_name]
+            if metric_name == "kubetune_job_phase":
+                for p in Phase.ALL:
+                    try:
+                        metric.remove(namespace, name, p)
+                    except KeyError:
+                        pass
+            else:
+                try:
+                    metric.remove(namespace, name)
+                except KeyError:
+                    pass

@@ -1,0 +1,345 @@
+"""One reconcile loop per FineTuneJob: make the children exist, keep the Job's `suspend` in line with the spec,
+and write the status derived from the Job and its pods. Every trigger ends here: kopf's create/resume/update
+handlers, watch events of the child Jobs and pods, and the periodic resync. Level-based: each run reads the
+FineTuneJob fresh and works out everything from what exists, so a missed or repeated event does no harm.
+
+Runs for one FineTuneJob are serialised by a per-job lock and coalesced (events arriving while a run is in
+progress cause one more run, not one each). The Job and pods come from kopf indices (no list calls).
+
+Idempotent children: deterministic names; create, and on 409 read the existing object back. Ours (controller
+owner reference with this FineTuneJob's uid): use it. Labelled ours but without an owner (e.g. a manifest
+restored from a backup): adopt it. Owned by an older FineTuneJob of the same name (being garbage-collected):
+wait. Anything else: a name conflict, reported on the FineTuneJob, retried until the object is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from kubetune_api import constants as C
+from kubetune_api.constants import ConditionType as CT
+from kubetune_api.constants import Phase, Reason
+from kubetune_api.models import FineTuneJob
+from kubetune_api.report import TrainerReport
+
+from . import status as S
+from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
+from .metrics import OperatorMetrics
+from .render import TEMPLATE_HASH_ANNOTATION, child_names, render_children, template_hash
+from .settings import OperatorSettings
+from .validation import describe_problems, validate
+
+log = logging.getLogger(__name__)
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object this FineTuneJob does not own; retry after `delay` seconds."""
+
+    def __init__(self, message: str, delay: float):
+        super().__init__(message)
+        self.delay = delay
+
+
+class ChildLookup(Protocol):
+    def jobs(self, namespace: str, name: str) -> list[dict]: ...
+    def pods(self, namespace: str, name: str) -> list[dict]: ...
+
+
+# ------------------------------------------------------------------------------------------------ snapshots
+_META_KEYS = ("name", "namespace", "uid", "labels", "annotations", "creationTimestamp", "deletionTimestamp",
+              "ownerReferences", "generation")
+
+
+def _meta(body: Any) -> dict:
+    meta = body.get("metadata") or {}
+    return {k: copy.deepcopy(meta[k]) for k in _META_KEYS if k in meta}
+
+
+def snapshot_job(body: Any) -> dict:
+    """What the index keeps of a Job (kopf's body is a live view; the index needs a frozen copy)."""
+    spec = body.get("spec") or {}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(body),
+            "spec": {k: copy.deepcopy(spec[k]) for k in ("suspend", "completions", "parallelism", "backoffLimit",
+                                                         "activeDeadlineSeconds") if k in spec},
+            "status": copy.deepcopy(dict(body.get("status") or {}))}
+
+
+def snapshot_pod(body: Any) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": _meta(body),
+            "status": copy.deepcopy(dict(body.get("status") or {}))}
+
+
+def controller_uid(obj: dict) -> Optional[str]:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def ftj_path(namespace: str, name: str) -> str:
+    return f"{collection_path(C.API_VERSION, C.PLURAL, namespace)}/{name}"
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class Result:
+    state: str  # gone | terminal | invalid | conflict | waiting | ok
+    message: str = ""
+    delay: float = 0.0
+    status: dict = field(default_factory=dict)
+
+
+@dataclass
+class _KeyState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    requested: bool = False
+    ensure_all: bool = False
+    result: Optional[Result] = None
+    uid: Optional[str] = None
+    status: Optional[dict] = None
+    body: Optional[dict] = None
+    expected_deletion: Optional[str] = None  # uid of a Job this operator deleted to re-create it
+
+
+class Reconciler:
+    def __init__(self, api: KubeApi, settings: OperatorSettings, metrics: OperatorMetrics,
+                 recorder: EventRecorder, lookup: ChildLookup, now: Callable[[], str] = S.now_rfc3339):
+        self.api = api
+        self.settings = settings
+        self.metrics = metrics
+        self.recorder = recorder
+        self.lookup = lookup
+        self.now = now
+        self._states: dict[tuple[str, str], _KeyState] = {}
+
+    def _state(self, namespace: str, name: str) -> _KeyState:
+        return self._states.setdefault((namespace, name), _KeyState())
+
+    def forget(self, namespace: str, name: str) -> None:
+        st = self._states.get((namespace, name))
+        if st is not None and not st.lock.locked():
+            self._states.pop((namespace, name), None)
+
+    # -------------------------------------------------------------------------------------------- entry
+    async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False) -> Result:
+        """Bring one FineTuneJob in line. `ensure_all` also checks the ConfigMap and Service (kopf's
+        create/resume/update handlers); child events only need the Job and the status."""
+        st = self._state(namespace, name)
+        st.requested = True
+        st.ensure_all = st.ensure_all or ensure_all
+        async with st.lock:
+            if not st.requested and st.result is not None:
+                return st.result  # a run that started after our request already covered it
+            st.requested, ensure, st.ensure_all = False, st.ensure_all, False
+            try:
+                st.result = await self._reconcile_once(st, namespace, name, ensure)
+            except BaseException:
+                st.requested = True  # let the next caller retry
+                st.ensure_all = st.ensure_all or ensure
+                raise
+            return st.result
+
+    async def _reconcile_once(self, st: _KeyState, namespace: str, name: str, ensure_all: bool) -> Result:
+        if not ensure_all and st.status is not None and S.is_terminal(st.status):
+            return Result("terminal", status=st.status)  # a finished job's pods come and go: nothing to do
+        ftj = await self.api.get(ftj_path(namespace, name))
+        if ftj is None or (ftj.get("metadata") or {}).get("deletionTimestamp"):
+            st.status = st.body = None
+            return Result("gone")
+        uid = ftj["metadata"].get("uid")
+        if st.uid != uid:
+            st.uid, st.expected_deletion = uid, None
+        st.body, st.status = ftj, ftj.get("status") or {}
+        old_status = st.status
+
+        if S.is_terminal(old_status):
+            new = S.derive_status(ftj, None, [], now=self.now())
+            await self._write(st, ftj, new)
+            return Result("terminal", status=st.status)
+
+        job_model, problems = validate(ftj)
+        if problems:
+            message = describe_problems(problems)
+            await self._write(st, ftj, S.invalid_spec_status(ftj, message, now=self.now()))
+            return Result("invalid", message=message, status=st.status)
+
+        jobs = [j for j in self.lookup.jobs(namespace, name) if controller_uid(j) in (uid, None)]
+        job = next((j for j in jobs if not j["metadata"].get("deletionTimestamp")), jobs[0] if jobs else None)
+        pods = [p for p in self.lookup.pods(namespace, name)]
+        if job is None:
+            # the index may lag behind a Job created a moment ago: ask the API before calling it missing
+            live = await self.api.get(f"{collection_path('batch/v1', 'jobs', namespace)}/{child_names(name).job}")
+            if live is not None and controller_uid(live) == uid:
+                job = live
+        try:
+            if job is None:
+                ours = st.expected_deletion is not None
+                alive = [p for p in pods if not S.pod_is_finished(p)]
+                if S.condition_true(old_status.get("conditions"), CT.CREATED) and alive and not ours:
+                    # the old Job's pods are still stopping (and checkpointing): start new ones after them
+                    new = S.derive_status(ftj, None, pods, now=self.now())
+                    await self._write(st, ftj, new)
+                    return Result("waiting", message=new.get("message", ""), status=st.status)
+                existed = S.condition_true(old_status.get("conditions"), CT.CREATED)
+                job, created = await self._ensure_children(ftj, job_model, create_job=True)
+                if created and existed:
+                    if ours:
+                        await self.recorder.event(ftj, "Normal", Reason.JOB_CREATED,
+                                                  f"re-created Job {job['metadata']['name']} with the spec changed "
+                                                  "while suspended")
+                    else:
+                        await self.recorder.event(ftj, "Warning", Reason.JOB_MISSING,
+                                                  f"the trainer Job {job['metadata']['name']} was deleted; re-created "
+                                                  "it (training resumes from the latest checkpoint)")
+                st.expected_deletion = None
+            else:
+                if ensure_all:
+                    await self._ensure_children(ftj, job_model, create_job=False)
+                job = await self._align_job(st, ftj, job_model, job)
+        except ChildConflict as exc:
+            gen = ftj["metadata"].get("generation")
+            conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, Reason.CHILD_CONFLICT,
+                                    str(exc), gen, self.now())
+            await self._write(st, ftj, {**S.base_status(old_status), "conditions": conds, "observedGeneration": gen,
+                                        "phase": S.derive_phase(conds), "message": str(exc)})
+            return Result("conflict", message=str(exc), delay=exc.delay, status=st.status)
+
+        new = S.derive_status(ftj, job, pods, now=self.now())
+        await self._write(st, ftj, new)
+        return Result("ok", status=st.status)
+
+    # -------------------------------------------------------------------------------------------- children
+    async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, *, create_job: bool) -> tuple[dict, bool]:
+        children = render_children(job_model, ftj, self.settings)
+        uid = ftj["metadata"]["uid"]
+        # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
+        # config it started with.
+        await self._ensure(children.config_map, uid, update_data=create_job)
+        if children.service is not None:
+            await self._ensure(children.service, uid)
+        elif create_job:
+            await self._delete_if_ours(
+                {"apiVersion": "v1", "kind": "Service",
+                 "metadata": {"name": child_names(job_model.metadata.name).service,
+                              "namespace": job_model.metadata.namespace}}, uid)
+        if not create_job:
+            return {}, False
+        return await self._ensure(children.job, uid)
+
+    async def _ensure(self, obj: dict, owner_uid: str, update_data: bool = False) -> tuple[dict, bool]:
+        """(object, created). See the module docstring for what an existing object means."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        try:
+            return await self.api.create(obj), True
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+        existing = await self.api.get(object_path(obj))
+        if existing is None:
+            raise ChildConflict(f"{kind} {name} was deleted while being created; retrying", delay=1)
+        owner = controller_uid(existing)
+        labels = (existing.get("metadata") or {}).get("labels") or {}
+        if owner is None and labels.get(C.Label.JOB_NAME) == obj["metadata"]["labels"][C.Label.JOB_NAME] and \
+                labels.get(C.Label.MANAGED_BY) == C.Label.MANAGED_BY_VALUE:
+            log.info("adopting %s %s/%s", kind, obj["metadata"]["namespace"], name)
+            refs = [r for r in (existing["metadata"].get("ownerReferences") or []) if not r.get("controller")]
+            existing = await self.api.merge_patch(object_path(obj), {"metadata": {
+                "ownerReferences": refs + obj["metadata"]["ownerReferences"]}}) or existing
+            owner = owner_uid
+        if owner == owner_uid:
+            if update_data and "data" in obj and existing.get("data") != obj["data"]:
+                existing = await self.api.merge_patch(object_path(obj), {"data": obj["data"]}) or existing
+            return existing, False
+        if owner is not None:
+            raise ChildConflict(f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {owner}), "
+                                "which is being deleted; waiting for the garbage collector", delay=5)
+        raise ChildConflict(f"a {kind} named {name} already exists and is not managed by kubetune; delete or rename "
+                            "it (the operator retries)", delay=30)
+
+    async def _delete_if_ours(self, obj: dict, owner_uid: str) -> None:
+        existing = await self.api.get(object_path(obj))
+        if existing is not None and controller_uid(existing) == owner_uid:
+            await self.api.delete(object_path(obj))
+
+    async def _align_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, job: dict) -> dict:
+        """Job.spec.suspend follows the FineTuneJob; a suspended Job whose template no longer matches the spec
+        (resources changed while suspended) is deleted and re-created (a Job's pod template is immutable)."""
+        if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
+            return job
+        want = bool(job_model.spec.suspend)
+        path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
+        if bool((job.get("spec") or {}).get("suspend")) != want:
+            log.info("%s Job %s", "suspending" if want else "resuming", path)
+            patched = await self.api.merge_patch(path, {"spec": {"suspend": want}})
+            job = copy.deepcopy(job)
+            job.setdefault("spec", {})["suspend"] = want
+            if patched:
+                job["status"] = patched.get("status") or job.get("status") or {}
+        if want:
+            desired = render_children(job_model, ftj, self.settings).job
+            have = ((job.get("metadata") or {}).get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION)
+            if have != template_hash(desired["spec"]):
+                log.info("re-creating suspended Job %s: the spec changed", path)
+                st.expected_deletion = job["metadata"].get("uid")
+                # Foreground: the Job disappears only after its pods, so new pods never overlap old ones
+                await self.api.delete(path, propagation="Foreground")
+        return job
+
+    # -------------------------------------------------------------------------------------------- status
+    async def _write(self, st: _KeyState, ftj: dict, new: dict) -> None:
+        old = ftj.get("status") or {}
+        patch = S.owned_changes(old, new)
+        if not patch:
+            return
+        meta = ftj["metadata"]
+        resp = await self.api.merge_patch(ftj_path(meta["namespace"], meta["name"]) + "/status", {"status": patch})
+        st.status = (resp or {}).get("status") or {**old, **{k: v for k, v in patch.items() if v is not None}}
+        for type_, cond in S.condition_changes(old.get("conditions"), new.get("conditions")):
+            await self.recorder.event(ftj, type_, cond["reason"], cond.get("message", ""))
+        old_phase, new_phase = old.get("phase"), new.get("phase")
+        if new_phase and new_phase != old_phase:
+            self.metrics.transition(old_phase, new_phase)
+            if new_phase in Phase.TERMINAL:
+                seconds = S.seconds_between(new.get("startTime") or meta.get("creationTimestamp"),
+                                            new.get("completionTime"))
+                self.metrics.finished(str((ftj.get("spec") or {}).get("stage", "")),
+                                      "succeeded" if new_phase == Phase.SUCCEEDED else "failed", seconds)
+
+    async def record_progress(self, namespace: str, name: str, uid: str, report: TrainerReport) -> bool:
+        """Write a scraped TrainerReport's progress (and partial forgetting result) while the job runs.
+        Returns whether the status changed."""
+        st = self._state(namespace, name)
+        async with st.lock:
+            if st.uid != uid or st.status is None:
+                ftj = await self.api.get(ftj_path(namespace, name))
+                if ftj is None or ftj["metadata"].get("uid") != uid:
+                    return False
+                st.uid, st.body, st.status = uid, ftj, ftj.get("status") or {}
+            status = st.status
+            if status.get("phase") != Phase.RUNNING:
+                return False  # finished meanwhile: the termination message has the final word
+            patch: dict = {}
+            progress = S.progress_dict(report.progress)
+            old_progress = status.get("progress") or {}
+            if progress and {**old_progress, **progress} != old_progress:
+                patch["progress"] = progress
+            forgetting = S.forgetting_dict(report.forgetting)
+            if forgetting and forgetting != status.get("forgetting"):
+                patch["forgetting"] = forgetting
+            if not patch:
+                return False
+            resp = await self.api.merge_patch(ftj_path(namespace, name) + "/status", {"status": patch})
+            st.status = (resp or {}).get("status") or {**status, **patch}
+            return True
+
+    async def delete_expired(self, namespace: str, name: str, uid: str) -> bool:
+        """ttlSecondsAfterFinished: delete the finished FineTuneJob (its children go with it; artifacts stay)."""
+        ftj = await self.api.get(ftj_path(namespace, name))
+        if ftj is None or ftj["metadata"].get("uid") != uid or not S.is_terminal(ftj.get("status")):
+            return False
+        log.info("deleting %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
+        return await self.api.delete(ftj_path(namespace, name))

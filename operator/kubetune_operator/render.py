@@ -1,0 +1,464 @@
+"""Build the child objects of a FineTuneJob from its spec. Pure functions: no API calls, no clock, no
+randomness, so the same FineTuneJob always renders the same objects (creating them twice is a no-op) and every
+rule here is unit-testable without a cluster.
+
+Children (all in the FineTuneJob's namespace, labelled with `kubetune.dev/job-name=<name>` and owned by the
+FineTuneJob with `controller: true`, so the garbage collector deletes them with it):
+
+- ConfigMap `<name>-config`: `job.yaml` = the resolved FineTuneJob (defaults applied by the API models, which
+  the trainer parses with the same models), mounted at /etc/kubetune.
+- Job `<name>-trainer` (batch/v1, Indexed, completions = parallelism = spec.resources.nodes): one pod per node.
+  Its podFailurePolicy fails the Job at once on the trainer's permanent exit codes (bad config or data, NaN
+  loss, forgetting with action fail: retrying only burns GPU hours) and ignores disruptions (preemption,
+  node drain), so those do not use up spec.retryLimit (the Job's backoffLimit).
+- Service `<name>-workers` (headless, multi-node only): gives each pod the DNS name
+  `<name>-trainer-<index>.<name>-workers.<ns>.svc`; torchrun's c10d rendezvous runs on index 0.
+
+Rank 0 is on pod index 0: c10d assigns ranks in the sorted order of the nodes' host names, and the Indexed
+Job names its pods' hosts `<job>-<index>`, so `<job>-0` sorts first. The operator therefore reads progress
+from pod index 0, where the trainer's rank 0 serves /progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import kopf
+import yaml
+
+from kubetune_api import constants as C
+from kubetune_api.models import FineTuneJob, FineTuneJobSpec, processes_per_node
+
+from .settings import OperatorSettings
+
+WORK_DIR = "/var/lib/kubetune"
+PVC_ROOT = "/mnt/pvc"
+CONTAINER_NAME = "trainer"
+TEMPLATE_HASH_ANNOTATION = f"{C.GROUP}/template-hash"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+RUN_AS = 1000  # the trainer image's USER (trainer-image/Dockerfile)
+
+# The component label value of each child kind.
+COMPONENT_TRAINER = "trainer"
+COMPONENT_CONFIG = "config"
+COMPONENT_RENDEZVOUS = "rendezvous"
+PART_OF = "kubetune"
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    job: str
+    service: str
+    config_map: str
+
+
+def child_names(name: str) -> ChildNames:
+    """Deterministic names (the CRD limits FineTuneJob names to 50 characters, so these stay within 63)."""
+    return ChildNames(job=f"{name}-trainer", service=f"{name}-workers", config_map=f"{name}-config")
+
+
+@dataclass(frozen=True)
+class Children:
+    config_map: dict
+    job: dict
+    service: Optional[dict]  # only for multi-node jobs
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def is_multi_node(spec: FineTuneJobSpec) -> bool:
+    return spec.resources.nodes > 1
+
+
+def uses_torchrun(spec: FineTuneJobSpec) -> bool:
+    return spec.resources.nodes > 1 or processes_per_node(spec) > 1
+
+
+def spec_uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
+    """Every URI the job reads or writes, as (field path in the manifest, uri, writable)."""
+    out: list[tuple[str, str, bool]] = [("spec.model.source", spec.model.source, False)]
+    if spec.model.tokenizer:
+        out.append(("spec.model.tokenizer", spec.model.tokenizer, False))
+    out += [(f"spec.dataset.train[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.train)]
+    out += [(f"spec.dataset.eval[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.eval or [])]
+    if spec.evaluation and spec.evaluation.reference:
+        out += [(f"spec.evaluation.reference[{i}].uri", s.uri, False)
+                for i, s in enumerate(spec.evaluation.reference)]
+    t = spec.training
+    for stage, block in (("grpo", t.grpo), ("rloo", t.rloo)):
+        for i, reward in enumerate((getattr(block, "rewards", None) or []) if block else []):
+            if reward.source:
+                out.append((f"spec.training.{stage}.rewards[{i}].source", reward.source, False))
+    if t.rloo and t.rloo.reward_model:
+        out.append(("spec.training.rloo.rewardModel", t.rloo.reward_model, False))
+    if t.ppo:
+        out.append(("spec.training.ppo.rewardModel", t.ppo.reward_model, False))
+    out.append(("spec.output.uri", spec.output.uri, True))
+    return out
+
+
+def spec_uris(spec: FineTuneJobSpec) -> list[tuple[str, bool]]:
+    """Every URI the job reads or writes, as (uri, writable)."""
+    return [(uri, writable) for _, uri, writable in spec_uri_fields(spec)]
+
+
+def pvc_claim(uri: str) -> Optional[str]:
+    """`pvc://claim/path` -> `claim`; None for other schemes."""
+    if not uri.startswith("pvc://"):
+        return None
+    return uri[len("pvc://"):].split("/", 1)[0] or None
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """claim -> writable (a claim is mounted read-write only if the output goes to it)."""
+    claims: dict[str, bool] = {}
+    for uri, writable in spec_uris(spec):
+        claim = pvc_claim(uri)
+        if claim:
+            claims[claim] = claims.get(claim, False) or writable
+    return dict(sorted(claims.items()))
+
+
+def _pvc_volume_name(claim: str) -> str:
+    # Claim names are DNS subdomains (dots, up to 253 chars); volume names must be DNS labels.
+    return "pvc-" + hashlib.sha256(claim.encode()).hexdigest()[:12]
+
+
+def _uses_scheme(spec: FineTuneJobSpec, scheme: str) -> bool:
+    return any(uri.startswith(f"{scheme}://") for uri, _ in spec_uris(spec))
+
+
+def child_labels(job: FineTuneJob, component: str) -> dict[str, str]:
+    spec = job.spec
+    return {
+        C.Label.JOB_NAME: job.metadata.name,
+        C.Label.STAGE: str(spec.stage),
+        C.Label.ADAPTER: str(spec.adapter.type),
+        C.Label.COMPONENT: component,
+        C.Label.MANAGED_BY: C.Label.MANAGED_BY_VALUE,
+        C.Label.PART_OF: PART_OF,
+    }
+
+
+def pod_selector(name: str) -> dict[str, str]:
+    """Selects exactly the trainer pods of FineTuneJob `name` (used by the headless Service)."""
+    return {C.Label.JOB_NAME: name, C.Label.COMPONENT: COMPONENT_TRAINER}
+
+
+def owner_reference(job: FineTuneJob, body: dict | None = None) -> dict:
+    owner = body or {"apiVersion": C.API_VERSION, "kind": C.KIND,
+                     "metadata": {"name": job.metadata.name, "uid": job.metadata.uid}}
+    return dict(kopf.build_owner_reference(owner, controller=True, block_owner_deletion=True))
+
+
+def _metadata(job: FineTuneJob, body: dict | None, name: str, component: str) -> dict:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": child_labels(job, component),
+        "ownerReferences": [owner_reference(job, body)],
+    }
+
+
+def _settings(settings: OperatorSettings | None) -> OperatorSettings:
+    return settings if settings is not None else OperatorSettings()
+
+
+# ------------------------------------------------------------------------------------------------ ConfigMap
+def resolved_job(job: FineTuneJob) -> dict:
+    """What the trainer reads: the FineTuneJob with defaults applied (no status)."""
+    meta = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    if job.metadata.uid:
+        meta["uid"] = job.metadata.uid
+    if job.metadata.generation is not None:
+        meta["generation"] = job.metadata.generation
+    return {"apiVersion": C.API_VERSION, "kind": C.KIND, "metadata": meta, "spec": job.spec.to_k8s()}
+
+
+def render_config_map(job: FineTuneJob, body: dict | None = None,
+                      settings: OperatorSettings | None = None) -> dict:
+    names = child_names(job.metadata.name)
+    text = yaml.safe_dump(resolved_job(job), sort_keys=False, width=120)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, body, names.config_map, COMPONENT_CONFIG),
+        "data": {C.CONFIG_FILE_NAME: text},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ Service
+def rendezvous_host(job: FineTuneJob) -> str:
+    names = child_names(job.metadata.name)
+    return f"{names.job}-0.{names.service}.{job.metadata.namespace}.svc"
+
+
+def render_service(job: FineTuneJob, body: dict | None = None,
+                   settings: OperatorSettings | None = None) -> Optional[dict]:
+    if not is_multi_node(job.spec):
+        return None
+    names = child_names(job.metadata.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, body, names.service, COMPONENT_RENDEZVOUS),
+        "spec": {
+            "clusterIP": "None",
+            "selector": pod_selector(job.metadata.name),
+            # Rendezvous happens before any pod is Ready (they have no readiness probe anyway).
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": C.DEFAULT_RENDEZVOUS_PORT,
+                       "targetPort": C.DEFAULT_RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------ Job
+def trainer_command(job: FineTuneJob) -> list[str]:
+    """The container command. Single process: the image's ENTRYPOINT + CMD spelled out (the local node agent
+    runs only `command`). Several processes: torchrun, on one node standalone, across nodes with c10d."""
+    config = f"{C.CONFIG_MOUNT_DIR}/{C.CONFIG_FILE_NAME}"
+    spec = job.spec
+    if not uses_torchrun(spec):
+        return ["python", "-m", "kubetune_trainer", "--config", config]
+    nproc = processes_per_node(spec)
+    cmd = ["torchrun", f"--nnodes={spec.resources.nodes}", f"--nproc-per-node={nproc}"]
+    if is_multi_node(spec):
+        cmd += [
+            "--node-rank=$(JOB_COMPLETION_INDEX)",  # set by the Job controller in Indexed Jobs
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rendezvous_host(job)}:{C.DEFAULT_RENDEZVOUS_PORT}",
+            f"--rdzv-id={job.metadata.uid or job.metadata.name}",
+        ]
+    else:
+        cmd.append("--standalone")  # local rendezvous on a free port
+    return cmd + ["-m", "kubetune_trainer", "--config", config]
+
+
+def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
+    spec = job.spec
+    out = spec.output
+    env: list[dict] = [
+        {"name": "KUBETUNE_JOB_NAME", "value": job.metadata.name},
+        {"name": "KUBETUNE_NAMESPACE", "value": job.metadata.namespace},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # $(POD_IP) expands only because POD_IP is defined above it.
+        {"name": "KUBETUNE_METRICS_HOST", "value": "$(POD_IP)"},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(s.trainer_metrics_port)},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": C.TERMINATION_LOG},
+        {"name": "KUBETUNE_WORK_DIR", "value": WORK_DIR},
+        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "HOME", "value": "/tmp"},  # caches (HF, torch, matplotlib) need a writable home
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},  # read-only root filesystem
+    ]
+    if not _uses_scheme(spec, "hf"):
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    endpoint = out.endpoint or s.s3_endpoint
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    region = out.region or s.s3_region
+    if region:
+        env.append({"name": "AWS_REGION", "value": region})
+    # Credentials only as Secret references: the operator never reads them (it has no access to Secrets).
+    if out.credentials:
+        creds = out.credentials
+        env += [
+            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {
+                "name": creds.secret_name, "key": creds.access_key_id_key}}},
+            {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
+                "name": creds.secret_name, "key": creds.secret_access_key_key}}},
+        ]
+    elif s.default_credentials_secret and _uses_scheme(spec, "s3"):
+        # optional: a cluster without the default Secret (IRSA, workload identity) still starts the pod
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {
+                "name": s.default_credentials_secret, "key": key, "optional": True}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
+    if is_multi_node(spec):
+        # torchrun sets these for its workers; exported for tools that read them before torchrun runs.
+        env += [
+            {"name": "MASTER_ADDR", "value": rendezvous_host(job)},
+            {"name": "MASTER_PORT", "value": str(C.DEFAULT_RENDEZVOUS_PORT)},
+        ]
+    return env
+
+
+def _resources(spec: FineTuneJobSpec, s: OperatorSettings) -> dict:
+    r = spec.resources
+    requests = dict(s.trainer_resources.get("requests", {}))
+    limits = dict(s.trainer_resources.get("limits", {}))
+    if r.cpu is not None:
+        requests["cpu"] = str(r.cpu)
+    if r.memory is not None:
+        requests["memory"] = limits["memory"] = str(r.memory)
+    if r.gpus > 0:
+        # extended resources: requests must equal limits
+        requests[r.gpu_resource_name] = limits[r.gpu_resource_name] = str(r.gpus)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _tolerations(spec: FineTuneJobSpec) -> list[dict]:
+    r = spec.resources
+    tolerations = [t.to_k8s() for t in r.tolerations or []]
+    if r.gpus > 0:
+        # GPU nodes are usually tainted with the resource name (NVIDIA GPU operator, cloud node pools).
+        auto = {"key": r.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
+        if auto not in tolerations:
+            tolerations.append(auto)
+    return tolerations
+
+
+def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
+    spec = job.spec
+    names = child_names(job.metadata.name)
+    volumes = [
+        {"name": "config", "configMap": {"name": names.config_map,
+                                         "items": [{"key": C.CONFIG_FILE_NAME, "path": C.CONFIG_FILE_NAME}]}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": C.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": "work", "mountPath": WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.resources.shared_memory is not None:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory",
+                                                     "sizeLimit": str(spec.resources.shared_memory)}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    for claim, writable in pvc_claims(spec).items():
+        vol = _pvc_volume_name(claim)
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
+    return volumes, mounts
+
+
+def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = None) -> dict:
+    s = _settings(settings)
+    spec = job.spec
+    r = spec.resources
+    name = job.metadata.name
+    labels = {**(r.pod_labels or {}), **child_labels(job, COMPONENT_TRAINER)}  # ours win: selectors use them
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(s.trainer_metrics_port),
+        "prometheus.io/path": "/metrics",
+        **(r.pod_annotations or {}),  # the user's win (e.g. to turn annotation-based scraping off)
+    }
+    volumes, mounts = _volumes(job)
+    ports = [{"name": "metrics", "containerPort": s.trainer_metrics_port, "protocol": "TCP"}]
+    if is_multi_node(spec):
+        ports.append({"name": "rendezvous", "containerPort": C.DEFAULT_RENDEZVOUS_PORT, "protocol": "TCP"})
+    container = {
+        "name": CONTAINER_NAME,
+        "image": r.image or s.trainer_image,
+        "imagePullPolicy": s.image_pull_policy,
+        "command": trainer_command(job),
+        "workingDir": WORK_DIR,
+        "env": _env(job, s),
+        "ports": ports,
+        "resources": _resources(spec, s),
+        "volumeMounts": mounts,
+        "terminationMessagePath": C.TERMINATION_LOG,
+        # The trainer writes a TrainerReport there; a crash before it can still explain itself via the log tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # retries are new pods, counted by the Job against backoffLimit
+        "terminationGracePeriodSeconds": s.trainer_termination_grace_seconds,
+        "automountServiceAccountToken": False,  # the trainer needs no Kubernetes API access
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if is_multi_node(spec):
+        pod_spec["subdomain"] = child_names(name).service
+    if r.node_selector:
+        pod_spec["nodeSelector"] = dict(r.node_selector)
+    tolerations = _tolerations(spec)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if r.affinity:
+        pod_spec["affinity"] = copy.deepcopy(r.affinity)
+    if r.priority_class_name:
+        pod_spec["priorityClassName"] = r.priority_class_name
+    if r.service_account_name:
+        pod_spec["serviceAccountName"] = r.service_account_name
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+
+
+def pod_failure_policy() -> dict:
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": list(C.ExitCode.PERMANENT)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def template_hash(job_spec: dict) -> str:
+    """Digest of everything in the Job spec except `suspend` (the one field the operator patches in place)."""
+    data = {k: v for k, v in job_spec.items() if k != "suspend"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None) -> dict:
+    s = _settings(settings)
+    spec = job.spec
+    names = child_names(job.metadata.name)
+    nodes = spec.resources.nodes
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": spec.retry_limit,
+        "suspend": spec.suspend,
+        "podFailurePolicy": pod_failure_policy(),
+        # A replacement pod starts only after the failed one is gone: no two ranks with one hostname, and
+        # a pod that is still writing its SIGTERM checkpoint is not raced by its successor.
+        "podReplacementPolicy": "Failed",
+        "template": render_pod_template(job, s),
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    meta = _metadata(job, body, names.job, COMPONENT_TRAINER)
+    meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(job_spec)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def render_children(job: FineTuneJob, body: dict | None = None,
+                    settings: OperatorSettings | None = None) -> Children:
+    return Children(config_map=render_config_map(job, body, settings), job=render_job(job, body, settings),
+                    service=render_service(job, body, settings))
+
+
+def iter_children(children: Children) -> Iterable[dict]:
+    """In creation order: the ConfigMap and Service before the Job whose pods need them."""
+    yield children.config_map
+    if children.service is not None:
+        yield children.service
+    yield children.job

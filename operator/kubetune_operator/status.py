@@ -1,0 +1,521 @@
+"""FineTuneJob status from what the cluster shows: pure functions, no API calls.
+
+Conditions are shaped like metav1.Condition (type, status, reason, message, lastTransitionTime,
+observedGeneration); `lastTransitionTime` moves only when `status` changes. The phase is derived from the
+conditions (never stored on its own): Failed > Succeeded > Suspended > Running > Pending. Succeeded and Failed
+are final: once one is True, later observations do not change the conditions (the pods of a finished job may
+be garbage-collected, which must not turn it into "JobMissing").
+
+`derive_status(ftj, job, pods)` maps the child Job's spec/status/conditions and its pods to the status the
+operator owns. The trainer's final TrainerReport comes from the termination message of the pod that ended
+the run (kubelet keeps it in the pod status after exit), so final progress, artifacts, the forgetting result
+and a failure's explanation reach the FineTuneJob without reading logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import math
+from typing import Any, Iterable, Optional
+
+from kubetune_api.constants import ConditionType as CT
+from kubetune_api.constants import ExitCode, Phase, Reason
+from kubetune_api.models import Progress
+from kubetune_api.report import TrainerReport
+
+from .render import COMPLETION_INDEX_LABEL, CONTAINER_NAME, child_names
+
+# The status fields this operator writes (everything else under .status is left alone).
+OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "completionTime", "workload",
+                "restartCount", "progress", "forgetting", "artifacts", "message")
+WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
+                   Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
+                   Reason.CHILD_CONFLICT}
+MESSAGE_MAX = 2048
+
+
+# ------------------------------------------------------------------------------------------------ time
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Optional[str]) -> Optional[dt.datetime]:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float]:
+    a, b = parse_time(start), parse_time(end)
+    return (b - a).total_seconds() if a and b else None
+
+
+# ------------------------------------------------------------------------------------------------ conditions
+def get_condition(conditions: Iterable[dict] | None, ctype: str) -> Optional[dict]:
+    for c in conditions or []:
+        if c.get("type") == ctype:
+            return c
+    return None
+
+
+def condition_true(conditions: Iterable[dict] | None, ctype: str) -> bool:
+    c = get_condition(conditions, ctype)
+    return bool(c and c.get("status") == "True")
+
+
+def set_condition(conditions: list[dict] | None, ctype: str, status: bool | str, reason: str, message: str,
+                  generation: Optional[int], now: str) -> list[dict]:
+    """Return a new list with condition `ctype` set (replaced by type, order kept, new ones appended).
+    lastTransitionTime changes only when the status changes."""
+    status_str = status if isinstance(status, str) else ("True" if status else "False")
+    message = _short(message or "", MESSAGE_MAX)
+    out: list[dict] = []
+    found = False
+    for c in conditions or []:
+        if c.get("type") != ctype:
+            out.append(dict(c))
+            continue
+        found = True
+        new = {"type": ctype, "status": status_str, "reason": reason, "message": message,
+               "lastTransitionTime": c.get("lastTransitionTime") if c.get("status") == status_str and
+               c.get("lastTransitionTime") else now}
+        if generation is not None:
+            new["observedGeneration"] = generation
+        out.append(new)
+    if not found:
+        new = {"type": ctype, "status": status_str, "reason": reason, "message": message, "lastTransitionTime": now}
+        if generation is not None:
+            new["observedGeneration"] = generation
+        out.append(new)
+    return out
+
+
+def derive_phase(conditions: Iterable[dict] | None) -> str:
+    conditions = list(conditions or [])
+    if condition_true(conditions, CT.FAILED):
+        return Phase.FAILED
+    if condition_true(conditions, CT.SUCCEEDED):
+        return Phase.SUCCEEDED
+    if condition_true(conditions, CT.SUSPENDED):
+        return Phase.SUSPENDED
+    if condition_true(conditions, CT.RUNNING):
+        return Phase.RUNNING
+    return Phase.PENDING
+
+
+def is_terminal(status: dict | None) -> bool:
+    conditions = (status or {}).get("conditions")
+    return condition_true(conditions, CT.FAILED) or condition_true(conditions, CT.SUCCEEDED)
+
+
+def condition_changes(old: Iterable[dict] | None, new: Iterable[dict] | None) -> list[tuple[str, dict]]:
+    """(event type, condition) for each condition whose status or reason changed: what deserves an event.
+    A condition that appears as False is news only when it explains a wait (e.g. PodsPending); Running turning
+    False because the job finished or was suspended is told by that condition's own event."""
+    out = []
+    old = list(old or [])
+    new = list(new or [])
+    told = {(c.get("reason"), c.get("message")) for c in new if c["type"] != CT.RUNNING and c.get("status") == "True"}
+    for c in new:
+        if c["type"] == CT.RUNNING and c.get("status") == "False" and (c.get("reason"), c.get("message")) in told:
+            continue
+        before = get_condition(old, c["type"])
+        if before and before.get("status") == c.get("status") and before.get("reason") == c.get("reason"):
+            continue
+        if before is None and c.get("status") == "False" and c["type"] not in (CT.RUNNING, CT.CREATED):
+            continue
+        warning = (c.get("reason") in WARNING_REASONS and c.get("status") == "True") or \
+            c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT)
+        if c["type"] == CT.FORGETTING_EXCEEDED:
+            warning = c.get("status") == "True"
+        out.append(("Warning" if warning else "Normal", c))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def round_sig(x: Any, digits: int = 4) -> Any:
+    """Round floats to `digits` significant digits (status is for people; 0.123456789 is noise)."""
+    if isinstance(x, bool) or not isinstance(x, float):
+        return x
+    if x == 0 or not math.isfinite(x):
+        return x if math.isfinite(x) else None
+    return float(f"{x:.{digits}g}")
+
+
+def progress_summary(step: Optional[int], total: Optional[int]) -> Optional[str]:
+    if step is None:
+        return None
+    if not total:
+        return str(step)
+    return f"{step}/{total} ({int(100 * step / total)}%)"
+
+
+def progress_dict(progress: Progress | dict | None) -> Optional[dict]:
+    """status.progress from a TrainerReport's progress: floats rounded, summary computed."""
+    if progress is None:
+        return None
+    data = progress.to_k8s() if isinstance(progress, Progress) else dict(progress)
+    data = {k: round_sig(v) for k, v in data.items()}
+    data = {k: v for k, v in data.items() if v is not None}
+    summary = progress_summary(data.get("step"), data.get("totalSteps"))
+    if summary:
+        data["summary"] = summary
+    else:
+        data.pop("summary", None)
+    return data or None
+
+
+def forgetting_dict(forgetting) -> Optional[dict]:
+    if forgetting is None:
+        return None
+    data = {k: round_sig(v) for k, v in forgetting.to_k8s().items()}
+    return {k: v for k, v in data.items() if v is not None} or None
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------------ pods
+def completion_index(pod: dict) -> Optional[int]:
+    meta = pod.get("metadata") or {}
+    value = (meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or \
+        (meta.get("annotations") or {}).get(COMPLETION_INDEX_LABEL)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def trainer_status(pod: dict) -> dict:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER_NAME:
+            return cs
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return statuses[0] if statuses else {}
+
+
+def terminated(pod: dict) -> Optional[dict]:
+    cs = trainer_status(pod)
+    return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+
+
+def pod_report(pod: dict) -> Optional[TrainerReport]:
+    term = terminated(pod)
+    return TrainerReport.parse(term.get("message")) if term else None
+
+
+def pod_is_running(pod: dict) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Running" and not (pod.get("metadata") or {}).get(
+        "deletionTimestamp")
+
+
+def pod_is_finished(pod: dict) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _created(pod: dict) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def pods_of_job(pods: Iterable[dict], job: dict | None) -> list[dict]:
+    """The pods the given Job created (by owner reference), oldest first."""
+    uid = ((job or {}).get("metadata") or {}).get("uid")
+    out = []
+    for pod in pods:
+        owners = (pod.get("metadata") or {}).get("ownerReferences") or []
+        if uid is None or any(o.get("uid") == uid for o in owners):
+            out.append(pod)
+    return sorted(out, key=_created)
+
+
+def crash_summary(pod: dict) -> str:
+    """One line about how a pod ended: the trainer's report, or the exit code and the last log line."""
+    term = terminated(pod) or {}
+    code = term.get("exitCode")
+    report = TrainerReport.parse(term.get("message"))
+    if report and report.message:
+        text = f"{report.reason}: {report.message}" if report.reason else report.message
+        if report.field and report.field not in text:
+            text += f" (field {report.field})"
+        return text
+    lines = [ln.strip() for ln in (term.get("message") or "").splitlines() if ln.strip()]
+    detail = lines[-1] if lines else (term.get("reason") or (pod.get("status") or {}).get("reason") or "")
+    head = f"exit code {code}" if code is not None else "pod failed"
+    return _short(f"{head}: {detail}" if detail else head, 1024)
+
+
+def waiting_detail(pods: list[dict]) -> str:
+    """Why pods are not running yet: unschedulable, image pull, missing Secret, ..."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        if st.get("phase") not in (None, "Pending"):
+            continue
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return f"{pod['metadata']['name']}: {c.get('reason', 'Unschedulable')}: {c.get('message', '')}".strip()
+        cs = trainer_status(pod)
+        waiting = (cs.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            return f"{pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip().rstrip(":")
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------ Job
+def job_condition(job: dict, *types: str) -> Optional[dict]:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") in types and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_succeeded(job: dict) -> Optional[dict]:
+    return job_condition(job, "Complete", "SuccessCriteriaMet")
+
+
+def job_failed(job: dict) -> Optional[dict]:
+    # FailureTarget comes first (the Job is doomed, pods are being terminated), Failed when they are gone.
+    return job_condition(job, "Failed") or job_condition(job, "FailureTarget")
+
+
+def job_finished(job: dict | None) -> bool:
+    return bool(job and (job_succeeded(job) or job_failed(job)))
+
+
+def _failed_pod(pods: list[dict]) -> Optional[dict]:
+    """The pod that ended the run: one that exited with a permanent code, else the latest failed one."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed" or
+              (terminated(p) or {}).get("exitCode") not in (None, 0)]
+    for p in reversed(failed):
+        if (terminated(p) or {}).get("exitCode") in ExitCode.PERMANENT:
+            return p
+    return failed[-1] if failed else None
+
+
+def _final_report(pods: list[dict], succeeded: bool) -> Optional[TrainerReport]:
+    """The trainer's last word: rank 0's latest report on success, the failing pod's on failure."""
+    if succeeded:
+        candidates = [p for p in pods if completion_index(p) in (0, None) and
+                      (p.get("status") or {}).get("phase") == "Succeeded"]
+    else:
+        fp = _failed_pod(pods)
+        candidates = [fp] if fp else []
+    for pod in reversed(candidates):
+        report = pod_report(pod)
+        if report is not None:
+            return report
+    # rank 0 may have failed while another rank reported; fall back to any report, newest first
+    for pod in reversed(pods):
+        report = pod_report(pod)
+        if report is not None:
+            return report
+    return None
+
+
+def _earliest_start(pods: list[dict]) -> Optional[str]:
+    times = []
+    for pod in pods:
+        cs = trainer_status(pod)
+        state = cs.get("state") or {}
+        t = (state.get("running") or {}).get("startedAt") or (state.get("terminated") or {}).get("startedAt")
+        t = t or (pod.get("status") or {}).get("startTime")
+        if t:
+            times.append(t)
+    return min(times) if times else None
+
+
+def _failure(job: dict, pods: list[dict], spec: dict) -> tuple[str, str]:
+    cond = job_failed(job) or {}
+    fp = _failed_pod(pods)
+    detail = crash_summary(fp) if fp else ""
+    job_reason = cond.get("reason")
+    code = (terminated(fp) or {}).get("exitCode") if fp else None
+    if job_reason == "PodFailurePolicy" or code in ExitCode.PERMANENT:
+        return Reason.TRAINER_ERROR, detail or cond.get("message") or "the trainer exited with a permanent error"
+    if job_reason == "BackoffLimitExceeded":
+        limit = spec.get("retryLimit", 3)
+        msg = f"retryLimit {limit} exhausted"
+        return Reason.BACKOFF_LIMIT, f"{msg}; last failure: {detail}" if detail else msg
+    if job_reason == "DeadlineExceeded":
+        return Reason.DEADLINE, (f"ran longer than activeDeadlineSeconds "
+                                 f"{spec.get('activeDeadlineSeconds', job.get('spec', {}).get('activeDeadlineSeconds'))}")
+    return Reason.POD_FAILED, detail or cond.get("message") or f"the Job failed ({job_reason})"
+
+
+# ------------------------------------------------------------------------------------------------ derive
+def base_status(old: dict) -> dict:
+    """A copy of the owned fields of a status."""
+    return {k: copy.deepcopy(old[k]) for k in OWNED_FIELDS if k in old}
+
+
+def _refresh_generation(conditions: list[dict], generation: Optional[int]) -> list[dict]:
+    if generation is None:
+        return conditions
+    return [{**c, "observedGeneration": generation} for c in conditions]
+
+
+def _apply_report(out: dict, report: Optional[TrainerReport]) -> None:
+    if report is None:
+        return
+    progress = progress_dict(report.progress)
+    if progress:
+        out["progress"] = {**(out.get("progress") or {}), **progress}
+    forgetting = forgetting_dict(report.forgetting)
+    if forgetting:
+        out["forgetting"] = forgetting
+    if report.artifacts is not None:
+        artifacts = report.artifacts.to_k8s()
+        if artifacts:
+            out["artifacts"] = artifacts
+
+
+def _forgetting_condition(conds: list[dict], forgetting: Optional[dict], gen, now) -> list[dict]:
+    if not forgetting or forgetting.get("exceeded") is None:
+        return conds
+    rel, thr = forgetting.get("relativeChange"), forgetting.get("threshold")
+    before, after = forgetting.get("referencePerplexityBefore"), forgetting.get("referencePerplexityAfter")
+    detail = f"reference perplexity {before} -> {after}"
+    if rel is not None:
+        detail += f" ({rel:+.1%}"
+        detail += f", threshold {thr:.0%})" if thr is not None else ")"
+    if forgetting["exceeded"]:
+        return set_condition(conds, CT.FORGETTING_EXCEEDED, True, Reason.FORGETTING,
+                             f"catastrophic forgetting: {detail}", gen, now)
+    return set_condition(conds, CT.FORGETTING_EXCEEDED, False, Reason.WITHIN_THRESHOLD, detail, gen, now)
+
+
+def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None) -> dict:
+    """The operator-owned status fields of `ftj`, given its child Job (None if absent) and the Job's pods.
+    Idempotent: feeding the result back (as ftj.status) with the same job and pods gives the same result."""
+    now = now or now_rfc3339()
+    meta = ftj.get("metadata") or {}
+    spec = ftj.get("spec") or {}
+    old = ftj.get("status") or {}
+    gen = meta.get("generation")
+    out = base_status(old)
+    conds: list[dict] = copy.deepcopy(old.get("conditions") or [])
+    out["observedGeneration"] = gen
+
+    if is_terminal(old):
+        out["conditions"] = _refresh_generation(conds, gen)
+        out["phase"] = derive_phase(conds)
+        return out
+
+    names = child_names(meta.get("name", ""))
+    nodes = int((spec.get("resources") or {}).get("nodes", 1) or 1)
+
+    if job is None:
+        if condition_true(conds, CT.CREATED):
+            msg = f"the trainer Job {names.job} no longer exists; the operator re-creates it (training resumes " \
+                  "from the latest checkpoint)"
+            conds = set_condition(conds, CT.CREATED, False, Reason.JOB_MISSING, msg, gen, now)
+            if get_condition(conds, CT.RUNNING):
+                conds = set_condition(conds, CT.RUNNING, False, Reason.JOB_MISSING, msg, gen, now)
+            out["message"] = msg
+        out["conditions"] = conds
+        out["phase"] = derive_phase(conds)
+        return out
+
+    pods = pods_of_job(pods, job)
+    job_meta = job.get("metadata") or {}
+    conds = set_condition(conds, CT.CREATED, True, Reason.JOB_CREATED,
+                          f"Job {job_meta.get('name', names.job)} created", gen, now)
+    workload = {"kind": "Job", "name": job_meta.get("name", names.job), "configMap": names.config_map}
+    if nodes > 1:
+        workload["service"] = names.service
+    out["workload"] = workload
+    restarts = max(int(old.get("restartCount") or 0), len(pods) - nodes, 0)
+    if restarts:
+        out["restartCount"] = restarts
+
+    succeeded, failed = job_succeeded(job), job_failed(job)
+    if succeeded or failed:
+        report = _final_report(pods, bool(succeeded))
+        _apply_report(out, report)
+        out["startTime"] = old.get("startTime") or _earliest_start(pods) or \
+            (job.get("status") or {}).get("startTime") or now
+        if succeeded:
+            msg = "training finished"
+            adapter = (out.get("artifacts") or {}).get("adapterUri")
+            if adapter:
+                msg += f"; adapter at {adapter}"
+            conds = set_condition(conds, CT.SUCCEEDED, True, Reason.SUCCEEDED, msg, gen, now)
+            conds = set_condition(conds, CT.RUNNING, False, Reason.SUCCEEDED, msg, gen, now)
+            out["completionTime"] = (job.get("status") or {}).get("completionTime") or \
+                succeeded.get("lastTransitionTime") or now
+        else:
+            reason, msg = _failure(job, pods, spec)
+            conds = set_condition(conds, CT.FAILED, True, reason, msg, gen, now)
+            conds = set_condition(conds, CT.RUNNING, False, reason, msg, gen, now)
+            out["completionTime"] = failed.get("lastTransitionTime") or now
+        if condition_true(conds, CT.SUSPENDED):
+            conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED, "the job finished", gen, now)
+        out["message"] = msg
+        conds = _forgetting_condition(conds, out.get("forgetting"), gen, now)
+    elif (job.get("spec") or {}).get("suspend"):
+        msg = "suspended: the trainer pods are deleted (they checkpoint on SIGTERM); unsuspend to resume"
+        conds = set_condition(conds, CT.SUSPENDED, True, Reason.SUSPENDED, msg, gen, now)
+        conds = set_condition(conds, CT.RUNNING, False, Reason.SUSPENDED, msg, gen, now)
+        out["message"] = msg
+    else:
+        if get_condition(conds, CT.SUSPENDED) and condition_true(conds, CT.SUSPENDED):
+            conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED,
+                                  "resumed: training continues from the latest checkpoint", gen, now)
+        live = [p for p in pods if not pod_is_finished(p) and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        running = [p for p in live if pod_is_running(p)]
+        n_running = len(running) or (0 if pods else int((job.get("status") or {}).get("ready") or 0))
+        # a pod that finished successfully still counts until the Job controller marks the Job Complete
+        done = {completion_index(p) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"}
+        if (n_running or done) and n_running + len(done) >= nodes:
+            msg = f"{n_running}/{nodes} trainer pod(s) running" if n_running else \
+                "all trainer pods finished; waiting for the Job to complete"
+            if restarts:
+                msg += f" after {restarts} restart(s)"
+            conds = set_condition(conds, CT.RUNNING, True, Reason.RUNNING, msg, gen, now)
+            out["startTime"] = old.get("startTime") or _earliest_start(running or pods) or now
+        else:
+            failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+            if failed_pods:
+                limit = spec.get("retryLimit", 3)
+                msg = f"{failed_pods[-1]['metadata']['name']} failed ({crash_summary(failed_pods[-1])}); " \
+                      f"retrying ({len(failed_pods)} failure(s), retryLimit {limit})"
+                conds = set_condition(conds, CT.RUNNING, False, Reason.RESTARTING, msg, gen, now)
+            else:
+                msg = f"{n_running}/{nodes} trainer pod(s) running"
+                detail = waiting_detail(live)
+                if detail:
+                    msg += f"; {detail}"
+                conds = set_condition(conds, CT.RUNNING, False, Reason.PENDING, msg, gen, now)
+        out["message"] = msg
+
+    out["conditions"] = _refresh_generation(conds, gen)
+    out["phase"] = derive_phase(conds)
+    return out
+
+
+def invalid_spec_status(ftj: dict, message: str, now: Optional[str] = None) -> dict:
+    """Status of a FineTuneJob whose spec cannot run (nothing is created for it)."""
+    now = now or now_rfc3339()
+    old = ftj.get("status") or {}
+    gen = (ftj.get("metadata") or {}).get("generation")
+    out = base_status(old)
+    conds = set_condition(old.get("conditions"), CT.FAILED, True, Reason.INVALID_SPEC, message, gen, now)
+    out.update({"observedGeneration": gen, "conditions": conds, "phase": derive_phase(conds),
+                "completionTime": old.get("completionTime") or now, "message": _short(message, MESSAGE_MAX)})
+    return out
+
+
+def owned_changes(old_status: dict | None, new_status: dict) -> dict:
+    """The merge patch that turns old into new for the owned fields ({} when nothing changed)."""
+    old_status = old_status or {}
+    patch = {}
+    for key in OWNED_FIELDS:
+        if key in new_status and new_status[key] != old_status.get(key):
+            patch[key] = new_status[key]
+        elif key not in new_status and key in old_status and key in ("message",):
+            patch[key] = None
+    return patch

@@ -1,0 +1,247 @@
+"""The progress loop: scrape rank 0 of Running jobs, keep the last values when a pod cannot be reached (one
+warning per job per interval), honour peering, delete expired jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from prometheus_client import CollectorRegistry
+
+from kubetune_api.constants import Phase
+from kubetune_operator import progress as P
+from kubetune_operator.kube import EventRecorder
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.peering import PeeringGate, peers_allow
+from kubetune_operator.reconciler import Reconciler, ftj_path
+from kubetune_operator.settings import OperatorSettings
+from tests.unit.operator.builders import NS, UID, FakeKube, FakeLookup, ftj, pod
+
+STARTED_LONG_AGO = "2020-01-01T00:00:00Z"
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class OpenGate:
+    def __init__(self, active: bool = True):
+        self.is_active = active
+
+    async def active(self) -> bool:
+        return self.is_active
+
+
+def setup(fetch, *, gate=None, settings=None, clock=None):
+    kube = FakeKube()
+    lookup = FakeLookup(kube)
+    settings = settings or OperatorSettings(progress_interval_seconds=0.01, progress_warning_interval_seconds=600)
+    rec = Reconciler(kube, settings, OperatorMetrics(CollectorRegistry()), EventRecorder(kube, instance="t"), lookup)
+    views: list[P.JobView] = []
+    loop = P.ProgressLoop(settings, rec, gate or OpenGate(), jobs=lambda: list(views), pods=lookup.pods,
+                          fetch=fetch, clock=clock or Clock())
+    return kube, lookup, rec, loop, views
+
+
+async def running_job(kube, lookup, rec, views, **pod_kwargs):
+    kube.put(ftj())
+    await rec.reconcile(NS, "demo", ensure_all=True)
+    job_uid = kube.find("Job")[0]["metadata"]["uid"]
+    lookup.pod_list = [pod(job_uid=job_uid, ip="10.1.2.3", **pod_kwargs)]
+    await rec.reconcile(NS, "demo")
+    body = kube.objects[ftj_path(NS, "demo")]
+    assert body["status"]["phase"] == Phase.RUNNING
+    views[:] = [P.job_view(body)]
+
+
+def test_scrape_writes_progress_from_rank0():
+    urls = []
+
+    async def fetch(url):
+        urls.append(url)
+        return {"state": "running", "progress": {"step": 12, "totalSteps": 60, "loss": 1.98765,
+                                                 "perplexity": 9.87654, "etaSeconds": 120}, "newerField": 1}
+
+    async def scenario():
+        kube, lookup, rec, loop, views = setup(fetch)
+        await running_job(kube, lookup, rec, views, started=STARTED_LONG_AGO)
+        await loop.tick()
+        assert urls == ["http://10.1.2.3:9400/progress"]
+        progress = kube.objects[ftj_path(NS, "demo")]["status"]["progress"]
+        assert progress == {"step": 12, "totalSteps": 60, "loss": 1.988, "perplexity": 9.877, "etaSeconds": 120,
+                            "summary": "12/60 (20%)"}
+    asyncio.run(scenario())
+
+
+def test_unreachable_pod_keeps_values_and_warns_once_per_interval():
+    calls = {"n": 0}
+
+    async def fetch(url):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return {"progress": {"step": 5, "totalSteps": 50}}
+        raise asyncio.TimeoutError()
+
+    async def scenario():
+        clock = Clock()
+        kube, lookup, rec, loop, views = setup(fetch, clock=clock)
+        loop.warnings.clock = clock
+        await running_job(kube, lookup, rec, views, started=STARTED_LONG_AGO)
+        await loop.tick()
+        for _ in range(3):
+            await loop.tick()
+        status = kube.objects[ftj_path(NS, "demo")]["status"]
+        assert status["progress"]["step"] == 5, "last values kept"
+        warnings = [e for e in kube.events if e["reason"] == P.PROGRESS_UNAVAILABLE]
+        assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+        assert "10.1.2.3:9400" in warnings[0]["message"]
+        clock.t += 601
+        await loop.tick()
+        assert len([e for e in kube.events if e["reason"] == P.PROGRESS_UNAVAILABLE]) == 2
+    asyncio.run(scenario())
+
+
+def test_no_warning_while_the_trainer_starts_up():
+    async def fetch(url):
+        raise ConnectionRefusedError()
+
+    async def scenario():
+        clock = Clock(dt.datetime(2026, 1, 1, 0, 10, 30, tzinfo=dt.timezone.utc).timestamp())
+        kube, lookup, rec, loop, views = setup(fetch, clock=clock)
+        await running_job(kube, lookup, rec, views, started="2026-01-01T00:10:00Z")
+        await loop.tick()
+        assert not [e for e in kube.events if e["reason"] == P.PROGRESS_UNAVAILABLE]
+    asyncio.run(scenario())
+
+
+def test_scrapes_are_bounded_by_the_concurrency_limit():
+    in_flight = {"now": 0, "max": 0}
+
+    async def fetch(url):
+        in_flight["now"] += 1
+        in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        await asyncio.sleep(0.01)
+        in_flight["now"] -= 1
+        return {"progress": {"step": 1}}
+
+    async def scenario():
+        settings = OperatorSettings(progress_max_concurrency=3)
+        kube, lookup, rec, loop, views = setup(fetch, settings=settings)
+        views[:] = [P.JobView(NS, f"j{i}", f"u{i}", Phase.RUNNING, None, None, False) for i in range(12)]
+        loop.pods = lambda ns, name: [pod(name=name, ip=f"10.0.0.{name[1:]}")]
+        await loop.tick()
+        assert in_flight["max"] == 3
+    asyncio.run(scenario())
+
+
+def test_rank0_pod_selection():
+    assert P.rank0_pod([pod(index=1), pod(index=0, phase="Pending")]) is None
+    newest = pod(index=0, created="2026-01-01T00:30:00Z", ip="10.9.9.9")
+    chosen = P.rank0_pod([pod(index=0, phase="Failed"), pod(index=1), pod(index=0, created="2026-01-01T00:20:00Z"),
+                          newest])
+    assert chosen["status"]["podIP"] == "10.9.9.9"
+
+
+def test_paused_replica_does_nothing():
+    async def fetch(url):
+        raise AssertionError("a standby replica must not scrape")
+
+    async def scenario():
+        kube, lookup, rec, loop, views = setup(fetch, gate=OpenGate(False))
+        await running_job(kube, lookup, rec, views)
+        rec.metrics.observe_job(kube.objects[ftj_path(NS, "demo")])
+        stop = asyncio.Event()
+        task = asyncio.create_task(loop.run(stop))
+        await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        assert rec.metrics.registry.get_sample_value(
+            "kubetune_job_phase", {"namespace": NS, "finetunejob": "demo", "phase": "Running"}) is None, \
+            "a standby replica exports no stale per-job series"
+    asyncio.run(scenario())
+
+
+def test_ttl_after_finished():
+    async def fetch(url):
+        return {}
+
+    async def scenario():
+        clock = Clock()
+        kube, lookup, rec, loop, views = setup(fetch, clock=clock)
+        done = dt.datetime.fromtimestamp(clock.t - 100, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = kube.put(ftj(ttlSecondsAfterFinished=300, status={
+            "phase": Phase.FAILED, "completionTime": done,
+            "conditions": [{"type": "Failed", "status": "True", "reason": "X", "message": "",
+                            "lastTransitionTime": done}]}))
+        views[:] = [P.job_view(body)]
+        await loop.tick()
+        assert ftj_path(NS, "demo") in kube.objects, "not due yet"
+        clock.t += 201
+        await loop.tick()
+        assert ftj_path(NS, "demo") not in kube.objects
+    asyncio.run(scenario())
+
+
+def test_job_view_and_ttl_due():
+    v = P.job_view(ftj(ttlSecondsAfterFinished=0))
+    assert (v.namespace, v.name, v.uid, v.terminal, v.ttl_seconds) == (NS, "demo", UID, False, 0)
+    assert not P.ttl_due(v, 2e9)
+
+
+def test_warning_throttle():
+    clock = Clock(0)
+    w = P.WarningThrottle(60, clock)
+    assert w.allow("a") and not w.allow("a") and w.allow("b")
+    clock.t = 61
+    assert w.allow("a")
+
+
+# ------------------------------------------------------------------------------------------------ peering
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def peer(priority: int, seconds_ago: int = 5, lifetime: int = 60) -> dict:
+    return {"priority": priority, "lifetime": lifetime,
+            "lastseen": (NOW - dt.timedelta(seconds=seconds_ago)).isoformat()}
+
+
+def test_peering_rule_matches_kopf():
+    me = "pod-a"
+    assert peers_allow({me: peer(10)}, me, 10, NOW)
+    assert peers_allow({me: peer(10), "pod-b": peer(5)}, me, 10, NOW), "lower priority peers pause, not us"
+    assert not peers_allow({me: peer(10), "pod-b": peer(20)}, me, 10, NOW), "a higher priority peer is active"
+    assert not peers_allow({me: peer(10), "pod-b": peer(10)}, me, 10, NOW), "kopf pauses everybody on a tie"
+    assert peers_allow({me: peer(10), "pod-b": peer(20, seconds_ago=120)}, me, 10, NOW), "dead peers do not count"
+
+
+def test_gate_reads_the_peering_object():
+    class Api:
+        def __init__(self, obj):
+            self.obj, self.paths = obj, []
+
+        async def get(self, path):
+            self.paths.append(path)
+            return self.obj
+
+    async def scenario():
+        live = {"status": {"me": {"priority": 5, "lifetime": 60, "lastseen": dt.datetime.now(dt.timezone.utc).isoformat()},
+                           "other": {"priority": 9, "lifetime": 60,
+                                     "lastseen": dt.datetime.now(dt.timezone.utc).isoformat()}}}
+        api = Api(live)
+        gate = PeeringGate(api, standalone=False, name="kubetune", identity="me", priority=5)
+        assert await gate.active() is False
+        assert api.paths == ["/apis/kopf.dev/v1/clusterkopfpeerings/kubetune"]
+        gate = PeeringGate(Api(live), standalone=False, name="kubetune", identity="me", priority=10,
+                           namespaces=["a", "b"])
+        assert await gate.active() is True
+        assert gate.api.paths == ["/apis/kopf.dev/v1/namespaces/a/kopfpeerings/kubetune",
+                                  "/apis/kopf.dev/v1/namespaces/b/kopfpeerings/kubetune"]
+        assert await PeeringGate(Api(None), standalone=False, name="k", identity="me", priority=1).active() is False
+        assert await PeeringGate(Api(None), standalone=False, name="default", identity="me", priority=1,
+                                 mandatory=False).active() is True
+        assert await PeeringGate(None, standalone=True, name="k", identity="me", priority=1).active() is True
+    asyncio.run(scenario())

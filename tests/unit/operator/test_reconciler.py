@@ -1,0 +1,343 @@
+"""The reconcile loop against an in-memory API server: children created once (operator restarts included),
+409s read back and adopted or refused, invalid specs, suspend, spec changes while suspended, a deleted Job,
+progress and TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from prometheus_client import CollectorRegistry
+
+from kubetune_api import constants as C
+from kubetune_api.constants import ConditionType as CT
+from kubetune_api.constants import Phase, Reason
+from kubetune_api.report import TrainerReport
+from kubetune_operator import status as S
+from kubetune_operator.kube import EventRecorder
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.reconciler import Reconciler, ftj_path, snapshot_job, snapshot_pod
+from kubetune_operator.render import TEMPLATE_HASH_ANNOTATION
+from kubetune_operator.settings import OperatorSettings
+from tests.unit.operator.builders import NS, SECRET_VALUE, UID, FakeKube, FakeLookup, ftj, job_cond, pod
+
+NOW = "2026-01-01T03:00:00Z"
+
+
+def make(kube: FakeKube | None = None):
+    kube = kube or FakeKube()
+    lookup = FakeLookup(kube)
+    metrics = OperatorMetrics(CollectorRegistry())
+    rec = Reconciler(kube, OperatorSettings(), metrics, EventRecorder(kube, instance="test"), lookup,
+                     now=lambda: NOW)
+    return kube, lookup, rec
+
+
+def stored(kube: FakeKube, name: str = "demo") -> dict:
+    return kube.objects[ftj_path(NS, name)]
+
+
+def conds(kube: FakeKube, name: str = "demo") -> dict:
+    return {c["type"]: c for c in stored(kube, name).get("status", {}).get("conditions", [])}
+
+
+def kinds(kube: FakeKube) -> list[str]:
+    return sorted(o["kind"] for o in kube.objects.values() if o["kind"] != C.KIND)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_create_makes_children_and_status_once():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        result = await rec.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "ok"
+        assert kinds(kube) == ["ConfigMap", "Job"]
+        c = conds(kube)
+        assert c[CT.CREATED]["status"] == "True" and c[CT.RUNNING]["reason"] == Reason.PENDING
+        st = stored(kube)["status"]
+        assert st["phase"] == Phase.PENDING and st["workload"]["name"] == "demo-trainer"
+        assert [e["reason"] for e in kube.events] == [Reason.JOB_CREATED, Reason.PENDING]
+        ev = kube.events[0]
+        assert ev["involvedObject"] == {"apiVersion": C.API_VERSION, "kind": C.KIND, "name": "demo",
+                                        "namespace": NS, "uid": UID, "resourceVersion": ev["involvedObject"]["resourceVersion"]}
+        # again: nothing new is created, status unchanged, no new events
+        before = len(kube.mutations())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert kinds(kube) == ["ConfigMap", "Job"] and len(kube.events) == 2
+        assert [m for m in kube.mutations()[before:] if m[0] != "POST"] == [], "only idempotent creates (409)"
+        assert rec.metrics.registry.get_sample_value(
+            "kubetune_operator_phase_transitions_total", {"from_phase": "", "to_phase": "Pending"}) == 1
+    run(scenario())
+
+
+def test_restarted_operator_does_not_duplicate_children():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put(ftj(resources={"gpus": 8, "nodes": 2}))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        objects = json.dumps({k: v for k, v in kube.objects.items() if v["kind"] != C.KIND}, sort_keys=True)
+        _, _, fresh = make(kube)  # a new operator process: no memory, same cluster
+        result = await fresh.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "ok"
+        assert kinds(kube) == ["ConfigMap", "Job", "Service"]
+        assert json.dumps({k: v for k, v in kube.objects.items() if v["kind"] != C.KIND}, sort_keys=True) == objects
+    run(scenario())
+
+
+def test_child_events_follow_the_pods_to_success():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        job = kube.find("Job")[0]
+        job_uid = job["metadata"]["uid"]
+        lookup.pod_list = [pod(job_uid=job_uid)]
+        await rec.reconcile(NS, "demo")
+        assert stored(kube)["status"]["phase"] == Phase.RUNNING
+        report = TrainerReport(state="succeeded", progress={"step": 60, "total_steps": 60, "loss": 0.5},
+                               artifacts={"adapter_uri": "s3://b/a/"}).to_termination_message()
+        lookup.pod_list = [pod(job_uid=job_uid, phase="Succeeded", message=report)]
+        job["status"] = {"conditions": [job_cond("Complete", "CompletionsReached")], "completionTime": NOW}
+        await rec.reconcile(NS, "demo")
+        st = stored(kube)["status"]
+        assert st["phase"] == Phase.SUCCEEDED and st["progress"]["summary"] == "60/60 (100%)"
+        assert st["artifacts"]["adapterUri"] == "s3://b/a/"
+        assert kube.events[-1]["reason"] == Reason.SUCCEEDED and kube.events[-1]["type"] == "Normal"
+        # a finished job ignores later child events without even reading the FineTuneJob
+        calls = len(kube.calls)
+        await rec.reconcile(NS, "demo")
+        assert len(kube.calls) == calls
+        assert rec.metrics.registry.get_sample_value(
+            "kubetune_operator_job_duration_seconds_count", {"stage": "sft", "result": "succeeded"}) == 1
+    run(scenario())
+
+
+def test_invalid_spec_fails_without_children():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put(ftj(stage="grpo", dataset={"format": "prompt_only", "train": [{"uri": "s3://d/p.jsonl"}]},
+                     training={"grpo": {"rewards": [{"name": "my_rewards:score"}]}}))
+        result = await rec.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "invalid" and "rewards[0].source" in result.message
+        failed = conds(kube)[CT.FAILED]
+        assert failed["reason"] == Reason.INVALID_SPEC and "rewards[0].source" in failed["message"]
+        assert stored(kube)["status"]["phase"] == Phase.FAILED
+        assert kinds(kube) == []
+        assert [(e["type"], e["reason"]) for e in kube.events] == [("Warning", Reason.INVALID_SPEC)]
+        # later reconciles leave it alone
+        assert (await rec.reconcile(NS, "demo", ensure_all=True)).state == "terminal"
+        assert kinds(kube) == [] and len(kube.events) == 1
+    run(scenario())
+
+
+def test_child_owned_by_an_older_finetunejob_is_waited_for():
+    async def scenario():
+        kube, _, rec = make()
+        old = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+            "name": "demo-trainer", "namespace": NS, "labels": {C.Label.JOB_NAME: "demo"},
+            "ownerReferences": [{"controller": True, "uid": "older-uid"}]}, "spec": {}}
+        kube.put(old)
+        kube.put(ftj())
+        result = await rec.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "conflict" and result.delay > 0 and "older-uid" in result.message
+        assert conds(kube)[CT.CREATED]["reason"] == Reason.CHILD_CONFLICT
+        assert kube.find("Job")[0]["metadata"]["ownerReferences"][0]["uid"] == "older-uid", "not taken over"
+    run(scenario())
+
+
+def test_foreign_object_with_the_childs_name_is_a_conflict():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "demo-config", "namespace": NS},
+                  "data": {"x": "y"}})
+        kube.put(ftj())
+        result = await rec.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "conflict" and "not managed by kubetune" in result.message
+        assert kube.find("ConfigMap")[0]["data"] == {"x": "y"}
+        assert any(e["type"] == "Warning" and e["reason"] == Reason.CHILD_CONFLICT for e in kube.events)
+    run(scenario())
+
+
+def test_labelled_orphan_is_adopted():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+            "name": "demo-config", "namespace": NS,
+            "labels": {C.Label.JOB_NAME: "demo", C.Label.MANAGED_BY: C.Label.MANAGED_BY_VALUE}}, "data": {}})
+        kube.put(ftj())
+        assert (await rec.reconcile(NS, "demo", ensure_all=True)).state == "ok"
+        (cm,) = kube.find("ConfigMap")
+        assert cm["metadata"]["ownerReferences"][0]["uid"] == UID
+        assert C.CONFIG_FILE_NAME in cm["data"], "brought up to date before the Job that mounts it"
+    run(scenario())
+
+
+def test_suspend_and_resume_patch_the_job():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        body = stored(kube)
+        body["spec"]["suspend"] = True
+        body["metadata"]["generation"] = 2
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (job,) = kube.find("Job")
+        assert job["spec"]["suspend"] is True
+        assert conds(kube)[CT.SUSPENDED]["status"] == "True" and stored(kube)["status"]["phase"] == Phase.SUSPENDED
+        assert conds(kube)[CT.SUSPENDED]["observedGeneration"] == 2
+        body = stored(kube)
+        body["spec"]["suspend"] = False
+        body["metadata"]["generation"] = 3
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert kube.find("Job")[0]["spec"]["suspend"] is False
+        assert conds(kube)[CT.SUSPENDED]["reason"] == Reason.RESUMED
+        assert kube.find("Job")[0]["metadata"]["uid"] == job["metadata"]["uid"], "same Job, not re-created"
+    run(scenario())
+
+
+def test_resources_changed_while_suspended_recreate_the_job():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj(suspend=True))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (job,) = kube.find("Job")
+        old_hash = job["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+        body = stored(kube)
+        body["spec"]["resources"] = {"gpus": 4, "memory": "128Gi"}
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert kube.find("Job") == [], "deleted (foreground) so that it can be re-created"
+        assert ("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/demo-trainer") in kube.calls
+        # the Job's DELETED watch event triggers the next reconcile
+        await rec.reconcile(NS, "demo")
+        (new,) = kube.find("Job")
+        assert new["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION] != old_hash
+        res = new["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == "4" and res["limits"]["memory"] == "128Gi"
+        assert new["spec"]["suspend"] is True
+        assert "--nproc-per-node=4" in new["spec"]["template"]["spec"]["containers"][0]["command"]
+        cm = kube.find("ConfigMap")[0]["data"][C.CONFIG_FILE_NAME]
+        assert "128Gi" in cm, "the ConfigMap follows the new Job"
+        assert not any(e["reason"] == Reason.JOB_MISSING for e in kube.events), "our own deletion is no surprise"
+        assert any("re-created" in e["message"] for e in kube.events)
+        assert stored(kube)["status"]["phase"] == Phase.SUSPENDED
+    run(scenario())
+
+
+def test_deleted_job_is_recreated_after_its_pods_are_gone():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        job_uid = kube.find("Job")[0]["metadata"]["uid"]
+        lookup.pod_list = [pod(job_uid=job_uid)]
+        await rec.reconcile(NS, "demo")
+        await kube.delete(f"/apis/batch/v1/namespaces/{NS}/jobs/demo-trainer")
+        lookup.pod_list = [pod(job_uid=job_uid, deleting=True)]  # still stopping (checkpointing)
+        result = await rec.reconcile(NS, "demo")
+        assert result.state == "waiting" and kube.find("Job") == []
+        assert conds(kube)[CT.CREATED]["reason"] == Reason.JOB_MISSING
+        lookup.pod_list = []
+        assert (await rec.reconcile(NS, "demo")).state == "ok"
+        assert len(kube.find("Job")) == 1 and kube.find("Job")[0]["metadata"]["uid"] != job_uid
+        assert conds(kube)[CT.CREATED]["status"] == "True"
+        assert any(e["type"] == "Warning" and e["reason"] == Reason.JOB_MISSING for e in kube.events)
+    run(scenario())
+
+
+def test_index_lag_right_after_creation_is_not_a_missing_job():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        lookup.jobs = lambda namespace, name: []  # the watch has not delivered the Job yet
+        lookup.pod_list = [pod(job_uid=kube.find("Job")[0]["metadata"]["uid"])]
+        assert (await rec.reconcile(NS, "demo")).state == "ok"
+        assert conds(kube)[CT.CREATED]["status"] == "True" and stored(kube)["status"]["phase"] == Phase.RUNNING
+    run(scenario())
+
+
+def test_multi_node_to_single_node_removes_the_service():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put(ftj(suspend=True, resources={"gpus": 1, "nodes": 2}))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert "Service" in kinds(kube)
+        stored(kube)["spec"]["resources"] = {"gpus": 1, "nodes": 1}
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        await rec.reconcile(NS, "demo")
+        assert kinds(kube) == ["ConfigMap", "Job"]
+    run(scenario())
+
+
+def test_progress_is_written_only_while_running_and_when_it_changed():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        report = TrainerReport(progress={"step": 10, "total_steps": 60, "loss": 2.123456})
+        assert not await rec.record_progress(NS, "demo", UID, report), "Pending: not yet"
+        lookup.pod_list = [pod(job_uid=kube.find("Job")[0]["metadata"]["uid"])]
+        await rec.reconcile(NS, "demo")
+        assert await rec.record_progress(NS, "demo", UID, report)
+        assert stored(kube)["status"]["progress"] == {"step": 10, "totalSteps": 60, "loss": 2.123,
+                                                      "summary": "10/60 (16%)"}
+        patches = len(kube.mutations())
+        assert not await rec.record_progress(NS, "demo", UID, report)
+        assert len(kube.mutations()) == patches
+        assert not await rec.record_progress(NS, "demo", "another-uid", report)
+    run(scenario())
+
+
+def test_ttl_deletes_only_finished_jobs():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put(ftj(ttlSecondsAfterFinished=0))
+        assert not await rec.delete_expired(NS, "demo", UID)
+        stored(kube)["status"] = S.invalid_spec_status(stored(kube), "x")
+        assert not await rec.delete_expired(NS, "demo", "other-uid")
+        assert await rec.delete_expired(NS, "demo", UID)
+        assert ftj_path(NS, "demo") not in kube.objects
+    run(scenario())
+
+
+def test_nothing_secret_is_written_anywhere():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj(output={"uri": "s3://b/r", "credentials": {"secretName": "s3-creds"}}))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        crash = f"botocore error with AWS_SECRET_ACCESS_KEY unset"
+        lookup.pod_list = [pod(job_uid=kube.find("Job")[0]["metadata"]["uid"], phase="Failed", message=crash)]
+        await rec.reconcile(NS, "demo")
+        assert SECRET_VALUE not in kube.dump()
+    run(scenario())
+
+
+def test_snapshots_copy_what_status_needs():
+    body = pod()
+    body["spec"] = {"containers": [{"name": "trainer", "env": [{"name": "X", "value": "big"}]}]}
+    snap = snapshot_pod(body)
+    assert "spec" not in snap and snap["status"] == body["status"]
+    assert snap["metadata"]["ownerReferences"] == body["metadata"]["ownerReferences"]
+    job = {"metadata": {"name": "j", "uid": "u", "annotations": {"a": "b"}},
+           "spec": {"suspend": True, "template": {"spec": {}}}, "status": {"active": 1}}
+    snap = snapshot_job(job)
+    assert snap["spec"] == {"suspend": True} and snap["status"] == {"active": 1}
+    job["status"]["active"] = 2
+    assert snap["status"] == {"active": 1}, "a frozen copy, not a view"
+
+
+def test_concurrent_triggers_are_coalesced():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        gets = sum(1 for c in kube.calls if c[0] == "GET")
+        await asyncio.gather(*(rec.reconcile(NS, "demo") for _ in range(20)))
+        runs = sum(1 for c in kube.calls if c[0] == "GET" and c[1] == ftj_path(NS, "demo")) - \
+            sum(1 for c in kube.calls[:gets] if c[0] == "GET" and c[1] == ftj_path(NS, "demo"))
+        assert 1 <= runs <= 2, f"{runs} runs for 20 triggers"
+    run(scenario())

@@ -1,0 +1,406 @@
+"""The children the operator renders for a FineTuneJob: the trainer Job (command, env, resources, scheduling,
+restricted security), the config it mounts, multi-node wiring, and determinism."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune_api import constants as C
+from kubetune_api.models import parse_job
+from kubetune_operator import render as R
+from kubetune_operator.settings import OperatorSettings
+from tests.unit.operator.builders import NS, SECRET_VALUE, UID, ftj, model
+
+REPO = Path(__file__).resolve().parents[3]
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def render_job(body, settings=None):
+    return R.render_job(model(body), body, settings)
+
+
+def pod_spec(job):
+    return job["spec"]["template"]["spec"]
+
+
+def container(job):
+    (c,) = pod_spec(job)["containers"]
+    return c
+
+
+def env_of(job) -> dict:
+    return {e["name"]: e for e in container(job)["env"]}
+
+
+# ------------------------------------------------------------------------------------------------ Pod Security
+ALLOWED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                        "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The checks of the `restricted` Pod Security Standard (baseline + restricted) that apply to a pod spec."""
+    out = []
+    spec = pod
+    psc = spec.get("securityContext") or {}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(host):
+            out.append(f"{host} set")
+    for vol in spec.get("volumes") or []:
+        types = set(vol) - {"name"}
+        if not types <= ALLOWED_VOLUME_TYPES:
+            out.append(f"volume {vol['name']} has type {types}")
+    if psc.get("sysctls"):
+        out.append("sysctls")
+    if (psc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        pod_seccomp_ok = False
+    else:
+        pod_seccomp_ok = True
+    for c in (spec.get("initContainers") or []) + spec["containers"]:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities")
+        if not (sc.get("runAsNonRoot") is True or (psc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)):
+            out.append(f"{name}: runAsNonRoot")
+        if sc.get("runAsUser") == 0 or (psc.get("runAsUser") == 0 and "runAsUser" not in sc):
+            out.append(f"{name}: runs as UID 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type")
+        if not (seccomp in ("RuntimeDefault", "Localhost") or (seccomp is None and pod_seccomp_ok)):
+            out.append(f"{name}: seccompProfile")
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                out.append(f"{name}: hostPort")
+        if sc.get("procMount") not in (None, "Default"):
+            out.append(f"{name}: procMount")
+    return out
+
+
+def test_restricted_checker_catches_violations():
+    bad = {"hostNetwork": True, "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+           "containers": [{"name": "c", "securityContext": {"privileged": True}}]}
+    found = " ".join(restricted_violations(bad))
+    for word in ("hostNetwork", "hostPath", "privileged", "allowPrivilegeEscalation", "drop ALL", "runAsNonRoot",
+                 "seccompProfile"):
+        assert word in found, word
+
+
+@pytest.mark.parametrize("spec", [{}, {"resources": {"gpus": 8, "nodes": 3, "sharedMemory": "16Gi"}},
+                                  {"output": {"uri": "pvc://results/runs"}}])
+def test_trainer_pod_passes_restricted_pod_security(spec):
+    job = render_job(ftj(**spec))
+    assert restricted_violations(pod_spec(job)) == []
+    assert pod_spec(job)["automountServiceAccountToken"] is False
+    assert container(job)["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod_spec(job)["securityContext"]["runAsUser"] == 1000
+
+
+# ------------------------------------------------------------------------------------------------ single node
+def test_single_node_job():
+    body = ftj()
+    job = render_job(body)
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert job["metadata"]["name"] == "demo-trainer" and job["metadata"]["namespace"] == NS
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 1
+    assert spec["backoffLimit"] == 3  # the API default retryLimit
+    assert spec["suspend"] is False
+    assert "activeDeadlineSeconds" not in spec
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    assert pod_spec(job)["terminationGracePeriodSeconds"] == 300
+    assert "subdomain" not in pod_spec(job)
+    c = container(job)
+    assert c["name"] == "trainer"
+    assert c["command"] == ["python", "-m", "kubetune_trainer", "--config", "/etc/kubetune/job.yaml"]
+    assert "args" not in c
+    assert c["image"] == "ghcr.io/kubetune/trainer:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "metrics", "containerPort": C.DEFAULT_METRICS_PORT, "protocol": "TCP"} in c["ports"]
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(C.DEFAULT_METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert R.render_service(model(body), body) is None
+
+
+def test_env_contract():
+    job = render_job(ftj(output={"uri": "s3://kubetune/runs", "endpoint": "http://seaweed:9000", "region": "eu-1",
+                                 "credentials": {"secretName": "s3-creds"}}))
+    env = env_of(job)
+    values = {k: v.get("value") for k, v in env.items()}
+    assert values["KUBETUNE_JOB_NAME"] == "demo" and values["KUBETUNE_NAMESPACE"] == NS
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    names = [e["name"] for e in container(job)["env"]]
+    assert names.index("POD_IP") < names.index("KUBETUNE_METRICS_HOST"), "$(POD_IP) expands only if defined before"
+    assert values["KUBETUNE_METRICS_HOST"] == "$(POD_IP)"
+    assert values["KUBETUNE_METRICS_PORT"] == "9400"
+    assert values["KUBETUNE_TERMINATION_LOG"] == "/dev/termination-log"
+    assert values["KUBETUNE_WORK_DIR"] == "/var/lib/kubetune"
+    assert values["HOME"] == "/tmp"
+    assert values["HF_HUB_OFFLINE"] == "1"
+    assert values["AWS_ENDPOINT_URL"] == "http://seaweed:9000"
+    assert values["AWS_REGION"] == "eu-1"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": key}
+    mounts = {m["mountPath"]: m for m in container(job)["volumeMounts"]}
+    assert mounts["/etc/kubetune"]["readOnly"] is True
+    assert "/var/lib/kubetune" in mounts and "/tmp" in mounts
+
+
+def test_custom_secret_keys_and_no_secret_values_anywhere():
+    body = ftj(output={"uri": "s3://kubetune/runs", "credentials": {
+        "secretName": "store", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}})
+    children = R.render_children(model(body), body)
+    env = env_of(children.job)
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "store", "key": "id"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "store", "key": "key"}
+    everything = json.dumps([children.job, children.config_map])
+    assert SECRET_VALUE not in everything and "AKIA-ACCESS-KEY-ID" not in everything
+
+
+def test_default_s3_settings_and_optional_default_secret():
+    s = OperatorSettings(s3_endpoint="http://s3.local:9000", s3_region="us-east-1", default_credentials_secret="dflt")
+    body = ftj(output={"uri": "s3://kubetune/runs"})
+    env = env_of(render_job(body, s))
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.local:9000"
+    assert env["AWS_REGION"]["value"] == "us-east-1"
+    ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "dflt", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}
+    # the job's own endpoint wins over the operator's
+    env = env_of(render_job(ftj(output={"uri": "s3://x/y", "endpoint": "https://mine"}), s))
+    assert env["AWS_ENDPOINT_URL"]["value"] == "https://mine"
+
+
+def test_no_aws_env_without_s3():
+    env = env_of(render_job(ftj(model={"source": "pvc://models/tiny"},
+                                dataset={"format": "chat", "train": [{"uri": "file:///data/chat.jsonl"}]},
+                                output={"uri": "pvc://results/runs"})))
+    assert not [k for k in env if k.startswith("AWS_")]
+
+
+def test_hf_sources_allow_hub_access():
+    env = env_of(render_job(ftj(model={"source": "hf://org/tiny"})))
+    assert "HF_HUB_OFFLINE" not in env
+    assert env_of(render_job(ftj()))["HF_HUB_OFFLINE"]["value"] == "1"
+
+
+def test_gpu_resources_and_automatic_toleration():
+    job = render_job(ftj(resources={"gpus": 2, "cpu": "8", "memory": "64Gi"}))
+    res = container(job)["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "2"
+    assert res["requests"]["cpu"] == "8"
+    assert res["requests"]["memory"] == res["limits"]["memory"] == "64Gi"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(job)["tolerations"]
+
+
+def test_gpu_resource_name_user_tolerations_and_scheduling():
+    job = render_job(ftj(resources={
+        "gpus": 1, "gpuResourceName": "amd.com/gpu", "nodeSelector": {"pool": "mi300"},
+        "tolerations": [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        {"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute",
+                         "tolerationSeconds": 60}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+        "priorityClassName": "training", "serviceAccountName": "trainer", "image": "registry/trainer:dev",
+        "podLabels": {"team": "nlp", C.Label.JOB_NAME: "spoofed"}, "podAnnotations": {"prometheus.io/scrape": "false"},
+    }))
+    ps = pod_spec(job)
+    assert container(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+    assert [t["key"] for t in ps["tolerations"]].count("amd.com/gpu") == 1, "no duplicate automatic toleration"
+    assert {"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 60} \
+        in ps["tolerations"]
+    assert ps["nodeSelector"] == {"pool": "mi300"}
+    assert ps["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert ps["priorityClassName"] == "training" and ps["serviceAccountName"] == "trainer"
+    assert container(job)["image"] == "registry/trainer:dev"
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "nlp" and labels[C.Label.JOB_NAME] == "demo", "the operator's labels win"
+    assert job["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+
+
+def test_cpu_only_job_has_no_gpu_resources_or_toleration():
+    job = render_job(ftj(resources={"gpus": 0}))
+    assert container(job)["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}}
+    assert "tolerations" not in pod_spec(job)
+
+
+def test_settings_resources_and_grace():
+    s = OperatorSettings(trainer_resources={"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}},
+                         trainer_termination_grace_seconds=30, trainer_image="img:1", image_pull_policy="Always")
+    job = render_job(ftj(resources={"gpus": 0, "cpu": "2"}), s)
+    assert container(job)["resources"] == {"requests": {"cpu": "2", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
+    assert pod_spec(job)["terminationGracePeriodSeconds"] == 30
+    assert container(job)["image"] == "img:1" and container(job)["imagePullPolicy"] == "Always"
+
+
+def test_pod_failure_policy():
+    job = render_job(ftj(retryLimit=5, activeDeadlineSeconds=3600))
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert len(fail) == 1
+    assert fail[0]["onExitCodes"]["operator"] == "In"
+    assert tuple(fail[0]["onExitCodes"]["values"]) == C.ExitCode.PERMANENT
+    assert fail[0]["onExitCodes"]["containerName"] == container(job)["name"]
+    assert C.ExitCode.RETRIABLE not in fail[0]["onExitCodes"]["values"]
+    assert C.ExitCode.PREEMPTED not in fail[0]["onExitCodes"]["values"]
+    ignore = [r for r in rules if r["action"] == "Ignore"]
+    assert ignore == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert job["spec"]["backoffLimit"] == 5 and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
+
+
+def test_suspend():
+    assert render_job(ftj(suspend=True))["spec"]["suspend"] is True
+
+
+def test_labels_and_owner_references_on_every_child():
+    body = ftj(resources={"gpus": 1, "nodes": 2})
+    children = list(R.iter_children(R.render_children(model(body), body)))
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    for child in children:
+        labels = child["metadata"]["labels"]
+        assert labels[C.Label.JOB_NAME] == "demo"
+        assert labels[C.Label.STAGE] == "sft" and labels[C.Label.ADAPTER] == "lora"
+        assert labels[C.Label.MANAGED_BY] == C.Label.MANAGED_BY_VALUE
+        assert labels[C.Label.PART_OF] == "kubetune" and labels[C.Label.COMPONENT]
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert ref == {"apiVersion": C.API_VERSION, "kind": C.KIND, "name": "demo", "uid": UID,
+                       "controller": True, "blockOwnerDeletion": True}
+        assert child["metadata"]["namespace"] == NS
+
+
+def test_rendering_is_deterministic():
+    body = ftj(resources={"gpus": 8, "nodes": 2})
+    a = R.render_children(model(body), body)
+    b = R.render_children(model(json.loads(json.dumps(body))), json.loads(json.dumps(body)))
+    assert a == b
+    names = R.child_names("demo")
+    assert (a.job["metadata"]["name"], a.service["metadata"]["name"], a.config_map["metadata"]["name"]) == \
+        (names.job, names.service, names.config_map) == ("demo-trainer", "demo-workers", "demo-config")
+
+
+def test_template_hash_ignores_suspend_but_not_resources():
+    h = lambda body: render_job(body)["metadata"]["annotations"][R.TEMPLATE_HASH_ANNOTATION]  # noqa: E731
+    assert h(ftj()) == h(ftj(suspend=True))
+    assert h(ftj()) != h(ftj(resources={"gpus": 2}))
+
+
+# ------------------------------------------------------------------------------------------------ multi node
+def test_multi_node_rendezvous_is_consistent():
+    body = ftj(resources={"gpus": 8, "nodes": 4})
+    children = R.render_children(model(body), body)
+    job, svc = children.job, children.service
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == port["targetPort"] == C.DEFAULT_RENDEZVOUS_PORT
+    assert pod_spec(job)["subdomain"] == svc["metadata"]["name"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"] and all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
+    cmd = container(job)["command"]
+    assert cmd[0] == "torchrun"
+    args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    assert int(args["--nnodes"]) == spec["completions"]
+    assert args["--nproc-per-node"] == "8"
+    assert args["--node-rank"] == "$(JOB_COMPLETION_INDEX)"
+    assert args["--rdzv-backend"] == "c10d"
+    host, rdzv_port = args["--rdzv-endpoint"].rsplit(":", 1)
+    # Indexed Jobs name pod 0's host <job>-0; with subdomain <svc> its DNS name is <job>-0.<svc>.<ns>.svc
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}.{NS}.svc"
+    assert int(rdzv_port) == port["port"]
+    assert args["--rdzv-id"] == UID
+    assert cmd[-4:] == ["-m", "kubetune_trainer", "--config", "/etc/kubetune/job.yaml"]
+    env = env_of(job)
+    assert env["MASTER_ADDR"]["value"] == host and env["MASTER_PORT"]["value"] == rdzv_port
+    assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container(job)["ports"]
+
+
+def test_processes_per_node_from_distributed_spec():
+    job = render_job(ftj(resources={"gpus": 0, "nodes": 2}, distributed={"backend": "gloo", "processesPerNode": 3}))
+    assert "--nproc-per-node=3" in container(job)["command"]
+
+
+def test_single_node_multi_gpu_uses_standalone_torchrun():
+    body = ftj(resources={"gpus": 4})
+    job = render_job(body)
+    cmd = container(job)["command"]
+    assert cmd[:4] == ["torchrun", "--nnodes=1", "--nproc-per-node=4", "--standalone"]
+    assert not any(a.startswith("--rdzv-endpoint") for a in cmd)
+    assert R.render_service(model(body), body) is None
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+def test_pvc_volumes():
+    job = render_job(ftj(model={"source": "pvc://models/llama"},
+                         dataset={"format": "chat", "train": [{"uri": "pvc://data.claim/chat.jsonl"}],
+                                  "eval": [{"uri": "pvc://results/eval.jsonl"}]},
+                         output={"uri": "pvc://results/runs"}))
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in volumes.values() if "persistentVolumeClaim" in v}
+    assert set(claims) == {"models", "data.claim", "results"}
+    assert claims["models"]["persistentVolumeClaim"]["readOnly"] is True
+    assert claims["data.claim"]["persistentVolumeClaim"]["readOnly"] is True
+    assert claims["results"]["persistentVolumeClaim"]["readOnly"] is False, "the output claim is written"
+    mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
+    for claim, vol in claims.items():
+        assert DNS_LABEL.match(vol["name"]) and len(vol["name"]) <= 63
+        assert mounts[vol["name"]]["mountPath"] == f"/mnt/pvc/{claim}"
+        assert mounts[vol["name"]]["readOnly"] == vol["persistentVolumeClaim"]["readOnly"]
+    assert env_of(job)["KUBETUNE_PVC_ROOT"]["value"] == "/mnt/pvc"
+
+
+def test_shared_memory_volume():
+    job = render_job(ftj(resources={"gpus": 1, "sharedMemory": "8Gi"}))
+    (dshm,) = [v for v in pod_spec(job)["volumes"] if v["name"] == "dshm"]
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(job)["volumeMounts"]
+    assert "dshm" not in {v["name"] for v in pod_spec(render_job(ftj()))["volumes"]}
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_map_holds_the_resolved_job():
+    body = ftj(training={"maxSteps": 10})
+    cm = R.render_config_map(model(body), body)
+    assert cm["metadata"]["name"] == "demo-config"
+    text = cm["data"][C.CONFIG_FILE_NAME]
+    doc = yaml.safe_load(text)
+    assert doc["apiVersion"] == C.API_VERSION and doc["kind"] == C.KIND
+    assert doc["metadata"] == {"name": "demo", "namespace": NS, "uid": UID, "generation": 1}
+    assert "status" not in doc
+    # defaults applied, so the trainer and the operator agree on them
+    assert doc["spec"]["training"]["maxSteps"] == 10
+    assert doc["spec"]["training"]["learningRate"] == 2e-4
+    assert doc["spec"]["adapter"]["type"] == "lora"
+    assert parse_job(doc).spec == model(body).spec
+    mount = [v for v in pod_spec(render_job(body))["volumes"] if v["name"] == "config"][0]
+    assert mount["configMap"]["name"] == cm["metadata"]["name"]
+
+
+# ------------------------------------------------------------------------------------------------ examples
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_renders(path):
+    body = yaml.safe_load(path.read_text())
+    body["metadata"].update(namespace="default", uid=UID, generation=1)
+    children = R.render_children(parse_job(body), body)
+    for child in R.iter_children(children):
+        assert len(child["metadata"]["name"]) <= 63
+    assert restricted_violations(pod_spec(children.job)) == []
+    # the hostname of the highest-index pod must be a DNS label
+    host = f"{children.job['metadata']['name']}-{children.job['spec']['completions'] - 1}"
+    assert DNS_LABEL.match(host) and len(host) <= 63

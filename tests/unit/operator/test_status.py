@@ -1,0 +1,299 @@
+"""FineTuneJob status from the child Job and its pods: conditions, phase, reasons, the trainer's final report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune_api.constants import ConditionType as CT
+from kubetune_api.constants import ExitCode, Phase, Reason
+from kubetune_api.report import TrainerReport
+from kubetune_operator import status as S
+from tests.unit.operator.builders import ftj, job_cond, job_obj, pod
+
+T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z", "2026-01-01T02:00:00Z"
+
+
+def cond(status: dict, ctype: str) -> dict:
+    c = S.get_condition(status.get("conditions"), ctype)
+    assert c is not None, f"no {ctype} condition in {status.get('conditions')}"
+    return c
+
+
+def again(body: dict, new_status: dict) -> dict:
+    return {**body, "status": new_status}
+
+
+# ------------------------------------------------------------------------------------------------ conditions
+def test_set_condition_keeps_transition_time_while_status_is_unchanged():
+    conds = S.set_condition([], CT.RUNNING, False, Reason.PENDING, "waiting", 1, T0)
+    conds = S.set_condition(conds, CT.RUNNING, False, Reason.PENDING, "still waiting", 2, T1)
+    (c,) = conds
+    assert c["lastTransitionTime"] == T0 and c["message"] == "still waiting" and c["observedGeneration"] == 2
+    conds = S.set_condition(conds, CT.RUNNING, True, Reason.RUNNING, "up", 2, T2)
+    assert conds[0]["lastTransitionTime"] == T2 and conds[0]["status"] == "True"
+
+
+def test_set_condition_replaces_by_type_and_keeps_order():
+    conds = S.set_condition([], CT.CREATED, True, Reason.JOB_CREATED, "", 1, T0)
+    conds = S.set_condition(conds, CT.RUNNING, False, Reason.PENDING, "", 1, T0)
+    conds = S.set_condition(conds, CT.CREATED, True, Reason.JOB_CREATED, "again", 1, T1)
+    assert [c["type"] for c in conds] == [CT.CREATED, CT.RUNNING]
+    assert set(conds[0]) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+
+
+@pytest.mark.parametrize("trues,phase", [
+    ([CT.FAILED, CT.SUCCEEDED, CT.RUNNING], Phase.FAILED),
+    ([CT.SUCCEEDED, CT.SUSPENDED], Phase.SUCCEEDED),
+    ([CT.SUSPENDED, CT.RUNNING], Phase.SUSPENDED),
+    ([CT.RUNNING, CT.CREATED], Phase.RUNNING),
+    ([CT.CREATED], Phase.PENDING),
+    ([], Phase.PENDING),
+])
+def test_phase_priority(trues, phase):
+    conds = []
+    for t in trues:
+        conds = S.set_condition(conds, t, True, "R", "", 1, T0)
+    conds = S.set_condition(conds, "Other", False, "R", "", 1, T0)
+    assert S.derive_phase(conds) == phase
+
+
+def test_reasons_are_camel_case():
+    pattern = __import__("re").compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    for name, value in vars(Reason).items():
+        if not name.startswith("_"):
+            assert pattern.match(value), value
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def test_progress_summary_and_rounding():
+    assert S.progress_summary(12, 60) == "12/60 (20%)"
+    assert S.progress_summary(60, 60) == "60/60 (100%)"
+    assert S.progress_summary(3, None) == "3"
+    assert S.round_sig(1.23456789) == 1.235
+    assert S.round_sig(0.000123456) == 0.0001235
+    assert S.round_sig(12345.678) == 12350.0
+    assert S.round_sig(7) == 7 and S.round_sig(float("nan")) is None
+    p = S.progress_dict({"step": 5, "totalSteps": 50, "loss": 2.3456789, "learningRate": 0.000123456})
+    assert p == {"step": 5, "totalSteps": 50, "loss": 2.346, "learningRate": 0.0001235, "summary": "5/50 (10%)"}
+
+
+# ------------------------------------------------------------------------------------------------ Job situations
+def test_pods_pending_names_the_reason():
+    unsched = pod(phase="Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}])
+    st = S.derive_status(ftj(), job_obj(active=1), [unsched], now=T0)
+    assert st["phase"] == Phase.PENDING
+    assert cond(st, CT.CREATED)["status"] == "True" and cond(st, CT.CREATED)["reason"] == Reason.JOB_CREATED
+    running = cond(st, CT.RUNNING)
+    assert running["status"] == "False" and running["reason"] == Reason.PENDING
+    assert "Insufficient nvidia.com/gpu" in running["message"]
+    assert st["workload"] == {"kind": "Job", "name": "demo-trainer", "configMap": "demo-config"}
+    assert st["observedGeneration"] == 1 and "startTime" not in st
+
+    missing_secret = pod(phase="Pending", waiting={"reason": "CreateContainerConfigError",
+                                                   "message": 'secret "s3-creds" not found'})
+    st = S.derive_status(ftj(), job_obj(active=1), [missing_secret], now=T0)
+    assert 'secret "s3-creds" not found' in cond(st, CT.RUNNING)["message"]
+
+
+def test_running():
+    st = S.derive_status(ftj(), job_obj(active=1, ready=1), [pod(started="2026-01-01T00:10:00Z")], now=T1)
+    assert st["phase"] == Phase.RUNNING
+    assert cond(st, CT.RUNNING)["reason"] == Reason.RUNNING and cond(st, CT.RUNNING)["status"] == "True"
+    assert st["startTime"] == "2026-01-01T00:10:00Z"
+
+
+def test_multi_node_is_running_only_when_every_node_runs():
+    body = ftj(resources={"gpus": 8, "nodes": 2})
+    one = S.derive_status(body, job_obj(nodes=2), [pod(index=0), pod(index=1, phase="Pending")], now=T0)
+    assert one["phase"] == Phase.PENDING and "1/2" in cond(one, CT.RUNNING)["message"]
+    both = S.derive_status(body, job_obj(nodes=2), [pod(index=0), pod(index=1)], now=T0)
+    assert both["phase"] == Phase.RUNNING
+    assert both["workload"]["service"] == "demo-workers"
+
+
+def test_pod_that_finished_before_the_job_completes_keeps_it_running():
+    st = S.derive_status(ftj(), job_obj(), [pod(phase="Running")], now=T0)
+    st2 = S.derive_status(again(ftj(), st), job_obj(), [pod(phase="Succeeded")], now=T1)
+    assert st2["phase"] == Phase.RUNNING
+    assert cond(st2, CT.RUNNING)["lastTransitionTime"] == T0
+
+
+def test_suspended_and_resumed():
+    running = S.derive_status(ftj(), job_obj(), [pod()], now=T0)
+    suspended = S.derive_status(again(ftj(suspend=True, generation=2), running), job_obj(suspend=True), [], now=T1)
+    assert suspended["phase"] == Phase.SUSPENDED
+    assert cond(suspended, CT.SUSPENDED)["reason"] == Reason.SUSPENDED
+    assert cond(suspended, CT.SUSPENDED)["observedGeneration"] == 2
+    assert cond(suspended, CT.RUNNING)["status"] == "False"
+    resumed = S.derive_status(again(ftj(generation=3), suspended), job_obj(), [pod()], now=T2)
+    assert resumed["phase"] == Phase.RUNNING
+    assert cond(resumed, CT.SUSPENDED) == {"type": CT.SUSPENDED, "status": "False", "reason": Reason.RESUMED,
+                                           "message": cond(resumed, CT.SUSPENDED)["message"],
+                                           "lastTransitionTime": T2, "observedGeneration": 3}
+    assert resumed["startTime"] == running["startTime"], "startTime is when the trainer first ran"
+
+
+def _succeeded_report() -> str:
+    return TrainerReport(
+        state="succeeded", exit_code=0,
+        progress={"step": 60, "total_steps": 60, "loss": 1.234567, "eval_loss": 1.5, "perplexity": 4.48168907},
+        forgetting={"reference_perplexity_before": 10.0, "reference_perplexity_after": 12.5,
+                    "relative_change": 0.25, "threshold": 0.1, "exceeded": True},
+        artifacts={"output_uri": "s3://b/runs/ml/demo/", "adapter_uri": "s3://b/runs/ml/demo/adapter/",
+                   "manifest_uri": "s3://b/runs/ml/demo/manifest.json"},
+    ).to_termination_message()
+
+
+def test_succeeded_takes_the_final_report_from_the_termination_message():
+    old = S.derive_status(ftj(), job_obj(), [pod()], now=T0)
+    old["progress"] = {"step": 40, "totalSteps": 60, "summary": "40/60 (66%)", "loss": 2.0}
+    done = pod(phase="Succeeded", message=_succeeded_report())
+    job = job_obj(conditions=[job_cond("SuccessCriteriaMet", "CompletionsReached"),
+                              job_cond("Complete", "CompletionsReached")], completionTime=T2, succeeded=1)
+    st = S.derive_status(again(ftj(), old), job, [done], now=T2)
+    assert st["phase"] == Phase.SUCCEEDED
+    assert cond(st, CT.SUCCEEDED)["reason"] == Reason.SUCCEEDED
+    assert cond(st, CT.RUNNING)["status"] == "False"
+    assert st["completionTime"] == T2 and st["startTime"]
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 60
+    assert st["progress"]["summary"] == "60/60 (100%)"
+    assert st["progress"]["loss"] == 1.235 and st["progress"]["perplexity"] == 4.482
+    assert st["artifacts"]["adapterUri"] == "s3://b/runs/ml/demo/adapter/"
+    assert "adapter at s3://b/runs/ml/demo/adapter/" in cond(st, CT.SUCCEEDED)["message"]
+    assert st["forgetting"]["relativeChange"] == 0.25
+    forgot = cond(st, CT.FORGETTING_EXCEEDED)
+    assert forgot["status"] == "True" and forgot["reason"] == Reason.FORGETTING
+    assert "+25.0%" in forgot["message"]
+
+
+def test_forgetting_within_threshold():
+    msg = TrainerReport(state="succeeded", forgetting={"relative_change": 0.02, "threshold": 0.1,
+                                                       "exceeded": False}).to_termination_message()
+    st = S.derive_status(ftj(), job_obj(conditions=[job_cond("Complete", "CompletionsReached")]),
+                         [pod(phase="Succeeded", message=msg)], now=T0)
+    assert cond(st, CT.FORGETTING_EXCEEDED)["status"] == "False"
+    assert cond(st, CT.FORGETTING_EXCEEDED)["reason"] == Reason.WITHIN_THRESHOLD
+
+
+def test_permanent_trainer_error_carries_the_trainers_message():
+    report = json.dumps({"state": "failed", "reason": "InvalidDataset", "exitCode": 65,
+                         "message": "spec.dataset.train[0]: file chat.jsonl has no column 'messages' (found: text)",
+                         "progress": {"step": 0, "totalSteps": 60}})
+    failed_pod = pod(phase="Failed", exit_code=ExitCode.DATA_ERROR, message=report)
+    for job_conds in ([job_cond("FailureTarget", "PodFailurePolicy", "Container trainer ... exit code 65")],
+                      [job_cond("FailureTarget", "PodFailurePolicy"), job_cond("Failed", "PodFailurePolicy")]):
+        st = S.derive_status(ftj(), job_obj(conditions=job_conds, failed=1), [failed_pod], now=T1)
+        assert st["phase"] == Phase.FAILED
+        failed = cond(st, CT.FAILED)
+        assert failed["reason"] == Reason.TRAINER_ERROR
+        assert "no column 'messages'" in failed["message"] and failed["message"].startswith("InvalidDataset:")
+        assert st["completionTime"] == T1
+        assert st["progress"]["summary"] == "0/60 (0%)"
+        assert st["message"] == failed["message"]
+
+
+def test_backoff_limit_with_a_plain_text_crash():
+    crash = "Traceback (most recent call last):\n  File x\nRuntimeError: CUDA error: an illegal memory access\n"
+    assert TrainerReport.parse(crash) is None
+    pods = [pod(phase="Failed", exit_code=1, message=crash, created="2026-01-01T00:01:00Z"),
+            pod(phase="Failed", exit_code=1, message=crash, created="2026-01-01T00:02:00Z")]
+    st = S.derive_status(ftj(retryLimit=1), job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")],
+                                                    failed=2), pods, now=T1)
+    failed = cond(st, CT.FAILED)
+    assert failed["reason"] == Reason.BACKOFF_LIMIT
+    assert "retryLimit 1" in failed["message"]
+    assert "exit code 1: RuntimeError: CUDA error: an illegal memory access" in failed["message"]
+    assert st["restartCount"] == 1
+
+
+def test_deadline_exceeded():
+    st = S.derive_status(ftj(activeDeadlineSeconds=60),
+                         job_obj(conditions=[job_cond("Failed", "DeadlineExceeded")]), [], now=T1)
+    assert cond(st, CT.FAILED)["reason"] == Reason.DEADLINE and "60" in cond(st, CT.FAILED)["message"]
+
+
+def test_restarting_between_attempts():
+    pods = [pod(phase="Failed", exit_code=1, message="OOM", created="2026-01-01T00:01:00Z"),
+            pod(phase="Pending", created="2026-01-01T00:02:00Z")]
+    st = S.derive_status(ftj(), job_obj(failed=1, active=1), pods, now=T1)
+    assert st["phase"] == Phase.PENDING
+    assert cond(st, CT.RUNNING)["reason"] == Reason.RESTARTING
+    assert "retryLimit 3" in cond(st, CT.RUNNING)["message"]
+    assert st["restartCount"] == 1
+    later = S.derive_status(again(ftj(), st), job_obj(), [pods[1] | {"status": pod()["status"]}], now=T2)
+    assert later["phase"] == Phase.RUNNING and later["restartCount"] == 1, "restartCount never goes down"
+
+
+def test_pods_of_another_job_are_ignored():
+    stranger = pod(job_uid="older-job", phase="Failed", exit_code=ExitCode.CONFIG_ERROR)
+    st = S.derive_status(ftj(), job_obj(), [stranger, pod()], now=T0)
+    assert st["phase"] == Phase.RUNNING and "restartCount" not in st
+
+
+def test_job_missing_after_it_was_created():
+    created = S.derive_status(ftj(), job_obj(), [pod()], now=T0)
+    st = S.derive_status(again(ftj(), created), None, [], now=T1)
+    assert cond(st, CT.CREATED)["status"] == "False" and cond(st, CT.CREATED)["reason"] == Reason.JOB_MISSING
+    assert cond(st, CT.RUNNING)["reason"] == Reason.JOB_MISSING
+    assert st["phase"] == Phase.PENDING
+    # never created: nothing to call missing
+    assert S.derive_status(ftj(), None, [], now=T0)["conditions"] == []
+
+
+def test_finished_jobs_stay_finished():
+    job = job_obj(conditions=[job_cond("Complete", "CompletionsReached")])
+    done = S.derive_status(ftj(), job, [pod(phase="Succeeded", message=_succeeded_report())], now=T1)
+    # the Job and pods may be garbage-collected later, and the spec may change (generation 2)
+    later = S.derive_status(again(ftj(generation=2), done), None, [], now=T2)
+    assert later["phase"] == Phase.SUCCEEDED
+    assert [(c["type"], c["status"], c["lastTransitionTime"]) for c in later["conditions"]] == \
+        [(c["type"], c["status"], c["lastTransitionTime"]) for c in done["conditions"]]
+    assert all(c["observedGeneration"] == 2 for c in later["conditions"])
+    assert later["progress"] == done["progress"]
+
+
+@pytest.mark.parametrize("situation", ["pending", "running", "suspended", "succeeded", "failed"])
+def test_derive_is_idempotent(situation):
+    job, pods = {
+        "pending": (job_obj(), [pod(phase="Pending")]),
+        "running": (job_obj(), [pod()]),
+        "suspended": (job_obj(suspend=True), []),
+        "succeeded": (job_obj(conditions=[job_cond("Complete", "CompletionsReached")]),
+                      [pod(phase="Succeeded", message=_succeeded_report())]),
+        "failed": (job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")]), [pod(phase="Failed")]),
+    }[situation]
+    first = S.derive_status(ftj(), job, pods, now=T0)
+    second = S.derive_status(again(ftj(), first), job, pods, now=T1)
+    assert second == first
+    assert S.owned_changes(first, second) == {}
+
+
+def test_invalid_spec_status():
+    st = S.invalid_spec_status(ftj(), "rewards[0].source: custom reward needs source", now=T0)
+    assert st["phase"] == Phase.FAILED
+    assert cond(st, CT.FAILED)["reason"] == Reason.INVALID_SPEC
+    assert "rewards[0].source" in cond(st, CT.FAILED)["message"]
+    assert S.is_terminal(st)
+
+
+# ------------------------------------------------------------------------------------------------ events
+def test_condition_changes_tell_each_transition_once():
+    pending = S.derive_status(ftj(), job_obj(), [pod(phase="Pending")], now=T0)
+    changes = S.condition_changes([], pending["conditions"])
+    assert [(t, c["reason"]) for t, c in changes] == [("Normal", Reason.JOB_CREATED), ("Normal", Reason.PENDING)]
+    assert S.condition_changes(pending["conditions"], pending["conditions"]) == []
+    failed = S.derive_status(again(ftj(), pending), job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")]),
+                             [pod(phase="Failed")], now=T1)
+    changes = S.condition_changes(pending["conditions"], failed["conditions"])
+    assert [(t, c["type"], c["reason"]) for t, c in changes] == [("Warning", CT.FAILED, Reason.BACKOFF_LIMIT)], \
+        "Running turning False for the same reason is not a second event"
+
+
+def test_crash_summary_of_a_trainer_report_names_the_field():
+    msg = TrainerReport(state="failed", reason="InvalidConfig", message="model not found",
+                        field="spec.model.source").to_termination_message()
+    text = S.crash_summary(pod(phase="Failed", exit_code=ExitCode.CONFIG_ERROR, message=msg))
+    assert text == "InvalidConfig: model not found (field spec.model.source)"

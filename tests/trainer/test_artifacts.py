@@ -1,0 +1,109 @@
+"""artifacts.py: what a finished run leaves in the output store, and that manifest.json comes last.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/trainer/test_artifacts.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from kubetune_trainer import storage
+from tests.trainer.conftest import output_dir
+
+
+@pytest.fixture
+def finished(make_job, run_job, tiny_data, monkeypatch):
+    """One SFT + LoRA run with a merged model and a forgetting check; every store write recorded in order."""
+    writes: list[tuple[str, str]] = []
+    for method in ("put_file", "put_dir", "publish_dir", "write_text", "mark_complete"):
+        original = getattr(storage.OutputStore, method)
+
+        def recorder(self, *args, _original=original, _method=method, **kwargs):
+            rel = args[1] if _method in ("put_file", "put_dir", "publish_dir") else args[0]
+            writes.append((_method, rel))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(storage.OutputStore, method, recorder)
+    job = make_job(training={"maxSteps": 4, "checkpointEverySteps": 2, "evalEverySteps": 2},
+                   evaluation={"reference": [{"uri": f"file://{tiny_data['general']}"}], "referenceMaxSamples": 8,
+                               "forgettingThreshold": 5.0},
+                   output={"mergedModel": True})
+    report = run_job(job)
+    assert report.state == "succeeded", report.message
+    return job, report, writes
+
+
+def test_layout_and_reported_uris(finished):
+    job, report, _ = finished
+    out = output_dir(job)
+    for name in ("README.md", "manifest.json", "metrics.jsonl", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for folder in ("adapter", "merged"):
+        assert (out / folder / "_COMPLETE").exists()
+        assert (out / folder / "tokenizer.json").exists()
+    assert (out / "merged" / "model.safetensors").exists()
+    assert not list(out.glob("*.tmp-*"))  # no staging leftovers
+    a = report.artifacts
+    assert a.output_uri == f"file://{out}/"
+    assert (a.adapter_uri, a.merged_model_uri, a.manifest_uri) == (
+        f"file://{out}/adapter", f"file://{out}/merged", f"file://{out}/manifest.json")
+    assert a.latest_checkpoint == f"file://{out}/checkpoints/checkpoint-4"
+
+
+def test_manifest_is_written_last(finished):
+    _, _, writes = finished
+    assert writes[-1] == ("put_file", "manifest.json")
+    names = [rel for _, rel in writes]
+    assert names.index("adapter") < names.index("merged") < names.index("README.md") < names.index("manifest.json")
+    assert names.count("manifest.json") == 1
+
+
+def test_manifest_fields(finished, tiny_data, tiny_model):
+    job, report, _ = finished
+    m = json.loads((output_dir(job) / "manifest.json").read_text())
+    assert m["config"]["spec"]["stage"] == "sft" and m["config"]["metadata"]["name"] == job.metadata.name
+    assert "status" not in m["config"]
+    assert m["stage"] == "sft" and m["adapterType"] == "lora"
+    train = m["datasets"]["train"][0]
+    assert train["sha256"] == hashlib.sha256(tiny_data["chat"].read_bytes()).hexdigest()
+    assert m["datasets"]["reference"][0]["sha256"] == hashlib.sha256(tiny_data["general"].read_bytes()).hexdigest()
+    assert m["datasets"]["trainExamples"] + m["datasets"]["evalExamples"] == 400
+    weights = next(f for f in m["baseModel"]["files"] if f["path"] == "model.safetensors")
+    assert weights["sha256"] == hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
+    assert len(m["baseModel"]["sha256"]) == 64
+    for lib in ("torch", "transformers", "peft", "trl", "datasets", "python"):
+        assert m["libraries"][lib]
+    metrics = m["metrics"]
+    assert metrics["steps"] == 4 and metrics["eval_loss"] > 0 and metrics["perplexity"] > 1
+    assert m["forgetting"]["referencePerplexityBefore"] > 1 and m["forgetting"]["exceeded"] is False
+    assert m["forgetting"] == report.forgetting.to_k8s()
+    assert m["wallSeconds"] > 0 and m["deviceSeconds"] == pytest.approx(m["wallSeconds"] * m["devices"])
+    assert m["earlyStopped"] is False and m["forgettingAction"] is None
+    assert m["parameters"]["trainable"] < m["parameters"]["total"]
+    assert m["artifacts"]["adapterUri"] == report.artifacts.adapter_uri
+    assert m["artifacts"]["latestCheckpoint"].endswith("checkpoints/checkpoint-4")
+
+
+def test_metrics_jsonl_and_model_card(finished):
+    job, _, _ = finished
+    out = output_dir(job)
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "train" in events and "eval" in events and "reference" in events
+    card = (out / "README.md").read_text()
+    for needle in (job.spec.model.source, "stage **sft**", "adapter **lora**", "eval perplexity",
+                   "forgetting", "PeftModel.from_pretrained", f"{out}/adapter", f"{out}/merged", "chat.jsonl"):
+        assert needle in card, needle
+
+
+def test_early_stop_is_recorded(make_job, run_job):
+    """patience 1 with an impossible minDelta: the second evaluation stops the run; the manifest says so."""
+    job = make_job(training={"maxSteps": 20, "evalEverySteps": 2},
+                   evaluation={"earlyStopping": {"patience": 1, "minDelta": 100.0}})
+    report = run_job(job)
+    assert report.state == "succeeded"
+    m = json.loads((output_dir(job) / "manifest.json").read_text())
+    assert m["earlyStopped"] is True and m["metrics"]["steps"] < 20

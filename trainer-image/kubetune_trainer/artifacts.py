@@ -1,0 +1,266 @@
+"""What a finished run leaves in the output store, under <spec.output.uri>/<namespace>/<name>/:
+
+    adapter/        PEFT adapter (PeftModel.from_pretrained(base, uri)) + tokenizer; for full/galore the whole model
+    merged/         optional (spec.output.mergedModel): adapter merged into a full-precision base, + tokenizer
+    metrics.jsonl   every logged metric and event of the run (monitoring/)
+    curves.png      loss / eval loss / perplexity curves
+    README.md       model card: base, stage, adapter, data, metrics, forgetting, how to load
+    manifest.json   digests of base model and data, resolved config, library versions, metrics, forgetting,
+                    wall time, device-seconds, early-stop flag, artifact URIs. Written LAST.
+
+No reader ever sees half a result: folders go through OutputStore.publish_dir (staged under a temp prefix,
+`_COMPLETE` written last), files are single objects, and manifest.json's presence means everything it lists is
+there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune_api.models import Artifacts, FineTuneJob, Forgetting
+
+from . import adapters
+from .data import file_digest
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "deepspeed",
+             "galore-torch", "kubetune")
+# Trainer.save_model drops its pickled TrainingArguments next to the weights: useless to consumers of the
+# adapter, and a pickle is not something to hand out with a model.
+_DROP_FROM_ADAPTER = ("training_args.bin",)
+
+
+@dataclass
+class RunRecord:
+    """What the runner learned about the run, for the manifest and the model card."""
+
+    job: FineTuneJob
+    model_kind: str = "causal"
+    model_path: Optional[Path] = None  # the fetched base model folder (merge reloads it from here)
+    model_digest: Optional[dict] = None
+    train_files: list[dict] = field(default_factory=list)
+    eval_files: list[dict] = field(default_factory=list)
+    eval_source: str = "none"
+    reference_files: list[dict] = field(default_factory=list)
+    train_examples: int = 0
+    eval_examples: int = 0
+    metrics: dict = field(default_factory=dict)  # final: train_loss, eval_loss, perplexity, steps, ...
+    forgetting: Optional[Forgetting] = None
+    forgetting_action: Optional[str] = None  # "warn" | "fail" when exceeded
+    early_stopped: bool = False
+    wall_seconds: float = 0.0
+    device_seconds: float = 0.0
+    devices: int = 1
+    device_kind: str = "cpu"
+    trainable_parameters: Optional[int] = None
+    total_parameters: Optional[int] = None
+    resumed_from: Optional[str] = None
+    started_at: float = field(default_factory=time.time)
+
+
+def model_digest(path: Path) -> dict:
+    """sha256 of every file of the fetched base model (sorted by path) and one digest over them all."""
+    path = Path(path)
+    files = []
+    overall = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = f.relative_to(path).as_posix()
+        digest = file_digest(f)
+        files.append({"path": rel, "sha256": digest, "bytes": f.stat().st_size})
+        overall.update(f"{rel}\0{digest}\n".encode())
+    return {"sha256": overall.hexdigest(), "files": files}
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def save_model_files(trainer, tokenizer, dest: Path, *, initial_adapter: Optional[Path], is_main: bool) -> Path:
+    """Write the trained adapter (or full model) and tokenizer to a local folder.
+
+    Called on EVERY rank: with DeepSpeed ZeRO-3 the weights are partitioned and Trainer.save_model gathers
+    them collectively; only the main process writes files."""
+    dest = Path(dest)
+    if is_main and dest.exists():
+        shutil.rmtree(dest)
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    if initial_adapter is not None and adapters.is_peft_model(model):
+        if is_main:
+            adapters.save_adapter(model, dest, initial=initial_adapter)
+    else:
+        trainer.save_model(str(dest))
+    if is_main:
+        tokenizer.save_pretrained(str(dest))
+        for name in _DROP_FROM_ADAPTER:
+            (dest / name).unlink(missing_ok=True)
+    return dest
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _where(uri: str) -> str:
+    """A path from_pretrained can take: file:// URIs are local already; others need a download first."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):].rstrip("/")
+    return f"<local copy of {uri}>"
+
+
+def model_card(record: RunRecord, arts: Artifacts) -> str:
+    job = record.job
+    spec = job.spec
+    m = record.metrics
+    f = record.forgetting
+    peft = adapters.uses_peft(spec)
+    head = "AutoModelForSequenceClassification" if record.model_kind == "reward" else "AutoModelForCausalLM"
+    lines = [
+        f"# {job.metadata.namespace}/{job.metadata.name}",
+        "",
+        f"Fine-tuned by kubetune: stage **{spec.stage}**, adapter **{spec.adapter.type}**.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{spec.model.source}`" + (f" @ {spec.model.revision}" if spec.model.revision else "")
+        + (f" (sha256 {record.model_digest['sha256'][:16]}...)" if record.model_digest else "") + " |",
+        f"| data | {', '.join(f'`{s.uri}`' for s in spec.dataset.train)} ({spec.dataset.format}, "
+        f"{record.train_examples} training examples) |",
+        f"| evaluation data | {record.eval_source}: {record.eval_examples} examples |",
+        f"| steps | {_fmt(m.get('steps'))}" + (" (stopped early)" if record.early_stopped else "") + " |",
+        f"| train loss | {_fmt(m.get('train_loss'))} |",
+        f"| eval loss | {_fmt(m.get('eval_loss'))} |",
+        f"| eval perplexity | {_fmt(m.get('perplexity'))} |",
+    ]
+    if f is not None:
+        verdict = "exceeded" if f.exceeded else "within"
+        lines.append(f"| forgetting (reference perplexity) | {_fmt(f.reference_perplexity_before)} -> "
+                     f"{_fmt(f.reference_perplexity_after)} ({_fmt(100 * (f.relative_change or 0), 3)} %; "
+                     f"{verdict} threshold {_fmt(100 * (f.threshold or 0), 3)} %) |")
+    lines += [
+        f"| trainable parameters | {_fmt(record.trainable_parameters)} of {_fmt(record.total_parameters)} |",
+        f"| wall time | {record.wall_seconds:.1f} s on {record.devices} {record.device_kind} device(s) "
+        f"({record.device_seconds:.1f} device-seconds) |",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        f"from transformers import {head}, AutoTokenizer",
+    ]
+    if peft:
+        lines += [
+            "from peft import PeftModel",
+            "",
+            f'base = {head}.from_pretrained("{_where(spec.model.source)}"'
+            + (", num_labels=1" if record.model_kind == "reward" else "") + ")",
+            f'model = PeftModel.from_pretrained(base, "{_where(arts.adapter_uri)}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{_where(arts.adapter_uri)}")',
+        ]
+        if arts.merged_model_uri:
+            lines += ["", "# or, already merged (no peft needed):",
+                      f'model = {head}.from_pretrained("{_where(arts.merged_model_uri)}")']
+    else:
+        lines += [
+            "",
+            f'model = {head}.from_pretrained("{_where(arts.adapter_uri)}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{_where(arts.adapter_uri)}")',
+        ]
+    lines += ["```", "", "`manifest.json` next to this file has the data digests, the resolved config and the "
+              "library versions; `metrics.jsonl` and `curves.png` have the training curves.", ""]
+    return "\n".join(lines)
+
+
+def manifest(record: RunRecord, arts: Artifacts) -> dict:
+    job = record.job
+    spec = job.spec
+    config = job.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"status"})
+    return {
+        "apiVersion": job.api_version,
+        "kind": "FineTuneResult",
+        "job": {"name": job.metadata.name, "namespace": job.metadata.namespace, "uid": job.metadata.uid},
+        "stage": spec.stage,
+        "adapterType": spec.adapter.type,
+        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "baseModel": {"source": spec.model.source, "revision": spec.model.revision, **(record.model_digest or {})},
+        "datasets": {
+            "format": spec.dataset.format,
+            "train": record.train_files,
+            "eval": record.eval_files,
+            "evalSource": record.eval_source,
+            "trainExamples": record.train_examples,
+            "evalExamples": record.eval_examples,
+            "reference": record.reference_files,
+        },
+        "config": config,
+        "libraries": library_versions(),
+        "metrics": record.metrics,
+        "forgetting": record.forgetting.to_k8s() if record.forgetting else None,
+        # "fail" here means the job failed on forgetting (exit 80) although these artifacts were written.
+        "forgettingAction": record.forgetting_action,
+        "earlyStopped": record.early_stopped,
+        "resumedFrom": record.resumed_from,
+        "wallSeconds": round(record.wall_seconds, 3),
+        "deviceSeconds": round(record.device_seconds, 3),
+        "devices": record.devices,
+        "deviceKind": record.device_kind,
+        "parameters": {"trainable": record.trainable_parameters, "total": record.total_parameters},
+        "artifacts": arts.to_k8s(),
+    }
+
+
+def publish(record: RunRecord, store, local_dir: Path, adapter_dir: Path, tokenizer, metrics_path: Optional[Path],
+            *, latest_checkpoint: Optional[str] = None) -> Artifacts:
+    """Main process only: upload everything, manifest.json last. Returns the artifact URIs."""
+    job = record.job
+    spec = job.spec
+    local_dir = Path(local_dir)
+    adapter_uri = store.publish_dir(Path(adapter_dir), "adapter")
+    merged_uri = None
+    if spec.output.merged_model:
+        if adapters.uses_peft(spec):
+            merged_dir = local_dir / "merged"
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            merged = adapters.merge(adapter_dir, record.model_path, spec, record.model_kind)
+            merged.save_pretrained(str(merged_dir))
+            tokenizer.save_pretrained(str(merged_dir))
+            del merged
+            merged_uri = store.publish_dir(merged_dir, "merged")
+        else:
+            merged_uri = adapter_uri  # full/galore: the trained weights already are the whole model
+    if metrics_path is not None and Path(metrics_path).exists():
+        store.put_file(Path(metrics_path), "metrics.jsonl")
+        try:
+            from .monitoring import plot_curves
+
+            png = plot_curves(Path(metrics_path), local_dir / "curves.png")
+            store.put_file(Path(png), "curves.png")
+        except Exception as exc:  # noqa: BLE001 - a missing plot must not fail a finished training run
+            log.warning("could not plot the training curves: %s", exc)
+    arts = Artifacts(output_uri=store.root_uri, adapter_uri=adapter_uri, merged_model_uri=merged_uri,
+                     manifest_uri=store.uri("manifest.json"), latest_checkpoint=latest_checkpoint)
+    card = local_dir / "README.md"
+    card.write_text(model_card(record, arts))
+    store.put_file(card, "README.md")
+    man = local_dir / "manifest.json"
+    man.write_text(json.dumps(manifest(record, arts), indent=2, default=str) + "\n")
+    store.put_file(man, "manifest.json")
+    return arts

@@ -1,0 +1,157 @@
+"""Load a FineTuneJob manifest into the typed API model, and the run-level settings the pod's env carries.
+
+The operator mounts the resolved FineTuneJob at /etc/kubetune/job.yaml; `kubetune run job.yaml` reads a file a
+person wrote. Either way a mistake must come back as a `ConfigError` that names the manifest field in the
+spelling the person typed (camelCase, e.g. `spec.training.learningRate`), not as a pydantic traceback.
+
+Import-light on purpose (no torch): `kubetune --help` and the CLI's argument handling go through here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from kubetune_api.constants import KIND
+from kubetune_api.models import FineTuneJob, parse_job, validate_spec
+
+from .errors import ConfigError
+
+
+@dataclass
+class RunSettings:
+    """Where this run works and reports; everything here comes from the pod's env (or the CLI), never the spec."""
+
+    work_dir: Path = field(default_factory=lambda: Path("kubetune-work"))
+    metrics_host: str | None = None
+    metrics_port: int | None = None
+    termination_log: Path | None = None
+    job_name: str | None = None
+    namespace: str | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        """Downloads (s3:// models and data) land here; inside the work dir so the emptyDir holds them."""
+        return self.work_dir / "cache"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "RunSettings":
+        env = os.environ if env is None else env
+        port = env.get("KUBETUNE_METRICS_PORT")
+        try:
+            port_num = int(port) if port not in (None, "") else None
+        except ValueError:
+            raise ConfigError(f"not a port number: {port!r}", field="env KUBETUNE_METRICS_PORT") from None
+        term = env.get("KUBETUNE_TERMINATION_LOG")
+        values: dict[str, Any] = {
+            "work_dir": Path(env.get("KUBETUNE_WORK_DIR") or "kubetune-work"),
+            "metrics_host": env.get("KUBETUNE_METRICS_HOST") or None,
+            "metrics_port": port_num,
+            "termination_log": Path(term) if term else None,
+            "job_name": env.get("KUBETUNE_JOB_NAME") or None,
+            "namespace": env.get("KUBETUNE_NAMESPACE") or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["work_dir"] = Path(values["work_dir"]).resolve()
+        return cls(**values)
+
+
+def _loc(loc: tuple) -> str:
+    """('spec', 'training', 'learningRate') -> spec.training.learningRate; list indexes as [i]."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(manifest)"
+
+
+def _field_error(problems: list[tuple[str, str]]) -> ConfigError:
+    """One ConfigError for several (field, problem) pairs: `field` is the first one, and str(error) reads
+    "spec.a.b: problem; spec.c: other problem"."""
+    (first, msg), rest = problems[0], problems[1:]
+    return ConfigError("; ".join([msg] + [f"{f}: {m}" for f, m in rest]), field=first)
+
+
+def _pydantic_problems(exc) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = _loc(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (check the spelling; fields are camelCase)"
+        elif err.get("type") != "missing" and "input" in err:
+            msg += f" (got {repr(err['input'])[:80]})"
+        problems.append((path, msg))
+    return problems or [("(manifest)", str(exc))]
+
+
+def job_from_dict(obj: Any, source: str = "manifest") -> FineTuneJob:
+    """Parse one manifest dict; pydantic errors become ConfigError naming the camelCase field path."""
+    from pydantic import ValidationError
+
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{source}: expected a FineTuneJob mapping, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind not in (None, KIND):
+        raise ConfigError(f"{source}: kind is {kind!r}, expected {KIND}", field="kind")
+    if "spec" not in obj:
+        raise ConfigError(f"{source}: a FineTuneJob needs a spec", field="spec")
+    try:
+        return parse_job(obj)
+    except ValidationError as exc:
+        raise _field_error(_pydantic_problems(exc)) from None
+
+
+def load_job_text(text: str, source: str = "manifest") -> FineTuneJob:
+    """A YAML (or JSON) string, possibly several documents: the FineTuneJob among them is used."""
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if not jobs:
+        # A bare spec-only mapping (no kind) is accepted too: handy for hand-written local files.
+        jobs = [d for d in docs if isinstance(d, dict) and "kind" not in d and "spec" in d]
+    if not jobs:
+        kinds = [d.get("kind") for d in docs if isinstance(d, dict)]
+        raise ConfigError(f"{source} holds no {KIND} (found kinds: {kinds or 'none'})")
+    if len(jobs) > 1:
+        raise ConfigError(f"{source} holds {len(jobs)} {KIND} documents; give the trainer exactly one")
+    return job_from_dict(jobs[0], source)
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the job manifest {p}: {exc.strerror or exc}") from None
+    return load_job_text(text, str(p))
+
+
+def apply_settings(job: FineTuneJob, settings: RunSettings) -> FineTuneJob:
+    """The pod's env names the job authoritatively (the operator sets it); the manifest's metadata is the
+    fallback for local runs."""
+    meta = job.metadata.model_copy(update={
+        k: v for k, v in (("name", settings.job_name), ("namespace", settings.namespace)) if v
+    })
+    return job.model_copy(update={"metadata": meta})
+
+
+def validate_job(job: FineTuneJob) -> None:
+    """The cross-field checks CEL cannot express (kubetune_api.models.validate_spec), as one ConfigError.
+
+    A manifest run locally never went through the apiserver, so its CEL rules are repeated here in the form
+    the trainer can check: the stage/format pairing is the one that matters most at run time."""
+    problems = validate_spec(job.spec)
+    if job.spec.dataset.eval and job.spec.dataset.eval_fraction is not None:
+        problems.append("spec.dataset.evalFraction: set either dataset.eval or dataset.evalFraction, not both")
+    if problems:
+        pairs = [tuple(p.split(": ", 1)) if ": " in p else ("spec", p) for p in problems]
+        raise _field_error(pairs)

@@ -1,0 +1,365 @@
+"""One FineTuneJob, start to finish, the same for every stage and adapter:
+
+    validate (validate_spec + stage/format) -> fetch model and data (storage) -> load data, tokenizer, model
+    -> check the adapter against the model -> RunMonitor.start -> reference perplexity before (forgetting)
+    -> StageContext -> stage.build_trainer -> callbacks (monitor, checkpoint sync) + NaN guard
+    -> resume from the latest complete checkpoint -> train -> final evaluate -> reference perplexity after
+    -> artifacts (manifest.json last) -> TrainerReport
+
+Every failure ends as a TrainerReport with the error's reason, field and exit code (errors.py): the pod's
+termination message carries it to the FineTuneJob's conditions. Exceeding the forgetting threshold with
+onForgetting: fail raises ForgettingError only *after* the artifacts are written (a person may still want to
+look at the model), and manifest.json records it.
+
+Only rank 0 serves metrics and writes artifacts; every rank trains, evaluates and joins collective saves.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from kubetune_api.models import FineTuneJob, Forgetting
+from kubetune_api.report import TrainerReport
+
+from . import config
+from .errors import ConfigError, ForgettingError, PreemptedError, TrainerError
+
+log = logging.getLogger("kubetune.runner")
+
+ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def failed_report(err: TrainerError, **extra: Any) -> TrainerReport:
+    """A report for an error raised before (or without) a RunMonitor."""
+    state = "preempted" if isinstance(err, PreemptedError) else "failed"
+    return TrainerReport(state=state, reason=err.reason, message=err.message, field=err.field,
+                         exit_code=err.exit_code, **extra)
+
+
+def write_termination_message(report: TrainerReport) -> None:
+    """What RunMonitor.finish does, for runs that never got a monitor (the manifest did not parse)."""
+    path = os.environ.get(ENV_TERMINATION_LOG)
+    if not path:
+        return
+    try:
+        Path(path).write_text(report.to_termination_message())
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)
+
+
+def _unexpected(exc: BaseException) -> TrainerError:
+    """Anything that is not one of ours is retriable (exit 1): the Job's backoffLimit decides."""
+    err = TrainerError(f"{type(exc).__name__}: {exc}"[:2000])
+    err.__cause__ = exc
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+@dataclass
+class _Fetched:
+    model_path: Path
+    tokenizer_path: Path
+    train: list
+    eval: Optional[list]
+    reference: Optional[list]
+
+
+def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
+    from . import modeling, storage
+    from .data import Source
+
+    spec = job.spec
+    endpoint = spec.output.endpoint
+    cache = settings.cache_dir
+
+    def fetch(uri: str, field: str) -> Source:
+        try:
+            return Source(uri, storage.fetch(uri, cache, endpoint=endpoint))
+        except TrainerError as exc:
+            raise type(exc)(exc.message, field=field) from None
+
+    model_path = modeling.fetch_model(spec.model.source, cache, endpoint=endpoint, revision=spec.model.revision)
+    tok_path = model_path
+    if spec.model.tokenizer:
+        tok_path = fetch(spec.model.tokenizer, "spec.model.tokenizer").path
+    train = [fetch(s.uri, f"spec.dataset.train[{i}].uri") for i, s in enumerate(spec.dataset.train)]
+    evals = [fetch(s.uri, f"spec.dataset.eval[{i}].uri") for i, s in enumerate(spec.dataset.eval)] \
+        if spec.dataset.eval else None
+    ref = spec.evaluation.reference if spec.evaluation else None
+    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri") for i, s in enumerate(ref)] if ref else None
+    return _Fetched(model_path, tok_path, train, evals, reference)
+
+
+def _device_for_eval(model):
+    """Put a not-yet-placed model on this rank's GPU before measuring anything (reference perplexity on an 8B
+    model on CPU would take hours). Quantized models were placed at load time; DeepSpeed places its own."""
+    from . import distributed, modeling
+
+    if not modeling.has_cuda() or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "hf_device_map", None):
+        return model
+    return model.to(f"cuda:{distributed.local_rank()}")
+
+
+# Stages whose eval loss is a token-level negative log-likelihood: only there is exp(loss) a perplexity (a DPO
+# or reward-model loss is a preference loss; exp of it means nothing).
+LM_LOSS_STAGES = ("cpt", "sft")
+
+
+def _final_metrics(trainer, train_output, eval_metrics: dict, stage: str) -> dict:
+    out: dict[str, Any] = {"steps": trainer.state.global_step, "epoch": trainer.state.epoch,
+                           "tokens": getattr(trainer.state, "num_input_tokens_seen", None) or None}
+    if train_output is not None:
+        out["train_loss"] = train_output.training_loss
+        out["train_runtime_seconds"] = train_output.metrics.get("train_runtime")
+    # The last logged training loss (train_loss above is the run's mean, dominated by the first steps).
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if losses:
+        out["last_loss"] = losses[-1]
+    if "eval_loss" in eval_metrics:
+        out["eval_loss"] = eval_metrics["eval_loss"]
+        if stage in LM_LOSS_STAGES:
+            loss = eval_metrics["eval_loss"]
+            out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    first_eval = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
+    if first_eval is not None:
+        out["first_eval_loss"] = first_eval
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _zero3(spec) -> bool:
+    d = spec.distributed
+    return bool(d and d.deepspeed and int(d.deepspeed.zero_stage) == 3)
+
+
+def _reload_trained(adapter_dir: Path, base_path: Path, spec, kind: str, tokenizer):
+    """The trained model as saved: the base (4-bit again for qlora) + the adapter, or the full model."""
+    from . import adapters, modeling
+
+    if adapters.uses_peft(spec):
+        from peft import PeftModel
+
+        base = modeling.load_model(base_path, spec, kind=kind, tokenizer=tokenizer)
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    else:
+        model = modeling.load_model(adapter_dir, spec, kind=kind, tokenizer=tokenizer, quantize=False)
+    return _device_for_eval(model)
+
+
+def forgetting_result(before: float, after: float, threshold: float) -> Forgetting:
+    change = after / before - 1.0 if before > 0 and math.isfinite(before) else None
+    if change is not None and not math.isfinite(change):
+        change = None
+    exceeded = (change is not None and change > threshold) or (math.isfinite(before) and not math.isfinite(after))
+    return Forgetting(reference_perplexity_before=before, reference_perplexity_after=after if math.isfinite(after)
+                      else None, relative_change=change, threshold=threshold, exceeded=exceeded)
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(job: FineTuneJob, settings: Optional[config.RunSettings] = None, *,
+        extra_callbacks: Iterable[Any] = (), console_logs: bool = True) -> TrainerReport:
+    """Run the job; never raises for training failures: the report says what happened (and its exit code).
+
+    extra_callbacks: more TrainerCallbacks (the CLI's progress bar). console_logs=False drops the
+    Trainer's own per-log print (the CLI draws progress itself)."""
+    settings = settings or config.RunSettings.from_env()
+    started = time.time()
+    from . import checkpointing
+
+    # First thing, in the main thread: from here on SIGTERM means "checkpoint and stop", not "die".
+    checkpointing.install_sigterm_handler()
+    monitor = None
+    report: Optional[TrainerReport] = None
+    state: dict[str, Any] = {}
+    try:
+        job = config.apply_settings(job, settings)
+        config.validate_job(job)
+        from . import distributed
+        from .monitoring import RunMonitor
+
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        monitor = RunMonitor(job, settings.work_dir, host=settings.metrics_host, port=settings.metrics_port,
+                             rank=distributed.rank())
+        monitor.start()
+        report = _run(job, settings, monitor, state, started, list(extra_callbacks), console_logs)
+    except TrainerError as exc:
+        if isinstance(exc, PreemptedError):
+            log.warning("%s", exc)
+        else:
+            log.error("run failed: %s", exc)
+        report = _error_report(monitor, exc, state)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure must become a report with an exit code
+        log.exception("run failed unexpectedly")
+        report = _error_report(monitor, _unexpected(exc), state)
+    finally:
+        if monitor is not None and report is not None:
+            monitor.finish(report)
+        elif report is not None:
+            write_termination_message(report)
+    return report
+
+
+def _error_report(monitor, err: TrainerError, state: dict) -> TrainerReport:
+    kind = "preempted" if isinstance(err, PreemptedError) else "failed"
+    if monitor is None:
+        return failed_report(err)
+    return monitor.report(kind, error=err, artifacts=state.get("artifacts"), forgetting=state.get("forgetting"))
+
+
+def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, started: float,
+         extra_callbacks: list, console_logs: bool) -> TrainerReport:
+    from . import adapters, artifacts, checkpointing, data, distributed, modeling, storage, training_args
+    from .monitoring import reference_perplexity
+    from .stages import StageContext, get_stage
+
+    spec = job.spec
+    try:
+        stage = get_stage(spec.stage)
+    except KeyError as exc:
+        raise ConfigError(str(exc), field="spec.stage") from None
+    is_main = distributed.rank() == 0
+    world = distributed.world_size()
+    record = artifacts.RunRecord(job=job, model_kind=stage.model_kind, started_at=started, devices=world,
+                                 device_kind="gpu" if modeling.has_cuda() else "cpu")
+    work = settings.work_dir
+
+    # ---- fetch + load. One process per node downloads into the node's cache; the others then find it there.
+    if distributed.is_local_main_process():
+        fetched = _fetch_all(job, settings)
+    distributed.barrier()
+    if not distributed.is_local_main_process():
+        fetched = _fetch_all(job, settings)
+    record.model_path = fetched.model_path
+    # Hashing a multi-GB base model takes a while: do it while the data loads and the model trains.
+    hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-digest")
+    digest_future = hasher.submit(artifacts.model_digest, fetched.model_path) if is_main else None
+    hasher.shutdown(wait=False)
+
+    prepared = data.prepare(spec.dataset, fetched.train, fetched.eval, seed=spec.training.seed)
+    record.train_files, record.eval_files, record.eval_source = prepared.train_files, prepared.eval_files, \
+        prepared.eval_source
+    record.train_examples = len(prepared.train)
+    record.eval_examples = len(prepared.eval) if prepared.eval is not None else 0
+    tokenizer = modeling.load_tokenizer(fetched.tokenizer_path, spec,
+                                        field="spec.model.tokenizer" if spec.model.tokenizer else "spec.model.source")
+    model = modeling.load_model(fetched.model_path, spec, kind=stage.model_kind, tokenizer=tokenizer,
+                                uri=spec.model.source)
+    adapters.validate(spec, model)
+
+    # ---- forgetting baseline (before any adapter wraps or modifies the base)
+    ev = spec.evaluation
+    ref_texts = None
+    before = None
+    if fetched.reference:
+        ref_texts, record.reference_files = data.load_reference_texts(
+            fetched.reference, ev.reference_max_samples, seed=spec.training.seed)
+        model = _device_for_eval(model)
+        before = reference_perplexity(model, tokenizer, ref_texts, spec.training.max_length)
+        monitor.record_reference("before", before)
+        log.info("reference perplexity before training: %.4g", before)
+
+    # ---- trainer
+    model = adapters.prepare_base(model, spec)
+    store = storage.OutputStore.for_job(job)
+    sync = checkpointing.CheckpointSync(store, monitor, keep=spec.training.keep_checkpoints)
+    callbacks = [monitor.callback(), sync, *extra_callbacks]
+    ctx = StageContext(
+        job=job, model=model, tokenizer=tokenizer, peft_config=adapters.peft_config(spec, stage.model_kind),
+        train_dataset=prepared.train, eval_dataset=prepared.eval,
+        training_args=training_args.build(job, work, has_eval=prepared.eval is not None),
+        callbacks=callbacks, work_dir=work,
+        load_model=modeling.model_loader(spec, settings.cache_dir, spec.output.endpoint),
+        fetch=lambda uri: storage.fetch(uri, settings.cache_dir, endpoint=spec.output.endpoint),
+    )
+    stage.validate_dataset(ctx)
+    trainer = stage.build_trainer(ctx)
+    present = trainer.callback_handler.callbacks
+    for cb in callbacks:  # a stage that dropped ctx.callbacks still gets checkpointing and metrics
+        if cb not in present:
+            trainer.add_callback(cb)
+    if not console_logs:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    monitor.guard(trainer)
+    record.trainable_parameters, record.total_parameters = adapters.trainable_parameters(trainer.model)
+    initial_adapter = None
+    if adapters.needs_weight_conversion(spec) and is_main:
+        initial_adapter = adapters.save_initial_adapter(trainer.model, work / "initial-adapter")
+
+    # ---- train (resuming from the latest complete checkpoint a previous pod left in the store)
+    checkpointing.raise_if_preempted()  # SIGTERM during loading: nothing new to save, just stop
+    resume = checkpointing.prepare_resume(store, work)
+    if resume:
+        record.resumed_from = store.uri(f"{checkpointing.CHECKPOINTS}/{resume.name}")
+        log.info("resuming from %s", record.resumed_from)
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if sync.preempted:
+        raise PreemptedError(f"SIGTERM received: checkpoint saved at step {trainer.state.global_step} "
+                             f"({sync.last_uri}); a restarted pod resumes from it")
+
+    # ---- final evaluation
+    eval_metrics: dict = {}
+    if prepared.eval is not None:
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        # The Trainer's own cadence may already have evaluated the final weights: no second pass.
+        done = last is not None and last.get("step") == trainer.state.global_step
+        eval_metrics = last if done else trainer.evaluate()
+    record.metrics = _final_metrics(trainer, train_output, eval_metrics, spec.stage)
+    record.early_stopped = bool(monitor.early_stopped)
+
+    # ---- the trained weights, locally (every rank: ZeRO-3 gathers partitioned weights collectively)
+    local = work / "artifacts"
+    local.mkdir(parents=True, exist_ok=True)
+    adapter_dir = artifacts.save_model_files(trainer, tokenizer, local / "adapter",
+                                             initial_adapter=initial_adapter, is_main=is_main)
+
+    # ---- forgetting: reference perplexity after training
+    if ref_texts is not None:
+        after = None
+        if _zero3(spec):
+            # ZeRO-3 leaves the in-memory parameters partitioned: measure the saved model instead.
+            if is_main:
+                trained = _reload_trained(adapter_dir, fetched.model_path, spec, stage.model_kind, tokenizer)
+                after = reference_perplexity(trained, tokenizer, ref_texts, spec.training.max_length)
+                del trained
+        else:
+            after = reference_perplexity(trainer.model, tokenizer, ref_texts, spec.training.max_length)
+        if after is not None:
+            monitor.record_reference("after", after)
+            record.forgetting = forgetting_result(before, after, ev.forgetting_threshold)
+            state["forgetting"] = record.forgetting
+            log.info("reference perplexity after training: %.4g (%+.1f %%, threshold %+.1f %%)", after,
+                     100 * (record.forgetting.relative_change or 0), 100 * ev.forgetting_threshold)
+            if record.forgetting.exceeded:
+                record.forgetting_action = ev.on_forgetting
+
+    # ---- publish (main process), manifest.json last
+    arts = None
+    if is_main:
+        record.wall_seconds = time.time() - started
+        record.device_seconds = record.wall_seconds * world
+        record.model_digest = digest_future.result() if digest_future else None
+        latest = sync.last_uri or (store.uri(rel) if (rel := checkpointing.latest_checkpoint(store)) else None)
+        arts = artifacts.publish(record, store, local, adapter_dir, tokenizer, monitor.metrics_path,
+                                 latest_checkpoint=latest)
+        state["artifacts"] = arts
+        log.info("artifacts: %s", arts.adapter_uri)
+    distributed.barrier()
+    if record.forgetting_action == "fail":
+        f = record.forgetting
+        raise ForgettingError(
+            f"reference perplexity rose {100 * (f.relative_change or math.inf):.1f} % "
+            f"({f.reference_perplexity_before:.4g} -> {f.reference_perplexity_after}), above the threshold "
+            f"{100 * f.threshold:.1f} %; artifacts were written and manifest.json marks them",
+            field="spec.evaluation.forgettingThreshold")
+    return monitor.report("succeeded", artifacts=arts, forgetting=record.forgetting)

@@ -1,0 +1,73 @@
+"""Continued pre-training (cpt): next-token loss on raw domain text (dataset format text).
+
+Uses a plain `transformers.Trainer` with its own packing instead of TRL's SFTTrainer(packing=True): CPT needs
+none of SFTTrainer's chat/completion masking, and on the team's measurements (shared notes, trainer-stack.md)
+SFTTrainer packing ran ~2x slower per step than a plain Trainer fed pre-packed fixed-length blocks (its
+padding-free packing rebuilds position ids / block masks every batch). Packing here is the classic
+`run_clm` recipe: tokenize every document, end it with EOS, concatenate, cut into maxLength blocks.
+Documents may share a block (attention crosses the EOS boundary), which is the standard pre-training
+trade-off: no padding, every token trains.
+
+Without `training.packing` each document is its own row, truncated to maxLength and padded per batch.
+"""
+
+from __future__ import annotations
+
+from .. import adapters
+from ..errors import DataError
+from . import register
+from .base import Stage, StageContext
+
+
+def tokenize_texts(dataset, tokenizer, max_length: int, packing: bool):
+    """text rows -> input_ids/attention_mask rows (packed into max_length blocks, or one per document)."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+        if eos is not None:
+            ids = [x if x and x[-1] == eos else x + [eos] for x in ids]
+        return {"input_ids": ids}
+
+    tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+    if not packing:
+        def truncate(batch):
+            ids = [x[:max_length] for x in batch["input_ids"]]
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+
+        return tokenized.map(truncate, batched=True)
+
+    def pack(batch):
+        flat = [t for x in batch["input_ids"] for t in x]
+        # Keep a short tail only when it is all there is: otherwise dropping < max_length tokens per map batch
+        # keeps every block the same length (no padding at all).
+        n = (len(flat) // max_length) * max_length or len(flat)
+        blocks = [flat[i:i + max_length] for i in range(0, n, max_length)]
+        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]}
+
+    return tokenized.map(pack, batched=True, batch_size=1000)
+
+
+@register
+class CPTStage(Stage):
+    name = "cpt"
+
+    def build_trainer(self, ctx: StageContext):
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+        t = ctx.spec.training
+        train = tokenize_texts(ctx.train_dataset, ctx.tokenizer, t.max_length, t.packing)
+        if len(train) == 0:
+            raise DataError("the training text tokenizes to nothing", field="spec.dataset.train")
+        evald = tokenize_texts(ctx.eval_dataset, ctx.tokenizer, t.max_length, t.packing) \
+            if ctx.eval_dataset is not None and len(ctx.eval_dataset) else None
+        return Trainer(
+            model=adapters.wrap(ctx.model, ctx.peft_config),
+            args=TrainingArguments(**ctx.training_args),
+            train_dataset=train,
+            eval_dataset=evald,
+            # mlm=False: causal LM labels = input_ids (the model shifts them); padding is masked to -100.
+            data_collator=DataCollatorForLanguageModeling(ctx.tokenizer, mlm=False),
+            processing_class=ctx.tokenizer,
+            callbacks=list(ctx.callbacks),
+        )

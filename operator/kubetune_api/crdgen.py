@@ -70,6 +70,11 @@ def _structural(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     node = dict(node)
+    if node.get("x-kubernetes-int-or-string"):
+        # Union[str, int] quantities: Kubernetes expresses that with the extension alone (no type/anyOf).
+        node.pop("anyOf", None)
+        node.pop("type", None)
+        node.pop("maxLength", None)
     # Optional[X] -> X (absence is how Kubernetes says "unset").
     if "anyOf" in node:
         options = [o for o in node["anyOf"] if o.get("type") != "null"]

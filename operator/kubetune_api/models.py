@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -433,11 +433,11 @@ class ResourcesSpec(Model):
     gpu_resource_name: str = Field(
         "nvidia.com/gpu", max_length=NAME_MAX, description="Extended resource name for GPUs (e.g. amd.com/gpu)."
     )
-    cpu: Optional[str] = Field(None, json_schema_extra=QUANTITY, description="CPU request per node pod, e.g. '8'.")
-    memory: Optional[str] = Field(
+    cpu: Optional[Union[str, int]] = Field(None, json_schema_extra=QUANTITY, description="CPU request per node pod, e.g. '8'.")
+    memory: Optional[Union[str, int]] = Field(
         None, json_schema_extra=QUANTITY, description="Memory request and limit per node pod, e.g. 64Gi."
     )
-    shared_memory: Optional[str] = Field(
+    shared_memory: Optional[Union[str, int]] = Field(
         None, json_schema_extra=QUANTITY,
         description="Size of /dev/shm (a memory-backed emptyDir); data loaders and NCCL need more than the 64Mi default.",
     )
@@ -546,6 +546,9 @@ SPEC_CREATE_RULES = [
         "(has(self.training.rloo.rewards) && size(self.training.rloo.rewards) > 0)))",
         "stage rloo needs spec.training.rloo.rewardModel or at least one entry in spec.training.rloo.rewards",
         field_path=".training.rloo", reason="FieldValueRequired"),
+    cel("self.stage != 'reward' || !has(self.evaluation) || !has(self.evaluation.reference)",
+        "the forgetting check measures language-model perplexity; stage reward trains a classifier: remove "
+        "evaluation.reference", field_path=".evaluation.reference", reason="FieldValueForbidden"),
     cel("!has(self.dataset.eval) || !has(self.dataset.evalFraction)",
         "set either dataset.eval or dataset.evalFraction, not both", field_path=".dataset.evalFraction"),
     cel("!has(self.distributed) || !has(self.distributed.deepspeed) || self.adapter.type != 'qlora' || "
@@ -711,6 +714,9 @@ def validate_spec(spec: FineTuneJobSpec) -> list[str]:
         errors.append("spec.adapter.quantization: only for adapter type qlora")
     if a.galore is not None and a.type != "galore":
         errors.append("spec.adapter.galore: only for adapter type galore")
+    if stage == "reward" and spec.evaluation and spec.evaluation.reference:
+        errors.append("spec.evaluation.reference: the forgetting check measures language-model perplexity, but "
+                      "stage reward trains a sequence classifier; remove evaluation.reference")
     rewards = (spec.training.grpo.rewards if spec.training.grpo else []) + (
         spec.training.rloo.rewards or [] if spec.training.rloo else [])
     for i, r in enumerate(rewards):

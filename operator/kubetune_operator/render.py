@@ -217,15 +217,20 @@ def render_service(job: FineTuneJob, body: dict | None = None,
 
 
 # ------------------------------------------------------------------------------------------------ Job
+LAUNCHER = ["python", "-m", "kubetune_trainer.launch"]
+
+
 def trainer_command(job: FineTuneJob) -> list[str]:
     """The container command. Single process: the image's ENTRYPOINT + CMD spelled out (the local node agent
-    runs only `command`). Several processes: torchrun, on one node standalone, across nodes with c10d."""
+    runs only `command`). Several processes: torchrun (via kubetune_trainer.launch), on one node standalone, across nodes with c10d."""
     config = f"{C.CONFIG_MOUNT_DIR}/{C.CONFIG_FILE_NAME}"
     spec = job.spec
     if not uses_torchrun(spec):
         return ["python", "-m", "kubetune_trainer", "--config", config]
     nproc = processes_per_node(spec)
-    cmd = ["torchrun", f"--nnodes={spec.resources.nodes}", f"--nproc-per-node={nproc}"]
+    # kubetune_trainer.launch is torchrun that keeps the trainer's exit code (torchrun itself exits 1 for
+    # every worker failure, which would turn permanent errors into retries and preemptions into failures).
+    cmd = [*LAUNCHER, f"--nnodes={spec.resources.nodes}", f"--nproc-per-node={nproc}"]
     if is_multi_node(spec):
         cmd += [
             "--node-rank=$(JOB_COMPLETION_INDEX)",  # set by the Job controller in Indexed Jobs

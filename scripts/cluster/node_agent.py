@@ -230,11 +230,15 @@ class PodRun:
         return paths
 
     def rewrite(self, text):
-        """Replaces container paths (mountPaths, terminationMessagePath) with their sandbox paths."""
-        for cpath in sorted(self.mounts, key=len, reverse=True):
-            pattern = r"(?<![\w.\-/])" + re.escape(cpath) + r"(?=$|/|[^\w.\-])"
-            text = re.sub(pattern, lambda _m, p=self.mounts[cpath]: p, text)
-        return text
+        """Replaces container paths (mountPaths, terminationMessagePath) with their sandbox paths.
+
+        One pass with an alternation (longest path first): replacing path after path would rewrite the
+        result of an earlier replacement again (/etc/kubetune -> /tmp/.../config, then /tmp -> sandbox)."""
+        if not self.mounts:
+            return text
+        paths = sorted(self.mounts, key=len, reverse=True)
+        pattern = r"(?<![\w.\-/])(" + "|".join(re.escape(p) for p in paths) + r")(?=$|/|[^\w.\-])"
+        return re.sub(pattern, lambda m: self.mounts[m.group(1)], text)
 
     def prepare(self, c, volumes, tag):
         """argv, env and cwd of container c. Raises ConfigError for a missing reference (the pod waits),

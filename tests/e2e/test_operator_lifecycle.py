@@ -120,7 +120,7 @@ def test_multi_node_job_has_consistent_rendezvous(cluster, namespace, operator):
     tmpl = job["spec"]["template"]["spec"]
     assert tmpl["subdomain"] == "multi-workers"
     cmd = " ".join(tmpl["containers"][0]["command"] + tmpl["containers"][0].get("args", []))
-    assert "torchrun" in cmd and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
+    assert "kubetune_trainer.launch" in cmd and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
     assert f"multi-trainer-0.multi-workers.{namespace}.svc:29500" in cmd
     # the Service selects exactly the job's pods
     for key, value in svc["spec"]["selector"].items():

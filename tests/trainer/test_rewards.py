@@ -382,3 +382,25 @@ def test_reward_model_loads_from_a_lora_reward_jobs_adapter_output(tmp_path):
     with pytest.raises(ConfigError) as err:
         rewards.load_reward_model(f"file://{tmp_path}/nothing-here", fetch=H.local_path, load_model=load, field=field)
     assert err.value.field == field
+
+
+def test_every_example_manifests_builtin_rewards_build():
+    """Reward names and params in examples/ must be ones the trainer accepts (a typo'd param would only fail
+    inside the pod)."""
+    import yaml as _yaml
+
+    from kubetune_api.models import parse_job
+    from kubetune_trainer import rewards as _rewards
+
+    checked = 0
+    for path in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")):
+        for doc in _yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "FineTuneJob":
+                continue
+            spec = parse_job(doc).spec
+            for block in (spec.training.grpo, spec.training.rloo):
+                specs = [r for r in ((block.rewards if block else None) or []) if ":" not in r.name]
+                if specs:
+                    _rewards.build(specs)
+                    checked += len(specs)
+    assert checked >= 2

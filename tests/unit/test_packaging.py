@@ -302,7 +302,7 @@ def test_trainer_command_matches_what_the_operator_renders():
     assert c["command"] == entry + cmd, f"operator renders {c['command']}, the image runs {entry + cmd}"
     multi = _rendered_trainer_pod("multinode-deepspeed.yaml")
     command = multi["containers"][0]["command"]
-    assert command[0] == "torchrun" and command[-4:] == entry[1:] + cmd, command
+    assert command[:3] == ["python", "-m", "kubetune_trainer.launch"] and command[-4:] == entry[1:] + cmd, command
 
 
 def test_trainer_pod_matches_the_image_user_and_workdir():

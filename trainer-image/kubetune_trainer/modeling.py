@@ -164,12 +164,28 @@ def load_model(path: Path, spec: FineTuneJobSpec, *, kind: str = "causal", token
         model = auto.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # noqa: BLE001 - config/weights mismatch, unknown architecture, missing files
         raise _load_error(exc, uri or str(path), spec) from None
+    if qconf is not None and not has_cuda():
+        _disable_cpu_4bit_repacking(model)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         # Sequence classifiers find the last real token through pad_token_id; causal LMs use it for padding.
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _disable_cpu_4bit_repacking(model) -> None:
+    """bitsandbytes 0.50 on CPU repacks 4-bit weights for a faster inference kernel on the first no-grad
+    forward in eval mode (e.g. the reference-perplexity pass or any evaluation). After that the input
+    gradients through those layers are wrong (measured: cosine -0.04 with the true gradient), so a QLoRA run
+    would silently train on garbage. Turning the repacking off keeps CPU QLoRA correct; GPUs never repack."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - qlora already required it to load
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def model_loader(spec: FineTuneJobSpec, cache_dir: Path, endpoint: Optional[str] = None) -> Callable[..., Any]:

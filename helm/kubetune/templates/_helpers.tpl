@@ -116,11 +116,17 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 {{- define "kubetune.namespacedRules" -}}
 # FineTuneJobs: watched by kopf, which patches finalizers and its progress annotations on the object
 - apiGroups: ["kubetune.dev"]
+  # delete: spec.ttlSecondsAfterFinished removes finished FineTuneJobs
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch", "update", "delete"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch", "update"]
+# Children carry blockOwnerDeletion owner references; the OwnerReferencesPermissionEnforcement admission
+# plugin (e.g. OpenShift) requires update on the owner's finalizers subresource for that.
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 # The child workload: the trainer Job, its ConfigMap (resolved config) and headless Service (rendezvous)
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -314,7 +314,7 @@ def test_multi_node_rendezvous_is_consistent():
     pod_labels = spec["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"] and all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
     cmd = container(job)["command"]
-    assert cmd[0] == "torchrun"
+    assert cmd[:3] == R.LAUNCHER
     args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
     assert int(args["--nnodes"]) == spec["completions"]
     assert args["--nproc-per-node"] == "8"
@@ -340,7 +340,7 @@ def test_single_node_multi_gpu_uses_standalone_torchrun():
     body = ftj(resources={"gpus": 4})
     job = render_job(body)
     cmd = container(job)["command"]
-    assert cmd[:4] == ["torchrun", "--nnodes=1", "--nproc-per-node=4", "--standalone"]
+    assert cmd[:6] == [*R.LAUNCHER, "--nnodes=1", "--nproc-per-node=4", "--standalone"]
     assert not any(a.startswith("--rdzv-endpoint") for a in cmd)
     assert R.render_service(model(body), body) is None
 

@@ -1,0 +1,58 @@
+"""torchrun, with the trainer's exit code kept.
+
+torchrun exits 1 whenever a worker fails, whatever the worker's own code was. The Job's podFailurePolicy
+needs the real one: 65/78/79/80 (bad data, bad config, NaN loss, forgetting) must fail the FineTuneJob at once
+instead of being retried, and 143 (SIGTERM -> checkpoint saved) must read as a preemption. Rank 0 writes its
+TrainerReport (with exitCode) to the termination log before exiting, so this wrapper runs torchrun as a child,
+forwards SIGTERM/SIGINT to it, and exits with the report's code.
+
+Usage (what the operator renders for multi-process pods):
+    python -m kubetune_trainer.launch --nnodes=2 --nproc-per-node=8 --node-rank=0 \
+        --rdzv-backend=c10d --rdzv-endpoint=job-trainer-0.job-workers.ns.svc:29500 --rdzv-id=UID \
+        -m kubetune_trainer --config /etc/kubetune/job.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from kubetune_api.constants import ExitCode
+from kubetune_api.report import TrainerReport
+
+
+def exit_code(torchrun_code: int, report_text: str | None, terminated: bool) -> int:
+    """The code the pod should exit with, from torchrun's own code and rank 0's termination message."""
+    report = TrainerReport.parse(report_text)
+    if report is not None and report.exit_code is not None and report.state != "running":
+        return report.exit_code
+    if terminated:
+        return ExitCode.PREEMPTED
+    return torchrun_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    termination_log = os.environ.get("KUBETUNE_TERMINATION_LOG")
+    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv])
+    terminated = False
+
+    def forward(signum, _frame):
+        nonlocal terminated
+        terminated = terminated or signum == signal.SIGTERM
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = child.wait()
+    text = None
+    if termination_log and os.path.exists(termination_log):
+        with open(termination_log, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    return exit_code(code, text, terminated)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,11 @@ def _unsuffixed(m: MetricDef) -> str:
     return m.name[: -len("_total")] if m.type == "counter" and m.name.endswith("_total") else m.name
 
 
+# Every `handler` label value of kubetune_operator_reconcile_errors_total (handlers.py's @_counted names and
+# the progress loop); tests/unit/operator keeps this list and the code in step.
+RECONCILE_HANDLERS = ("reconcile", "job-event", "pod-event", "delete", "metrics", "progress")
+
+
 class OperatorMetrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None):
         disable_created_metrics()  # `*_created` series are not in the catalog (and nobody queries them)
@@ -48,6 +53,10 @@ class OperatorMetrics:
         self._server = None
         for phase in Phase.ALL:
             self.metrics["kubetune_operator_jobs"].labels(phase=phase).set(0)
+        # Export 0 for every handler from the start: a counter series that appears only with the first error
+        # makes rate()/increase() (dashboard, alerts) miss that first error.
+        for handler in RECONCILE_HANDLERS:
+            self.metrics["kubetune_operator_reconcile_errors_total"].labels(handler=handler)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics; returns the bound port (port 0 picks a free one)."""

@@ -62,7 +62,8 @@ def sft_run(cluster, crd, tmp_path_factory):
     data = tiny.generate_datasets(work / "data", n=200)
     run_id = uuid.uuid4().hex[:6]
     upload_dir(s3, model_dir, f"models/tiny-{run_id}")
-    s3.upload_file(str(data["chat"]), BUCKET, f"data/{run_id}/chat.jsonl")
+    for name in ("chat", "general", "preference", "prompt_only"):
+        s3.upload_file(str(data[name]), BUCKET, f"data/{run_id}/{name}.jsonl")
     cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
                     f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
                     f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
@@ -75,6 +76,8 @@ def sft_run(cluster, crd, tmp_path_factory):
             "dataset": {"format": "chat", "train": [{"uri": f"s3://{BUCKET}/data/{run_id}/chat.jsonl"}],
                         "evalFraction": 0.1},
             "adapter": {"type": "lora", "rank": 8, "targetModules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+            "evaluation": {"reference": [{"uri": f"s3://{BUCKET}/data/{run_id}/general.jsonl"}],
+                           "referenceMaxSamples": 32, "forgettingThreshold": 0.5},
             "training": {"maxSteps": 60, "batchSize": 4, "learningRate": 0.005, "maxLength": 64,
                          "logEverySteps": 2, "evalEverySteps": 20, "checkpointEverySteps": 20},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
@@ -84,6 +87,11 @@ def sft_run(cluster, crd, tmp_path_factory):
             "retryLimit": 0,
         },
     }
+    # Two small companions so the dashboard's preference and RL panels have data too (test_dashboard_...).
+    companions = [_companion(manifest, "dpo-lora", "dpo", "preference", run_id, {"dpo": {"beta": 0.1}}),
+                  _companion(manifest, "grpo-lora", "grpo", "prompt_only", run_id, {"grpo": {
+                      "numGenerations": 2, "maxCompletionLength": 8, "beta": 0.05,
+                      "rewards": [{"name": "regex_match", "params": {"pattern": "[0-9]"}}]}})]
     op = OperatorProcess(cluster, [ns], work / "operator.log").start()
     seen: list[str] = []
     stop = threading.Event()
@@ -100,18 +108,39 @@ def sft_run(cluster, crd, tmp_path_factory):
     try:
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
         watcher.start()
+        for companion in companions:
+            cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(companion))
         waited = cluster.kubectl("wait", "-n", ns, "--for=condition=Succeeded", "--timeout=900s", "ftj/sft-lora",
                                  check=False)
+        companions_done = all(
+            cluster.kubectl("wait", "-n", ns, "--for=condition=Succeeded", "--timeout=600s",
+                            f"ftj/{c['metadata']['name']}", check=False).returncode == 0 for c in companions)
         finished = time.time()
         stop.set()
         watcher.join(timeout=5)
         obj = json.loads(cluster.kubectl("get", "ftj", "sft-lora", "-n", ns, "-o", "json").stdout)
         yield {"ns": ns, "wait": waited, "obj": obj, "seen": seen, "s3": s3, "work": work, "model_dir": model_dir,
-               "operator": op, "started": started, "finished": finished, "run_id": run_id}
+               "operator": op, "started": started, "finished": finished, "run_id": run_id,
+               "companions_done": companions_done}
     finally:
         stop.set()
         op.stop()
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _companion(base: dict, name: str, stage: str, fmt: str, run_id: str, block: dict) -> dict:
+    import copy
+
+    obj = copy.deepcopy(base)
+    obj["metadata"]["name"] = name
+    spec = obj["spec"]
+    spec["stage"] = stage
+    spec["dataset"] = {"format": fmt, "train": [{"uri": f"s3://{BUCKET}/data/{run_id}/{fmt}.jsonl"}],
+                       "evalFraction": 0.1, "maxSamples": 120}
+    spec.pop("evaluation", None)
+    spec["training"] = {"maxSteps": 8, "batchSize": 2, "learningRate": 0.001, "maxLength": 64,
+                        "logEverySteps": 1, "evalEverySteps": 4, "checkpointEverySteps": 4, **block}
+    return obj
 
 
 def _diagnose(cluster, run) -> str:
@@ -177,3 +206,53 @@ def test_no_credentials_leak_into_status_events_or_configmap(cluster, sft_run):
         out = cluster.kubectl(*what, "-n", ns).stdout
         assert secret not in out, what
     assert secret not in sft_run["operator"].logs()
+
+
+def _prom_range(cluster, query: str, start: float, end: float) -> list:
+    import requests
+
+    r = requests.get(f"{cluster.prometheus_url}/api/v1/query_range",
+                     params={"query": query, "start": start, "end": end, "step": "2s"}, timeout=30)
+    r.raise_for_status()
+    body = r.json()
+    assert body["status"] == "success", body
+    return [s for s in body["data"]["result"] if s.get("values")]
+
+
+def test_forgetting_check_reported(cluster, sft_run):
+    assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
+    f = sft_run["obj"]["status"]["forgetting"]
+    assert f["referencePerplexityBefore"] > 1 and f["referencePerplexityAfter"] > 1
+    assert f["relativeChange"] == pytest.approx(f["referencePerplexityAfter"] / f["referencePerplexityBefore"] - 1,
+                                                rel=1e-2, abs=1e-3)
+
+
+def test_prometheus_scraped_trainer_and_operator(cluster, sft_run):
+    assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
+    ns = sft_run["ns"]
+    start, end = sft_run["started"] - 30, time.time()
+    assert _prom_range(cluster, f'kubetune_train_step{{namespace="{ns}",finetunejob="sft-lora"}}', start, end)
+    assert _prom_range(cluster, f'kubetune_job_eval_perplexity{{namespace="{ns}",finetunejob="sft-lora"}}', start, end)
+    assert _prom_range(cluster, 'kubetune_operator_jobs', start, end)
+
+
+def test_every_dashboard_panel_query_returns_data(cluster, sft_run):
+    """Each panel of the shipped Grafana dashboard, with its variables set to this namespace, returns data from
+    the real Prometheus. DCGM panels (GPU memory/utilization) need dcgm-exporter on real GPUs: excluded and
+    named here."""
+    from kubetune_trainer.monitoring.dashboard_queries import panel_queries
+
+    assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
+    assert sft_run["companions_done"], _diagnose(cluster, sft_run)
+    time.sleep(4)  # one more scrape/evaluation interval after the last job ended
+    start, end = sft_run["started"] - 30, time.time()
+    queries = panel_queries(variables={"namespace": sft_run["ns"], "job": ".*", "datasource": "prometheus"})
+    empty, skipped = [], []
+    for q in queries:
+        if q.needs_dcgm:
+            skipped.append(q.panel_title)
+            continue
+        if not _prom_range(cluster, q.query, start, end):
+            empty.append(f"{q.panel_title}: {q.query}")
+    assert len(queries) - len(skipped) >= 10
+    assert not empty, "panels without data:\n" + "\n".join(empty)

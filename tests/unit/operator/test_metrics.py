@@ -95,3 +95,20 @@ def test_serves_metrics_over_http():
         assert not [n for n in names if n.endswith("_created")], "no *_created series outside the catalog"
     finally:
         m.shutdown()
+
+
+def test_every_counted_handler_is_exported_from_the_start():
+    import re
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+
+    from kubetune_operator import handlers, progress
+    from kubetune_operator.metrics import RECONCILE_HANDLERS, OperatorMetrics
+
+    names = set(re.findall(r'_counted\("([\w-]+)"\)', Path(handlers.__file__).read_text()))
+    names |= set(re.findall(r'reconcile_error\("([\w-]+)"\)', Path(progress.__file__).read_text()))
+    assert names and names <= set(RECONCILE_HANDLERS), names - set(RECONCILE_HANDLERS)
+    text = generate_latest(OperatorMetrics().registry).decode()
+    for handler in RECONCILE_HANDLERS:
+        assert f'kubetune_operator_reconcile_errors_total{{handler="{handler}"}} 0.0' in text

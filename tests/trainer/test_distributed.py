@@ -287,9 +287,11 @@ def test_torchrun_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(s3, tmp_p
     rc, events, log = _torchrun(s3, tmp_path, uri, "--max-steps", "50", "--save-steps", "10",
                                 "--sigterm-rank", "1", "--sigterm-at-step", "3")
     text = log.read_text()
-    # each worker exited 143; torchrun itself reports the failed worker group with exit code 1
+    # the workers exit 143; torchrun itself reports the failed worker group with exit code 1. Its summary
+    # lists the worker(s) that had exited when it noticed (it then signals the rest): one or both, by timing.
+    # That both ranks stopped at the same step is what the workers' own events below prove.
     assert rc == 1, text[-3000:]
-    assert text.count("exitcode  : 143") == 2, text[-3000:]
+    assert text.count("exitcode  : 143") >= 1, text[-3000:]
     assert [_events(events, r, "preempted")[0]["step"] for r in (0, 1)] == [3, 3]
     assert checkpointing.latest_checkpoint(store) == "checkpoints/checkpoint-3"
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(store.list_files("checkpoints/checkpoint-3"))

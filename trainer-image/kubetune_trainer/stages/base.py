@@ -43,6 +43,16 @@ class StageContext:
     def spec(self) -> FineTuneJobSpec:
         return self.job.spec
 
+    def trainer_kwargs(self) -> dict:
+        """The arguments every TRL trainer takes the same way: `DPOTrainer(model=..., args=..., **ctx.trainer_kwargs())`."""
+        return {
+            "train_dataset": self.train_dataset,
+            "eval_dataset": self.eval_dataset,
+            "processing_class": self.tokenizer,
+            "peft_config": self.peft_config,
+            "callbacks": list(self.callbacks),
+        }
+
 
 class Stage:
     """Subclass per stage module; register with @register."""

@@ -69,9 +69,5 @@ class DPOStage(Stage):
             model=ctx.model,
             ref_model=frozen_reference(ctx),
             args=args,
-            train_dataset=ctx.train_dataset,
-            eval_dataset=ctx.eval_dataset,
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            **ctx.trainer_kwargs(),
         )

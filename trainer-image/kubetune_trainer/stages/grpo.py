@@ -100,9 +100,5 @@ class GRPOStage(Stage):
             model=ctx.model,
             reward_funcs=rset.funcs,
             args=args,
-            train_dataset=ctx.train_dataset,
-            eval_dataset=ctx.eval_dataset,
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            **ctx.trainer_kwargs(),
         )

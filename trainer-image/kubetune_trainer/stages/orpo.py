@@ -35,9 +35,5 @@ class ORPOStage(Stage):
         return ORPOTrainer(
             model=ctx.model,
             args=args,
-            train_dataset=ctx.train_dataset,
-            eval_dataset=ctx.eval_dataset,
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            **ctx.trainer_kwargs(),
         )

@@ -57,11 +57,7 @@ class RewardStage(Stage):
         trainer = RewardTrainer(
             model=ctx.model,
             args=args,
-            train_dataset=ctx.train_dataset,
-            eval_dataset=ctx.eval_dataset,
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            **ctx.trainer_kwargs(),
         )
         if getattr(ctx.model, "is_loaded_in_4bit", False) or getattr(ctx.model, "is_loaded_in_8bit", False):
             _restore_head_dtype(trainer.model)

@@ -74,11 +74,7 @@ class RLOOStage(Stage):
             model=ctx.model,
             reward_funcs=funcs,
             args=args,
-            train_dataset=ctx.train_dataset,
-            eval_dataset=ctx.eval_dataset,
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            **ctx.trainer_kwargs(),
         )
         if scorer is not None:
             # TRL places only models it was given as models; the scorer's model follows the policy's device.

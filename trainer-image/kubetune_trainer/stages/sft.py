@@ -64,9 +64,5 @@ class SFTStage(Stage):
         return SFTTrainer(
             model=ctx.model,
             args=SFTConfig(**ctx.training_args, **extra),
-            train_dataset=ctx.train_dataset,
-            eval_dataset=ctx.eval_dataset,
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            **ctx.trainer_kwargs(),
         )

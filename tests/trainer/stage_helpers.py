@@ -64,44 +64,14 @@ def make_job(stage: str, adapter: str = "lora", *, fmt: Optional[str] = None, tr
 
 
 def training_args(job: FineTuneJob, out_dir: Path, *, has_eval: bool, save_steps: Optional[int] = None) -> dict:
-    """What training_args.build returns on a CPU machine (no DeepSpeed), plus the adapter's additions."""
-    t = job.spec.training
-    kwargs = {
-        "output_dir": str(Path(out_dir) / "checkpoints"),
-        "run_name": f"{job.metadata.namespace}/{job.metadata.name}",
-        "learning_rate": t.learning_rate,
-        "lr_scheduler_type": t.lr_scheduler,
-        "warmup_steps": t.warmup_ratio,
-        "weight_decay": t.weight_decay,
-        "per_device_train_batch_size": t.batch_size,
-        "per_device_eval_batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "num_train_epochs": t.epochs,
-        "max_steps": t.max_steps if t.max_steps else -1,
-        "seed": t.seed,
-        "data_seed": t.seed,
-        "max_grad_norm": t.max_grad_norm,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "logging_strategy": "steps",
-        "logging_steps": t.log_every_steps,
-        "logging_first_step": True,
-        "logging_nan_inf_filter": False,
-        "include_num_input_tokens_seen": True,
-        "eval_strategy": "steps" if has_eval else "no",
-        "save_strategy": "steps" if save_steps else "no",
-        "save_steps": save_steps or t.checkpoint_every_steps,
-        "save_only_model": False,
-        "report_to": [],
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
-        "use_cpu": True,
-        "bf16": False,
-        "fp16": False,
-    }
-    if has_eval:
-        kwargs["eval_steps"] = t.eval_every_steps
-    kwargs.update(adapters.training_args_additions(job.spec))
+    """What the runner hands a stage (training_args.build, on this CPU machine), except that these tests save
+    only when asked and skip the step-0 baseline evaluation (they measure before/after themselves)."""
+    from kubetune_trainer import training_args as common
+
+    kwargs = common.build(job, out_dir, has_eval=has_eval)
+    kwargs["save_strategy"] = "steps" if save_steps else "no"
+    kwargs["save_steps"] = save_steps or job.spec.training.checkpoint_every_steps
+    kwargs.pop("eval_on_start", None)
     return kwargs
 
 

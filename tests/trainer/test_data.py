@@ -18,7 +18,7 @@ from kubetune_trainer.errors import DataError
 
 
 def spec(fmt: str, **kw) -> DatasetSpec:
-    return DatasetSpec.model_validate({"format": fmt, "train": [{"uri": "file:///placeholder"}], **kw})
+    return DatasetSpec.model_validate({"format": fmt, "train": [{"uri": "file:///data/train.jsonl"}], **kw})
 
 
 def src(path: Path) -> data.Source:

@@ -55,9 +55,7 @@ class KTOStage(Stage):
             model=ctx.model,
             ref_model=frozen_reference(ctx),
             args=args,
-            train_dataset=unpair(ctx.train_dataset, t.seed),
-            eval_dataset=unpair(ctx.eval_dataset, t.seed),
-            processing_class=ctx.tokenizer,
-            peft_config=ctx.peft_config,
-            callbacks=list(ctx.callbacks),
+            # KTO reads unpaired rows: the shared arguments, with the datasets unpaired.
+            **{**ctx.trainer_kwargs(), "train_dataset": unpair(ctx.train_dataset, t.seed),
+               "eval_dataset": unpair(ctx.eval_dataset, t.seed)},
         )

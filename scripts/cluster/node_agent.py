@@ -9,7 +9,7 @@ with the env, volumes and status reporting a kubelet would do. The container ima
 A local process cannot see the container filesystem, so each volume is materialized in a per-pod sandbox
 ($KUBETUNE_CLUSTER_DIR/pods/<ns>_<pod>/) and every occurrence of a volumeMount's mountPath (and of the
 terminationMessagePath) in command, args, env values and workingDir is rewritten to the sandbox path.
-HOME and TMPDIR point into the sandbox. Each pod gets its own loopback IP (127.0.1.N) as podIP, so several
+HOME and TMPDIR point into the sandbox. Each pod gets its own loopback IP (127.0.1.N, or KUBETUNE_POD_IP_PREFIX.N) as podIP, so several
 pods can bind the same port. Output goes to <sandbox>/container.log (`kubectl logs` cannot work).
 
 up.sh starts it with the node's own credentials (user system:node:local-runner, group system:nodes), so the
@@ -34,6 +34,9 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 NODE = os.environ.get("KUBETUNE_NODE_NAME", "local-runner")
+# Pods get IPs <prefix>.2 .. <prefix>.254. A second local cluster on the same machine uses another prefix
+# (common.sh: KUBETUNE_POD_IP_PREFIX) so that both clusters' trainer pods can bind the metrics port.
+POD_IP_PREFIX = os.environ.get("KUBETUNE_POD_IP_PREFIX", "127.0.1")
 PODS_DIR = os.path.join(os.environ.get("KUBETUNE_CLUSTER_DIR", "/tmp/kubetune-cluster"), "pods")
 RESOURCES = {"cpu": os.environ.get("KUBETUNE_LOCAL_RUNNER_CPU", "2"),
              "memory": os.environ.get("KUBETUNE_LOCAL_RUNNER_MEMORY", "24Gi"),
@@ -440,7 +443,7 @@ class Agent:
         self.api_host_port = (m.group(1), m.group(2) or "443")
         self.lock = threading.Lock()
         self.runs = {}                              # pod uid -> PodRun, until the object is gone
-        self.ips = {}                               # pod uid -> 127.0.1.N
+        self.ips = {}                               # pod uid -> <POD_IP_PREFIX>.N
         self.since = now()
 
     # ------------------------------------------------------------------ node registration and heartbeat
@@ -503,10 +506,10 @@ class Agent:
     def alloc_ip(self, uid, wanted=None):
         with self.lock:
             used = set(self.ips.values())
-            free = [wanted] if wanted and wanted.startswith("127.0.1.") and wanted not in used else []
-            free += [f"127.0.1.{n}" for n in range(2, 255) if f"127.0.1.{n}" not in used]
+            free = [wanted] if wanted and wanted.startswith(f"{POD_IP_PREFIX}.") and wanted not in used else []
+            free += [f"{POD_IP_PREFIX}.{n}" for n in range(2, 255) if f"{POD_IP_PREFIX}.{n}" not in used]
             if not free:
-                raise RuntimeError("no free pod IP left in 127.0.1.0/24")
+                raise RuntimeError(f"no free pod IP left in {POD_IP_PREFIX}.0/24")
             self.ips[uid] = free[0]
             return free[0]
 

@@ -115,6 +115,7 @@ export AWS_ENDPOINT_URL_S3=http://127.0.0.1:$S3_PORT
 export KUBETUNE_PROMETHEUS_URL=http://127.0.0.1:$PROMETHEUS_PORT
 export KUBETUNE_PROMETHEUS_RULES_DIR=$DIR/prometheus-rules
 export KUBETUNE_OPERATOR_METRICS_PORT=$OPERATOR_METRICS_PORT
+export KUBETUNE_POD_IP_PREFIX=$POD_IP_PREFIX
 export PATH=$BIN:\$PATH
 EOF
 
@@ -247,7 +248,7 @@ running kwok || kubectl delete lease -n kube-node-lease gpu-node-0 gpu-node-1 --
 start kwok - "$BIN/kwok" --kubeconfig="$DIR/kubeconfig" --config="$CLUSTER_SCRIPTS/kwok-stages.yaml" \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake --cidr=10.244.0.1/16 --node-ip=10.243.0.1 \
   --node-lease-duration-seconds=40
-KUBECONFIG=$DIR/node-agent.kubeconfig KUBETUNE_CLUSTER_DIR=$DIR PATH="$PYBIN:$BIN:$PATH" PYTHONUNBUFFERED=1 \
+KUBECONFIG=$DIR/node-agent.kubeconfig KUBETUNE_CLUSTER_DIR=$DIR KUBETUNE_POD_IP_PREFIX=$POD_IP_PREFIX PATH="$PYBIN:$BIN:$PATH" PYTHONUNBUFFERED=1 \
   start node-agent - "$PYBIN/python" "$CLUSTER_SCRIPTS/node_agent.py"
 
 # Prometheus lists pods with its own token; the fake GPU nodes are plain Node objects kwok takes over

@@ -124,7 +124,7 @@ def test_job_runs_on_local_runner(cluster, namespace):
     assert len(pods) == 1
     pod = pods[0]
     assert pod["spec"]["nodeName"] == "local-runner"
-    assert pod["status"]["podIP"].startswith("127.0.1.")
+    assert pod["status"]["podIP"].startswith(cluster.env.get("KUBETUNE_POD_IP_PREFIX", "127.0.1") + ".")
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 0 and term["reason"] == "Completed"
     assert term["message"] == f"s3cr3t:hello:0:{pod['metadata']['name']}"

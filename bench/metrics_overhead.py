@@ -60,7 +60,7 @@ def build(seq: int, batch: int, hidden: int, layers: int):
 
 
 def job():
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     return parse_job({"metadata": {"name": "bench", "namespace": "bench"}, "spec": {
         "stage": "cpt", "model": {"source": "file:///m"}, "dataset": {"format": "text", "train": [{"uri": "file:///d"}]},

@@ -51,7 +51,7 @@ def step_timer():
 
 def make_job(model: Path, data: Path, out: Path, *, stage="sft", fmt="chat", steps=40, packing=False,
              checkpoint_every=20, epochs=None):
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     training = {"batchSize": 4, "maxLength": 64, "learningRate": 1e-3, "logEverySteps": 5,
                 "evalEverySteps": 100000, "checkpointEverySteps": checkpoint_every, "packing": packing}

@@ -1,7 +1,7 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the typed models.
+"""Generate every CustomResourceDefinition in the resource registry (`resources.RESOURCES`) from its typed models.
 
 Usage:
-    python -m kubetune_api.crdgen            # write crds/kubetune.dev_finetunejobs.yaml
+    python -m kubetune_api.crdgen            # write crds/<group>_<plural>.yaml (+ the chart copy) per resource
     python -m kubetune_api.crdgen --check    # exit 1 if the committed file differs (CI drift check)
     python -m kubetune_api.crdgen --stdout   # print it
 
@@ -20,34 +20,21 @@ from typing import Any
 
 import yaml
 
-from . import constants as C
-from .models import FineTuneJobSpec, FineTuneJobStatus
+from .resources import FINETUNEJOB, RESOURCES, Resource
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO_ROOT / "crds" / f"{C.GROUP}_{C.PLURAL}.yaml"
-# The Helm chart templates its CRD from this copy (charts cannot read files outside their folder).
-CHART_CRD_PATH = REPO_ROOT / "helm" / "kubetune" / "files" / "crds" / CRD_PATH.name
-OUTPUTS = (CRD_PATH, CHART_CRD_PATH)
+CRD_DIR = REPO_ROOT / "crds"
+# The Helm chart templates its CRDs from this copy (charts cannot read files outside their folder).
+CHART_CRD_DIR = REPO_ROOT / "helm" / "kubetune" / "files" / "crds"
 
-# Fields whose model uses default_factory: the apiserver must default them to {} so that CEL rules can
-# read e.g. self.adapter.type on a manifest that omits `adapter` (nested defaults then fill the rest).
-_OBJECT_DEFAULTS = {"adapter", "training", "resources"}
 
-PRINTER_COLUMNS = [
-    {"name": "Stage", "type": "string", "jsonPath": ".spec.stage", "description": "Training stage"},
-    {"name": "Adapter", "type": "string", "jsonPath": ".spec.adapter.type", "description": "Adapter type"},
-    {"name": "Status", "type": "string", "jsonPath": ".status.phase", "description": "Phase"},
-    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "step/total"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest train loss"},
-    {"name": "PPL", "type": "number", "jsonPath": ".status.progress.perplexity", "description": "Eval perplexity"},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
-    {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus", "priority": 1},
-    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1},
-    {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1,
-     "description": "Seconds to completion"},
-    {"name": "Job", "type": "string", "jsonPath": ".status.workload.name", "priority": 1},
-]
+def outputs(resource: Resource) -> tuple[Path, Path]:
+    """Where a resource's CRD is written: crds/ and the chart's copy."""
+    return CRD_DIR / resource.file_name, CHART_CRD_DIR / resource.file_name
+
+
+CRD_PATH, CHART_CRD_PATH = outputs(FINETUNEJOB)
+OUTPUTS = (CRD_PATH, CHART_CRD_PATH)  # the FineTuneJob's pair
 
 
 def _resolve(node: Any, defs: dict) -> Any:
@@ -128,66 +115,56 @@ def _bound_strings(node: Any, limit: int = 1024) -> None:
             _bound_strings(v, limit)
 
 
-def spec_schema() -> dict:
-    schema = model_schema(FineTuneJobSpec)
+def spec_schema(resource: Resource = FINETUNEJOB) -> dict:
+    schema = model_schema(resource.spec_model)
     _bound_strings(schema)
-    for name in _OBJECT_DEFAULTS:
+    for name in resource.object_defaults:
         schema["properties"][name]["default"] = {}
     return schema
 
 
-def build_crd() -> dict:
-    spec = spec_schema()
-    status = model_schema(FineTuneJobStatus)
-    spec["description"] = "Desired state: what to train, on what, with which resources, and where results go."
-    status["description"] = "Observed state, written by the operator."
+def build_crd(resource: Resource = FINETUNEJOB) -> dict:
+    spec = spec_schema(resource)
+    status = model_schema(resource.status_model)
+    spec["description"] = resource.spec_description
+    status["description"] = resource.status_description
+    root: dict[str, Any] = {"type": "object", "description": resource.description, "required": ["spec"]}
+    if resource.root_validations:
+        root["x-kubernetes-validations"] = resource.root_validations
+    root["properties"] = {
+        "apiVersion": {"type": "string", "description": f"APIVersion of this object ({resource.group}/{resource.version})."},
+        "kind": {"type": "string", "description": f"Kind of this object ({resource.kind})."},
+        "metadata": {"type": "object"},
+        "spec": spec,
+        "status": status,
+    }
+    version: dict[str, Any] = {"name": resource.version, "served": True, "storage": True, "subresources": {"status": {}}}
+    if resource.printer_columns:
+        version["additionalPrinterColumns"] = resource.printer_columns
+    version["schema"] = {"openAPIV3Schema": root}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": C.CRD_NAME,
+            "name": resource.crd_name,
             "annotations": {"kubetune.dev/generated-by": "python -m kubetune_api.crdgen (do not edit by hand)"},
         },
         "spec": {
-            "group": C.GROUP,
+            "group": resource.group,
             "names": {
-                "kind": C.KIND, "listKind": f"{C.KIND}List", "plural": C.PLURAL, "singular": C.SINGULAR,
-                "shortNames": C.SHORT_NAMES, "categories": C.CATEGORIES,
+                "kind": resource.kind, "listKind": f"{resource.kind}List", "plural": resource.plural,
+                "singular": resource.singular, "shortNames": resource.short_names, "categories": resource.categories,
             },
-            "scope": "Namespaced",
-            "versions": [{
-                "name": C.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "FineTuneJob fine-tunes an LLM declaratively: the operator runs the kubetune "
-                    "trainer in GPU pods and stores the adapter in object storage.",
-                    "required": ["spec"],
-                    "x-kubernetes-validations": [{
-                        "rule": "size(self.metadata.name) <= 50",
-                        "message": "metadata.name must be at most 50 characters (child Job, Service and pod "
-                        "names add suffixes and must stay within 63)",
-                        "reason": "FieldValueInvalid",
-                    }],
-                    "properties": {
-                        "apiVersion": {"type": "string", "description": "APIVersion of this object (kubetune.dev/v1alpha1)."},
-                        "kind": {"type": "string", "description": "Kind of this object (FineTuneJob)."},
-                        "metadata": {"type": "object"},
-                        "spec": spec,
-                        "status": status,
-                    },
-                }},
-            }],
+            "scope": resource.scope,
+            "versions": [version],
         },
     }
 
 
-def render() -> str:
-    header = "# Generated by `python -m kubetune_api.crdgen` from operator/kubetune_api/models.py. Do not edit.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def render(resource: Resource = FINETUNEJOB) -> str:
+    source = "operator/kubetune_api/" + resource.spec_model.__module__.split(".")[1] + "/"
+    header = f"# Generated by `python -m kubetune_api.crdgen` from {source}. Do not edit.\n"
+    return header + yaml.safe_dump(build_crd(resource), sort_keys=False, width=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,16 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="fail if crds/ differs from the models")
     ap.add_argument("--stdout", action="store_true", help="print instead of writing")
     args = ap.parse_args(argv)
-    text = render()
+    texts = {path: render(r) for r in RESOURCES for path in outputs(r)}
     if args.stdout:
-        sys.stdout.write(text)
+        sys.stdout.write("---\n".join(dict.fromkeys(texts.values())))
         return 0
     if args.check:
-        stale = [p for p in OUTPUTS if not p.exists() or p.read_text() != text]
+        stale = [p for p, text in texts.items() if not p.exists() or p.read_text() != text]
         for p in stale:
             print(f"{p} is out of date: run `python -m kubetune_api.crdgen`", file=sys.stderr)
         return 1 if stale else 0
-    for p in OUTPUTS:
+    for p, text in texts.items():
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
         print(f"wrote {p.relative_to(REPO_ROOT)}")

@@ -14,7 +14,8 @@ from typing import Optional
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from .models import Artifacts, Forgetting, Model, Progress
+from .common import Model
+from .finetunejob import Artifacts, Forgetting, Progress
 
 TERMINATION_MESSAGE_LIMIT = 4096
 

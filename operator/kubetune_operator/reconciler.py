@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol
 from kubetune_api import constants as C
 from kubetune_api.constants import ConditionType as CT
 from kubetune_api.constants import Phase, Reason
-from kubetune_api.models import FineTuneJob
+from kubetune_api.finetunejob import FineTuneJob
 from kubetune_api.report import TrainerReport
 
 from . import status as S

@@ -31,7 +31,8 @@ import kopf
 import yaml
 
 from kubetune_api import constants as C
-from kubetune_api.models import FineTuneJob, FineTuneJobSpec, processes_per_node
+from kubetune_api.defaults import processes_per_node
+from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec
 
 from .settings import OperatorSettings
 

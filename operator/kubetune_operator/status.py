@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 from kubetune_api.constants import ConditionType as CT
 from kubetune_api.constants import ExitCode, Phase, Reason
-from kubetune_api.models import Progress
+from kubetune_api.finetunejob import Progress
 from kubetune_api.report import TrainerReport
 
 from .render import COMPLETION_INDEX_LABEL, CONTAINER_NAME, child_names

@@ -2,7 +2,7 @@
 each starting with the field at fault in the spelling of the manifest (`spec.training.learningRate: ...`).
 
 Three layers: the pydantic models (types, ranges, patterns; the CRD schema says the same, but a CRD applied
-without validation or an older CRD must not reach the renderer), `kubetune_api.models.validate_spec` (the
+without validation or an older CRD must not reach the renderer), `kubetune_api.finetunejob.validate_spec` (the
 cross-field rules CEL cannot express) and what only the operator cares about (names it derives children from,
 PVC claim names it mounts).
 """
@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from kubetune_api.models import FineTuneJob, parse_job, validate_spec
+from kubetune_api.finetunejob import FineTuneJob, parse_job, validate_spec
 
 from .render import is_multi_node, pvc_claim, spec_uri_fields
 

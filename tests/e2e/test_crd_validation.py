@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 
+from tests import api_cases
 from tests.e2e.kubetune_fixtures import crd  # noqa: F401
 
 VALID = {
@@ -115,3 +116,12 @@ def test_kubectl_explain_reads_well(cluster, crd):
 def test_short_name_and_category(cluster, namespace, crd):
     assert cluster.kubectl("get", "ftj", "-n", namespace).returncode == 0
     assert cluster.kubectl("get", "kubetune", "-n", namespace).returncode == 0
+
+
+@pytest.mark.parametrize("case", api_cases.ALL, ids=[c.id for c in api_cases.ALL])
+def test_apiserver_refuses_what_validate_spec_refuses(cluster, namespace, crd, case):
+    """The CEL half of tests/api_cases.py (tests/unit/test_api.py feeds the same manifests to validate_spec)."""
+    obj = manifest(case.id, **case.spec)
+    result = apply(cluster, namespace, obj)
+    assert result.returncode != 0, f"{case.id} was accepted"
+    assert case.cel in result.stderr and case.needle in result.stderr, result.stderr

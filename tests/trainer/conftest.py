@@ -59,7 +59,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def make_job(tmp_path, tiny_model, tiny_data):
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     def make(*, data: str = "chat", name: str = "test-job", namespace: str = "test", **spec_overrides):
         spec = {

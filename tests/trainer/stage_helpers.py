@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from kubetune_api.models import FineTuneJob, parse_job
+from kubetune_api.finetunejob import FineTuneJob, parse_job
 from kubetune_trainer import adapters, modeling, tiny
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.stages import StageContext, get_stage

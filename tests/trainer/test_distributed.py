@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.models import FineTuneJobSpec
+from kubetune_api.finetunejob import FineTuneJobSpec
 from kubetune_trainer import checkpointing, distributed, storage
 from kubetune_trainer.errors import ConfigError
 from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)

@@ -26,7 +26,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallbac
 
 from kubetune_api.constants import ExitCode  # noqa: E402
 from kubetune_api.metrics_catalog import JOB_LABEL, TRAINER_METRICS  # noqa: E402
-from kubetune_api.models import parse_job  # noqa: E402
+from kubetune_api.finetunejob import parse_job  # noqa: E402
 from kubetune_api.report import TrainerReport  # noqa: E402
 from kubetune_trainer.errors import DataError, DivergedError  # noqa: E402
 from kubetune_trainer.monitoring import RunMonitor, plot_curves, read_metrics, reference_perplexity  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.models import RewardFunction
+from kubetune_api.finetunejob import RewardFunction
 from kubetune_trainer import rewards, tiny
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.rewards import builtin
@@ -389,7 +389,7 @@ def test_every_example_manifests_builtin_rewards_build():
     inside the pod)."""
     import yaml as _yaml
 
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
     from kubetune_trainer import rewards as _rewards
 
     checked = 0

@@ -45,7 +45,7 @@ def reward_model(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_with_adapter_trains_and_leaves_reloadable_artifacts(stage, adapter, tiny_model, tiny_data,
                                                                    reward_model, run_job, tmp_path):
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     data, block = STAGES[stage]
     block = json.loads(json.dumps(block))

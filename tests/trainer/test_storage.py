@@ -194,7 +194,7 @@ def test_file_fetch_missing_names_uri_and_neighbours(tmp_path):
 def test_output_store_refuses_hf_and_for_job_root():
     with pytest.raises(ConfigError, match="spec.output.uri"):
         storage.OutputStore("hf://org/name")
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     job = parse_job({"metadata": {"name": "sft-1", "namespace": "team-a"}, "spec": {
         "stage": "sft", "model": {"source": "file:///m"},

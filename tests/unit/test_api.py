@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_api import crdgen
-from kubetune_api.models import FineTuneJobSpec, parse_job, validate_spec
+from tests import api_cases
+from kubetune_api.finetunejob import FineTuneJobSpec, parse_job, validate_spec
 
 BASE = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -143,7 +144,53 @@ def test_custom_reward_needs_source():
 def test_cel_rules_mirror_python_rules():
     """Every stage/format pairing enforced in Python is also a CEL rule (the apiserver refuses first)."""
     rules = [r["rule"] for r in crdgen.spec_schema()["x-kubernetes-validations"]]
-    from kubetune_api.models import STAGE_FORMATS
+    from kubetune_api.finetunejob import STAGE_FORMATS
     for stage in STAGE_FORMATS:
         assert any(f"self.stage != '{stage}'" in r and "dataset.format" in r for r in rules), stage
     assert any("oldSelf" in r for r in rules), "immutability rules missing"
+
+
+# ---- One rule set, two enforcers: the same malformed manifests (tests/api_cases.py) go to validate_spec()
+# here and to the real apiserver in tests/e2e/test_crd_validation.py; here we also check that every CEL rule
+# has a case and every case a CEL rule, so a rule added on one side only fails a test.
+def _cel_rules(node, path="spec"):
+    """(field the apiserver names, rule) for every spec rule that does not compare with oldSelf."""
+    for rule in node.get("x-kubernetes-validations", []):
+        if "oldSelf" not in rule["rule"]:
+            yield path + rule.get("fieldPath", ""), rule
+    for name, sub in node.get("properties", {}).items():
+        yield from _cel_rules(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _cel_rules(node["items"], path)
+
+
+def _case_job(case):
+    return {**BASE, "spec": {**BASE["spec"], **case.spec}}
+
+
+def _covers(case, field, rule):
+    return field == case.cel and case.needle in rule["message"]
+
+
+@pytest.mark.parametrize("case", api_cases.ALL, ids=[c.id for c in api_cases.ALL])
+def test_validate_spec_refuses_what_cel_refuses(case):
+    spec = parse_job(_case_job(case)).spec  # schema-valid: only a cross-field rule is broken
+    errors = validate_spec(spec)
+    if case.python is None:
+        assert errors == [], f"{case.id} is now checked in Python too: set its `python` field in api_cases"
+    else:
+        assert any(e.startswith(case.python) for e in errors), errors
+        assert len(errors) == 1, f"{case.id} should break one rule only: {errors}"
+
+
+@pytest.mark.parametrize("case", api_cases.ALL, ids=[c.id for c in api_cases.ALL])
+def test_every_case_has_a_cel_rule(case):
+    rules = list(_cel_rules(crdgen.spec_schema()))
+    assert any(_covers(case, f, r) for f, r in rules), f"no CEL rule at {case.cel} saying '{case.needle}'"
+
+
+def test_every_cel_rule_has_a_case():
+    for field, rule in _cel_rules(crdgen.spec_schema()):
+        assert any(_covers(c, field, rule) for c in api_cases.ALL), (
+            f"CEL rule at {field} ({rule['message']}) has no case in tests/api_cases.py: add one, saying whether "
+            "validate_spec() repeats it")

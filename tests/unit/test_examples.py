@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from kubetune_api import constants as C
-from kubetune_api.models import AdapterType, Stage, parse_job, validate_spec
+from kubetune_api.finetunejob import AdapterType, Stage, parse_job, validate_spec
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

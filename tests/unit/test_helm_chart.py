@@ -575,7 +575,7 @@ def test_pod_monitor_selects_the_pods_the_operator_renders():
         from kubetune_operator import render as operator_render
     except ModuleNotFoundError:
         pytest.skip("operator/kubetune_operator/render.py not written yet")
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     body = yaml.safe_load((REPO / "examples" / "stage-sft.yaml").read_text())
     body["metadata"].update(namespace="team-a", uid="00000000-0000-0000-0000-000000000000")

@@ -333,7 +333,7 @@ def _rendered_trainer_pod(example: str) -> dict:
     if not hasattr(render, "render_job"):
         pytest.skip("kubetune_operator.render has no render_job(job, body) -> batch/v1 Job dict: align this test "
                     "with the operator's renderer")
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     body = yaml.safe_load((REPO / "examples" / example).read_text())
     body["metadata"].update(namespace="default", uid="00000000-0000-0000-0000-000000000000", generation=1)

@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kubetune_api.models import FineTuneJobSpec, effective_lora
+from kubetune_api.defaults import effective_lora
+from kubetune_api.finetunejob import FineTuneJobSpec
 
 from .errors import ConfigError
 
@@ -151,7 +152,7 @@ def training_args_additions(spec: FineTuneJobSpec) -> dict:
     """TrainingArguments entries the adapter type adds (GaLore's optimizer and its settings)."""
     if spec.adapter.type != "galore":
         return {}
-    from kubetune_api.models import GaLoreSpec
+    from kubetune_api.finetunejob import GaLoreSpec
 
     g = spec.adapter.galore or GaLoreSpec()
     return {

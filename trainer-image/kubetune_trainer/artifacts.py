@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from kubetune_api.models import Artifacts, FineTuneJob, Forgetting
+from kubetune_api.finetunejob import Artifacts, FineTuneJob, Forgetting
 
 from . import adapters
 from .data import file_digest

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kubetune_api.constants import KIND
-from kubetune_api.models import FineTuneJob, parse_job, validate_spec
+from kubetune_api.finetunejob import FineTuneJob, parse_job, validate_spec
 
 from .errors import ConfigError
 
@@ -145,7 +145,7 @@ def apply_settings(job: FineTuneJob, settings: RunSettings) -> FineTuneJob:
 
 
 def validate_job(job: FineTuneJob) -> None:
-    """The cross-field checks CEL cannot express (kubetune_api.models.validate_spec), as one ConfigError.
+    """The cross-field checks CEL cannot express (kubetune_api.finetunejob.validate_spec), as one ConfigError.
 
     A manifest run locally never went through the apiserver, so its CEL rules are repeated here in the form
     the trainer can check: the stage/format pairing is the one that matters most at run time."""

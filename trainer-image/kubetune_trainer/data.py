@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from kubetune_api.models import ColumnMapping, DatasetSpec, effective_eval_fraction
+from kubetune_api.defaults import effective_eval_fraction
+from kubetune_api.finetunejob import ColumnMapping, DatasetSpec
 
 from .errors import DataError
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from kubetune_api.models import FineTuneJobSpec
+from kubetune_api.finetunejob import FineTuneJobSpec
 
 from .errors import ConfigError
 

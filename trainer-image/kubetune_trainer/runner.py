@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from kubetune_api.models import FineTuneJob, Forgetting
+from kubetune_api.finetunejob import FineTuneJob, Forgetting
 from kubetune_api.report import TrainerReport
 
 from . import config

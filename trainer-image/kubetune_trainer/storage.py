@@ -6,7 +6,7 @@
     store.publish_dir(Path("out/adapter"), "adapter")          # readers never see half of it
     store.read_text("manifest.json")
 
-URI forms (kubetune_api.models.URI_PATTERN):
+URI forms (kubetune_api.common.URI_PATTERN):
 - file:///abs/path        the path itself (a relative path resolves against the working directory: local runs).
 - pvc://<claim>/<path>    the operator mounts each claim at /mnt/pvc/<claim>; KUBETUNE_PVC_ROOT moves the root.
 - s3://bucket/key         an object -> a file; a prefix -> a folder (every object below it). Downloads land under

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kubetune_api.models import FineTuneJob
+from kubetune_api.finetunejob import FineTuneJob
 
 from . import adapters, distributed, modeling
 from .errors import ConfigError

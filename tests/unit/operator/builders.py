@@ -11,7 +11,7 @@ import json
 from typing import Any, Optional
 
 from kubetune_api import constants as C
-from kubetune_api.models import parse_job
+from kubetune_api.finetunejob import parse_job
 from kubetune_operator.kube import ApiError, object_path
 from kubetune_operator.render import COMPLETION_INDEX_LABEL, child_names
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune_api import constants as C
-from kubetune_api.models import parse_job
+from kubetune_api.finetunejob import parse_job
 from kubetune_operator import render as R
 from kubetune_operator.settings import OperatorSettings
 from tests.unit.operator.builders import NS, SECRET_VALUE, UID, ftj, model

@@ -34,7 +34,7 @@ from prometheus_client.exposition import choose_encoder
 
 from kubetune_api.constants import DEFAULT_METRICS_PORT
 from kubetune_api.metrics_catalog import JOB_LABEL, TRAINER_METRICS
-from kubetune_api.models import Artifacts, FineTuneJob, Forgetting, Progress
+from kubetune_api.finetunejob import Artifacts, FineTuneJob, Forgetting, Progress
 from kubetune_api.report import TrainerReport
 
 from ..errors import DivergedError, TrainerError

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from kubetune_api.models import FineTuneJob, FineTuneJobSpec
+from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec
 
 
 @dataclass

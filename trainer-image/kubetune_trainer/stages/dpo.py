@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 
-from kubetune_api.models import DPOParams
+from kubetune_api.finetunejob import DPOParams
 
 from . import register
 from .base import Stage, StageContext

@@ -15,7 +15,7 @@ the model is wrapped. The reference model is chosen as for DPO (adapter disabled
 
 from __future__ import annotations
 
-from kubetune_api.models import KTOParams
+from kubetune_api.finetunejob import KTOParams
 
 from ..errors import ConfigError
 from . import register

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 
-from kubetune_api.models import ORPOParams
+from kubetune_api.finetunejob import ORPOParams
 
 from . import register
 from .base import Stage, StageContext

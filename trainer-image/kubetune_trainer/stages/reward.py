@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from kubetune_api.models import RewardModelParams
+from kubetune_api.finetunejob import RewardModelParams
 
 from . import register
 from .base import Stage, StageContext

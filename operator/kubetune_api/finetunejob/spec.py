@@ -1,62 +1,23 @@
-"""The FineTuneJob API (kubetune.dev/v1alpha1): the single source of truth.
+"""The FineTuneJob resource's spec: what to train (stage, model, data, adapter, hyper-parameters), with which
+resources, and where results go; plus the whole-object model the trainer and tests parse manifests into.
 
-`crds/` is generated from these models (`python -m kubetune_api.crdgen`), the operator validates and renders
-from them, and the trainer parses the resolved spec with them. Field descriptions become `kubectl explain`
-text, so they are written for the person reading a manifest. Cross-field rules live next to the model they
-constrain (`x-kubernetes-validations`, CEL) so the apiserver rejects bad manifests before the operator sees
-them; `validate_spec()` repeats the ones CEL cannot express.
-
-Defaults that depend on other fields (e.g. LoRA rank, which must be absent for `full`) are *not* schema
-defaults: they are applied in code (`effective_*` helpers), and the descriptions say what they are.
+Field descriptions become `kubectl explain` text, so they are written for the person reading a manifest.
+Rules that involve one model sit on that model (CEL); rules that span the spec are in `rules.py`.
 """
 
 from __future__ import annotations
 
-import enum
-import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from .constants import Phase
-
-# CEL cost estimation needs bounded strings and lists: every string and list carries a max.
-NAME_MAX = 253
-URI_MAX = 2048
-LIST_MAX = 64
-URI_PATTERN = r"^(s3|file|pvc|hf)://.+"
-
-
-def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
-    """One x-kubernetes-validations entry (apiextensions.k8s.io/v1 ValidationRule)."""
-    out = {"rule": rule, "message": message}
-    if field_path:
-        out["fieldPath"] = field_path
-    if reason:
-        out["reason"] = reason
-    return out
-
-
-def validations(*rules: dict) -> dict:
-    return {"x-kubernetes-validations": list(rules)}
-
-
-class Model(BaseModel):
-    """Base: camelCase on the wire, snake_case in Python, unknown fields refused (the CRD prunes them anyway)."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True,
-        validate_default=True,
-    )
-
-    def to_k8s(self) -> dict:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
-
-
-class StrEnum(str, enum.Enum):
-    def __str__(self) -> str:  # pragma: no cover - cosmetic
-        return self.value
+from ..cel import cel, validations
+from ..common import (
+    LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, Model, ObjectMeta, StorageCredentials, StrEnum, Toleration,
+)
+from .rules import SPEC_CREATE_RULES, SPEC_RULES
+from .status import FineTuneJobStatus
 
 
 class Stage(StrEnum):
@@ -86,42 +47,6 @@ class DatasetFormat(StrEnum):
     PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}
     UNPAIRED_PREFERENCE = "unpaired_preference"  # {"prompt", "completion", "label": bool}
     PROMPT_ONLY = "prompt_only"  # {"prompt", ...extra columns handed to reward functions}
-
-
-# Which dataset formats each stage accepts. Used by CEL (rendered into the rule) and by validate_spec().
-STAGE_FORMATS: dict[str, list[str]] = {
-    "cpt": ["text"],
-    "sft": ["chat", "prompt_completion", "text"],
-    "dpo": ["preference"],
-    "orpo": ["preference"],
-    "kto": ["unpaired_preference", "preference"],
-    "grpo": ["prompt_only"],
-    "rloo": ["prompt_only"],
-    "ppo": ["prompt_only"],
-    "reward": ["preference"],
-}
-
-
-class SecretKeyRef(Model):
-    name: str = Field(..., max_length=NAME_MAX, description="Name of a Secret in the FineTuneJob's namespace.")
-    key: str = Field(..., max_length=NAME_MAX, description="Key inside the Secret.")
-
-
-class StorageCredentials(Model):
-    """S3 credentials, only ever as a Secret reference: the operator wires them into the pod with
-    secretKeyRef and never reads them."""
-
-    secret_name: str = Field(
-        ..., max_length=NAME_MAX,
-        description="Secret in the job's namespace holding the S3 access key pair (never copied into status, "
-        "events or logs).",
-    )
-    access_key_id_key: str = Field(
-        "AWS_ACCESS_KEY_ID", max_length=NAME_MAX, description="Key in the Secret holding the access key id."
-    )
-    secret_access_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX, description="Key in the Secret holding the secret key."
-    )
 
 
 class ModelSpec(Model):
@@ -279,9 +204,6 @@ class RewardModelParams(Model):
     )
 
 
-_STAGE_BLOCKS = ["dpo", "orpo", "kto", "grpo", "rloo", "ppo", "reward"]
-
-
 class TrainingSpec(Model):
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (ignored when maxSteps is set).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -412,22 +334,6 @@ class EvaluationSpec(Model):
     )
 
 
-class Toleration(Model):
-    key: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint key.")
-    operator: Optional[str] = Field(None, json_schema_extra={"enum": ["Exists", "Equal"]}, description="Exists or Equal.")
-    value: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint value (operator Equal).")
-    effect: Optional[str] = Field(
-        None, json_schema_extra={"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]}, description="Taint effect."
-    )
-    toleration_seconds: Optional[int] = Field(None, description="For NoExecute: how long the pod stays bound.")
-
-
-QUANTITY = {
-    "x-kubernetes-int-or-string": True,
-    "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
-}
-
-
 class ResourcesSpec(Model):
     gpus: int = Field(1, ge=0, le=64, description="GPUs per node (requests = limits of gpuResourceName).")
     gpu_resource_name: str = Field(
@@ -512,52 +418,6 @@ class OutputSpec(Model):
     )
 
 
-_IMMUTABLE = ["stage", "model", "dataset", "training", "adapter", "evaluation", "output", "distributed"]
-_OPTIONAL_IMMUTABLE = ["evaluation", "distributed"]
-
-SPEC_RULES = [
-    # Immutability: what was trained must be what the spec says. Only suspend and scheduling fields change.
-    *[cel(f"self.{f} == oldSelf.{f}", f"spec.{f} is immutable once the job exists; create a new FineTuneJob",
-          field_path=f".{f}", reason="FieldValueForbidden") for f in _IMMUTABLE if f not in _OPTIONAL_IMMUTABLE],
-    *[cel(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
-          f"spec.{f} is immutable once the job exists; create a new FineTuneJob", field_path=f".{f}",
-          reason="FieldValueForbidden") for f in _OPTIONAL_IMMUTABLE],
-    cel("oldSelf.suspend == true || self.resources == oldSelf.resources",
-        "spec.resources can change only while the job is suspended (set spec.suspend: true first)",
-        field_path=".resources", reason="FieldValueForbidden"),
-]
-
-# Rules that do not compare with oldSelf (the CRD generator puts them in a separate list entry).
-SPEC_CREATE_RULES = [
-    *[{**cel(f"self.stage != '{stage}' || self.dataset.format in {formats!r}",
-             f"stage {stage} needs dataset.format {' or '.join(formats)}", field_path=".dataset.format"),
-       "messageExpression": f"'stage {stage} needs dataset.format {' or '.join(formats)}, got ' + self.dataset.format"}
-      for stage, formats in STAGE_FORMATS.items()],
-    *[cel(f"!has(self.training.{b}) || self.stage == '{b}'",
-          f"spec.training.{b} is only for stage {b}; remove it or set stage: {b}", field_path=f".training.{b}",
-          reason="FieldValueForbidden") for b in _STAGE_BLOCKS],
-    cel("self.stage != 'grpo' || has(self.training.grpo)",
-        "stage grpo needs spec.training.grpo.rewards (at least one reward function, e.g. {name: exact_match})",
-        field_path=".training.grpo", reason="FieldValueRequired"),
-    cel("self.stage != 'ppo' || has(self.training.ppo)",
-        "stage ppo needs spec.training.ppo.rewardModel (a reward model URI)", field_path=".training.ppo",
-        reason="FieldValueRequired"),
-    cel("self.stage != 'rloo' || (has(self.training.rloo) && (has(self.training.rloo.rewardModel) || "
-        "(has(self.training.rloo.rewards) && size(self.training.rloo.rewards) > 0)))",
-        "stage rloo needs spec.training.rloo.rewardModel or at least one entry in spec.training.rloo.rewards",
-        field_path=".training.rloo", reason="FieldValueRequired"),
-    cel("self.stage != 'reward' || !has(self.evaluation) || !has(self.evaluation.reference)",
-        "the forgetting check measures language-model perplexity; stage reward trains a classifier: remove "
-        "evaluation.reference", field_path=".evaluation.reference", reason="FieldValueForbidden"),
-    cel("!has(self.dataset.eval) || !has(self.dataset.evalFraction)",
-        "set either dataset.eval or dataset.evalFraction, not both", field_path=".dataset.evalFraction"),
-    cel("!has(self.distributed) || !has(self.distributed.deepspeed) || self.adapter.type != 'qlora' || "
-        "self.distributed.deepspeed.zeroStage != 3",
-        "qlora cannot be combined with DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); use zeroStage 2",
-        field_path=".distributed.deepspeed.zeroStage"),
-]
-
-
 class FineTuneJobSpec(Model):
     model_config = ConfigDict(json_schema_extra=validations(*SPEC_CREATE_RULES, *SPEC_RULES))
 
@@ -591,83 +451,6 @@ class FineTuneJobSpec(Model):
     )
 
 
-class Condition(Model):
-    """Shaped like metav1.Condition."""
-
-    type: str = Field(..., max_length=316, description="Condition type, e.g. Succeeded.")
-    status: str = Field(..., json_schema_extra={"enum": ["True", "False", "Unknown"]}, description="True, False or Unknown.")
-    reason: str = Field(..., max_length=1024, description="CamelCase reason for the last transition.")
-    message: str = Field("", max_length=32768, description="Human-readable detail.")
-    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})
-    observed_generation: Optional[int] = Field(None, ge=0, description="The .metadata.generation this condition was set for.")
-
-
-class Progress(Model):
-    step: Optional[int] = Field(None, description="Optimizer steps done.")
-    total_steps: Optional[int] = Field(None, description="Optimizer steps planned.")
-    summary: Optional[str] = Field(None, description="step/total (percent), shown in `kubectl get`.")
-    epoch: Optional[float] = Field(None, description="Epochs done (fractional).")
-    loss: Optional[float] = Field(None, description="Latest train loss.")
-    eval_loss: Optional[float] = Field(None, description="Latest eval loss.")
-    perplexity: Optional[float] = Field(None, description="Latest eval perplexity (exp of eval loss).")
-    learning_rate: Optional[float] = Field(None, description="Latest learning rate.")
-    tokens_per_second: Optional[float] = Field(None, description="Training throughput.")
-    eta_seconds: Optional[int] = Field(None, description="Estimated seconds to completion.")
-    last_progress_time: Optional[str] = Field(None, description="When the step count last increased.")
-
-
-class Forgetting(Model):
-    reference_perplexity_before: Optional[float] = Field(None, description="Reference-set perplexity before training.")
-    reference_perplexity_after: Optional[float] = Field(None, description="Reference-set perplexity after training.")
-    relative_change: Optional[float] = Field(None, description="after/before - 1.")
-    threshold: Optional[float] = Field(None, description="The configured threshold.")
-    exceeded: Optional[bool] = Field(None, description="relativeChange > threshold.")
-
-
-class Artifacts(Model):
-    output_uri: Optional[str] = Field(None, description="This job's output prefix.")
-    adapter_uri: Optional[str] = Field(None, description="The trained adapter (PEFT format) or full model.")
-    merged_model_uri: Optional[str] = Field(None, description="The merged model, when requested.")
-    manifest_uri: Optional[str] = Field(None, description="manifest.json (digests, config, metrics, versions).")
-    latest_checkpoint: Optional[str] = Field(None, description="The latest complete checkpoint.")
-
-
-class Workload(Model):
-    kind: Optional[str] = Field(None, description="Kind of the child workload (Job).")
-    name: Optional[str] = Field(None, description="Name of the child Job.")
-    service: Optional[str] = Field(None, description="Headless Service for multi-node rendezvous.")
-    config_map: Optional[str] = Field(None, description="ConfigMap holding the resolved trainer config.")
-
-
-class FineTuneJobStatus(Model):
-    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
-
-    observed_generation: Optional[int] = Field(None, description="The .metadata.generation last reconciled.")
-    phase: Optional[str] = Field(None, json_schema_extra={"enum": Phase.ALL}, description="Pending, Suspended, Running, Succeeded or Failed (derived from conditions).")
-    conditions: Optional[list[Condition]] = Field(
-        None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-        description="Latest observations (metav1.Condition).",
-    )
-    start_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the trainer first started running.")
-    completion_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the job finished.")
-    workload: Optional[Workload] = Field(None, description="Child objects.")
-    restart_count: Optional[int] = Field(None, description="Pod (re)starts after the first (failures and preemptions).")
-    progress: Optional[Progress] = Field(None, description="Training progress, updated while running.")
-    forgetting: Optional[Forgetting] = Field(None, description="Result of the forgetting check.")
-    artifacts: Optional[Artifacts] = Field(None, description="Where the results are.")
-    message: Optional[str] = Field(None, description="Last notable event, human-readable.")
-
-
-class ObjectMeta(Model):
-    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
-    name: str = Field("local", max_length=NAME_MAX)
-    namespace: str = Field("default", max_length=NAME_MAX)
-    uid: Optional[str] = None
-    generation: Optional[int] = None
-    labels: Optional[dict[str, str]] = None
-    annotations: Optional[dict[str, str]] = None
-
-
 class FineTuneJob(Model):
     """The whole object; used by the trainer (`kubetune run`) and tests, not for the CRD schema root."""
 
@@ -677,84 +460,6 @@ class FineTuneJob(Model):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: FineTuneJobSpec
     status: Optional[FineTuneJobStatus] = None
-
-
-# --------------------------------------------------------------------------------------------------------
-# Validation CEL cannot do (or should not, for cost): called by the operator (PermanentError) and by the
-# trainer before training. Returns a list of "field: problem; fix" strings.
-# --------------------------------------------------------------------------------------------------------
-_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-
-
-def validate_spec(spec: FineTuneJobSpec) -> list[str]:
-    errors: list[str] = []
-    stage = spec.stage
-    fmt = spec.dataset.format
-    if fmt not in STAGE_FORMATS[stage]:
-        errors.append(f"spec.dataset.format: stage {stage} needs one of {STAGE_FORMATS[stage]}, got {fmt}")
-    for block in _STAGE_BLOCKS:
-        if getattr(spec.training, block) is not None and block != stage:
-            errors.append(f"spec.training.{block}: only for stage {block}; remove it or set stage: {block}")
-    if stage == "grpo" and (spec.training.grpo is None or not spec.training.grpo.rewards):
-        errors.append("spec.training.grpo.rewards: stage grpo needs at least one reward function")
-    if stage == "ppo" and spec.training.ppo is None:
-        errors.append("spec.training.ppo.rewardModel: stage ppo needs a reward model URI")
-    if stage == "rloo":
-        r = spec.training.rloo
-        if r is None or (r.reward_model is None and not r.rewards):
-            errors.append("spec.training.rloo: stage rloo needs rewardModel or rewards")
-    a = spec.adapter
-    lora_fields = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targetModules": a.target_modules,
-                   "useRslora": a.use_rslora, "init": a.init}
-    if a.type in ("full", "galore"):
-        bad = [k for k, v in lora_fields.items() if v is not None]
-        if bad:
-            errors.append(f"spec.adapter.{bad[0]}: not allowed with adapter type {a.type} (remove {', '.join(bad)})")
-    if a.quantization is not None and a.type != "qlora":
-        errors.append("spec.adapter.quantization: only for adapter type qlora")
-    if a.galore is not None and a.type != "galore":
-        errors.append("spec.adapter.galore: only for adapter type galore")
-    if stage == "reward" and spec.evaluation and spec.evaluation.reference:
-        errors.append("spec.evaluation.reference: the forgetting check measures language-model perplexity, but "
-                      "stage reward trains a sequence classifier; remove evaluation.reference")
-    rewards = (spec.training.grpo.rewards if spec.training.grpo else []) + (
-        spec.training.rloo.rewards or [] if spec.training.rloo else [])
-    for i, r in enumerate(rewards):
-        custom = ":" in r.name
-        if custom and not r.source:
-            errors.append(f"rewards[{i}].source: custom reward '{r.name}' needs source (a .py file or folder URI)")
-    if spec.resources.nodes > 1 and spec.distributed and spec.distributed.backend == "nccl" and spec.resources.gpus == 0:
-        errors.append("spec.distributed.backend: nccl needs GPUs (resources.gpus >= 1); use gloo or auto")
-    return errors
-
-
-# --------------------------------------------------------------------------------------------------------
-# Effective values (defaults that depend on other fields). The trainer and the operator both use these so
-# that what the manifest says and what runs cannot disagree.
-# --------------------------------------------------------------------------------------------------------
-def effective_lora(a: AdapterSpec) -> dict:
-    rank = a.rank or 16
-    return {
-        "r": rank,
-        "lora_alpha": a.alpha if a.alpha is not None else 2 * rank,
-        "lora_dropout": a.dropout if a.dropout is not None else 0.05,
-        "target_modules": a.target_modules or ["all-linear"],
-        "use_rslora": bool(a.use_rslora),
-        "init": a.init or "default",
-    }
-
-
-def effective_eval_fraction(d: DatasetSpec) -> float:
-    if d.eval:
-        return 0.0
-    return 0.1 if d.eval_fraction is None else d.eval_fraction
-
-
-def processes_per_node(spec: FineTuneJobSpec) -> int:
-    d = spec.distributed
-    if d and d.processes_per_node:
-        return d.processes_per_node
-    return max(1, spec.resources.gpus)
 
 
 def parse_job(obj: dict) -> FineTuneJob:

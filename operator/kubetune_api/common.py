@@ -1,0 +1,98 @@
+"""Shared API building blocks: the pydantic `Model` base every resource uses, `StrEnum`, the size bounds CEL
+cost estimation needs, and the small Kubernetes-shaped types more than one resource embeds (Secret refs,
+tolerations, resource quantities, metav1-style Condition and ObjectMeta)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# CEL cost estimation needs bounded strings and lists: every string and list carries a max.
+NAME_MAX = 253
+URI_MAX = 2048
+LIST_MAX = 64
+URI_PATTERN = r"^(s3|file|pvc|hf)://.+"
+
+
+class Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields refused (the CRD prunes them anyway)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True,
+        validate_default=True,
+    )
+
+    def to_k8s(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class StrEnum(str, enum.Enum):
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.value
+
+
+class SecretKeyRef(Model):
+    name: str = Field(..., max_length=NAME_MAX, description="Name of a Secret in the FineTuneJob's namespace.")
+    key: str = Field(..., max_length=NAME_MAX, description="Key inside the Secret.")
+
+
+class StorageCredentials(Model):
+    """S3 credentials, only ever as a Secret reference: the operator wires them into the pod with
+    secretKeyRef and never reads them."""
+
+    secret_name: str = Field(
+        ..., max_length=NAME_MAX,
+        description="Secret in the job's namespace holding the S3 access key pair (never copied into status, "
+        "events or logs).",
+    )
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", max_length=NAME_MAX, description="Key in the Secret holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX, description="Key in the Secret holding the secret key."
+    )
+
+
+
+class Toleration(Model):
+    key: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint key.")
+    operator: Optional[str] = Field(None, json_schema_extra={"enum": ["Exists", "Equal"]}, description="Exists or Equal.")
+    value: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint value (operator Equal).")
+    effect: Optional[str] = Field(
+        None, json_schema_extra={"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]}, description="Taint effect."
+    )
+    toleration_seconds: Optional[int] = Field(None, description="For NoExecute: how long the pod stays bound.")
+
+
+QUANTITY = {
+    "x-kubernetes-int-or-string": True,
+    "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+}
+
+
+
+class Condition(Model):
+    """Shaped like metav1.Condition."""
+
+    type: str = Field(..., max_length=316, description="Condition type, e.g. Succeeded.")
+    status: str = Field(..., json_schema_extra={"enum": ["True", "False", "Unknown"]}, description="True, False or Unknown.")
+    reason: str = Field(..., max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field("", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})
+    observed_generation: Optional[int] = Field(None, ge=0, description="The .metadata.generation this condition was set for.")
+
+
+
+class ObjectMeta(Model):
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+    name: str = Field("local", max_length=NAME_MAX)
+    namespace: str = Field("default", max_length=NAME_MAX)
+    uid: Optional[str] = None
+    generation: Optional[int] = None
+    labels: Optional[dict[str, str]] = None
+    annotations: Optional[dict[str, str]] = None
+
+

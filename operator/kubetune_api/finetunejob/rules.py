@@ -1,0 +1,129 @@
+"""The FineTuneJob's cross-field rules, in both of the forms they are enforced: CEL (the apiserver refuses a
+bad manifest at `kubectl apply`) and `validate_spec()` (the operator before rendering, the trainer before
+training, and `kubetune run`, which never meets an apiserver).
+
+One place for both: the stage/format and stage/block rules are generated from the same tables
+(`STAGE_FORMATS`, `STAGE_BLOCKS`); the hand-written pairs are checked against each other by
+tests/unit/test_api.py (static coverage) and tests/e2e/test_crd_validation.py (the real apiserver), which
+feed both sides the same malformed manifests (tests/api_cases.py). Rules only one side can express are
+marked as such below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..cel import cel
+
+if TYPE_CHECKING:  # the spec module imports this one to attach the CEL rules
+    from .spec import FineTuneJobSpec
+
+# Which dataset formats each stage accepts. Used by CEL (rendered into the rule) and by validate_spec().
+STAGE_FORMATS: dict[str, list[str]] = {
+    "cpt": ["text"],
+    "sft": ["chat", "prompt_completion", "text"],
+    "dpo": ["preference"],
+    "orpo": ["preference"],
+    "kto": ["unpaired_preference", "preference"],
+    "grpo": ["prompt_only"],
+    "rloo": ["prompt_only"],
+    "ppo": ["prompt_only"],
+    "reward": ["preference"],
+}
+
+STAGE_BLOCKS = ["dpo", "orpo", "kto", "grpo", "rloo", "ppo", "reward"]
+
+_IMMUTABLE = ["stage", "model", "dataset", "training", "adapter", "evaluation", "output", "distributed"]
+_OPTIONAL_IMMUTABLE = ["evaluation", "distributed"]
+
+SPEC_RULES = [
+    # Immutability: what was trained must be what the spec says. Only suspend and scheduling fields change.
+    *[cel(f"self.{f} == oldSelf.{f}", f"spec.{f} is immutable once the job exists; create a new FineTuneJob",
+          field_path=f".{f}", reason="FieldValueForbidden") for f in _IMMUTABLE if f not in _OPTIONAL_IMMUTABLE],
+    *[cel(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+          f"spec.{f} is immutable once the job exists; create a new FineTuneJob", field_path=f".{f}",
+          reason="FieldValueForbidden") for f in _OPTIONAL_IMMUTABLE],
+    cel("oldSelf.suspend == true || self.resources == oldSelf.resources",
+        "spec.resources can change only while the job is suspended (set spec.suspend: true first)",
+        field_path=".resources", reason="FieldValueForbidden"),
+]
+
+# Rules that do not compare with oldSelf (the CRD generator puts them in a separate list entry).
+SPEC_CREATE_RULES = [
+    *[{**cel(f"self.stage != '{stage}' || self.dataset.format in {formats!r}",
+             f"stage {stage} needs dataset.format {' or '.join(formats)}", field_path=".dataset.format"),
+       "messageExpression": f"'stage {stage} needs dataset.format {' or '.join(formats)}, got ' + self.dataset.format"}
+      for stage, formats in STAGE_FORMATS.items()],
+    *[cel(f"!has(self.training.{b}) || self.stage == '{b}'",
+          f"spec.training.{b} is only for stage {b}; remove it or set stage: {b}", field_path=f".training.{b}",
+          reason="FieldValueForbidden") for b in STAGE_BLOCKS],
+    cel("self.stage != 'grpo' || has(self.training.grpo)",
+        "stage grpo needs spec.training.grpo.rewards (at least one reward function, e.g. {name: exact_match})",
+        field_path=".training.grpo", reason="FieldValueRequired"),
+    cel("self.stage != 'ppo' || has(self.training.ppo)",
+        "stage ppo needs spec.training.ppo.rewardModel (a reward model URI)", field_path=".training.ppo",
+        reason="FieldValueRequired"),
+    cel("self.stage != 'rloo' || (has(self.training.rloo) && (has(self.training.rloo.rewardModel) || "
+        "(has(self.training.rloo.rewards) && size(self.training.rloo.rewards) > 0)))",
+        "stage rloo needs spec.training.rloo.rewardModel or at least one entry in spec.training.rloo.rewards",
+        field_path=".training.rloo", reason="FieldValueRequired"),
+    cel("self.stage != 'reward' || !has(self.evaluation) || !has(self.evaluation.reference)",
+        "the forgetting check measures language-model perplexity; stage reward trains a classifier: remove "
+        "evaluation.reference", field_path=".evaluation.reference", reason="FieldValueForbidden"),
+    cel("!has(self.dataset.eval) || !has(self.dataset.evalFraction)",
+        "set either dataset.eval or dataset.evalFraction, not both", field_path=".dataset.evalFraction"),
+    cel("!has(self.distributed) || !has(self.distributed.deepspeed) || self.adapter.type != 'qlora' || "
+        "self.distributed.deepspeed.zeroStage != 3",
+        "qlora cannot be combined with DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); use zeroStage 2",
+        field_path=".distributed.deepspeed.zeroStage"),
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Python side: called by the operator (PermanentError) and by the trainer before training. It repeats the
+# CEL rules above that `kubetune run` must also enforce (no apiserver there) and adds what CEL cannot do (or
+# should not, for cost): custom rewards need a source, nccl needs GPUs. CEL-only (the apiserver is the only
+# gate; not repeated here): immutability, eval vs evalFraction, qlora with ZeRO-3, offloadParams below ZeRO-3,
+# adapter alpha > 0.
+# --------------------------------------------------------------------------------------------------------
+def validate_spec(spec: FineTuneJobSpec) -> list[str]:
+    """The cross-field problems of `spec` as "field: problem; fix" strings (empty when valid)."""
+    errors: list[str] = []
+    stage = spec.stage
+    fmt = spec.dataset.format
+    if fmt not in STAGE_FORMATS[stage]:
+        errors.append(f"spec.dataset.format: stage {stage} needs one of {STAGE_FORMATS[stage]}, got {fmt}")
+    for block in STAGE_BLOCKS:
+        if getattr(spec.training, block) is not None and block != stage:
+            errors.append(f"spec.training.{block}: only for stage {block}; remove it or set stage: {block}")
+    if stage == "grpo" and (spec.training.grpo is None or not spec.training.grpo.rewards):
+        errors.append("spec.training.grpo.rewards: stage grpo needs at least one reward function")
+    if stage == "ppo" and spec.training.ppo is None:
+        errors.append("spec.training.ppo.rewardModel: stage ppo needs a reward model URI")
+    if stage == "rloo":
+        r = spec.training.rloo
+        if r is None or (r.reward_model is None and not r.rewards):
+            errors.append("spec.training.rloo: stage rloo needs rewardModel or rewards")
+    a = spec.adapter
+    lora_fields = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout, "targetModules": a.target_modules,
+                   "useRslora": a.use_rslora, "init": a.init}
+    if a.type in ("full", "galore"):
+        bad = [k for k, v in lora_fields.items() if v is not None]
+        if bad:
+            errors.append(f"spec.adapter.{bad[0]}: not allowed with adapter type {a.type} (remove {', '.join(bad)})")
+    if a.quantization is not None and a.type != "qlora":
+        errors.append("spec.adapter.quantization: only for adapter type qlora")
+    if a.galore is not None and a.type != "galore":
+        errors.append("spec.adapter.galore: only for adapter type galore")
+    if stage == "reward" and spec.evaluation and spec.evaluation.reference:
+        errors.append("spec.evaluation.reference: the forgetting check measures language-model perplexity, but "
+                      "stage reward trains a sequence classifier; remove evaluation.reference")
+    rewards = (spec.training.grpo.rewards if spec.training.grpo else []) + (
+        spec.training.rloo.rewards or [] if spec.training.rloo else [])
+    for i, r in enumerate(rewards):
+        custom = ":" in r.name
+        if custom and not r.source:
+            errors.append(f"rewards[{i}].source: custom reward '{r.name}' needs source (a .py file or folder URI)")
+    if spec.resources.nodes > 1 and spec.distributed and spec.distributed.backend == "nccl" and spec.resources.gpus == 0:
+        errors.append("spec.distributed.backend: nccl needs GPUs (resources.gpus >= 1); use gloo or auto")
+    return errors

@@ -1,0 +1,68 @@
+"""The FineTuneJob resource's status: what the operator observed (conditions, phase, child workload) and
+what the trainer reported (progress, forgetting check, artifact URIs). `report.py` reuses these shapes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from ..common import Condition, Model
+from ..constants import Phase
+
+
+class Progress(Model):
+    step: Optional[int] = Field(None, description="Optimizer steps done.")
+    total_steps: Optional[int] = Field(None, description="Optimizer steps planned.")
+    summary: Optional[str] = Field(None, description="step/total (percent), shown in `kubectl get`.")
+    epoch: Optional[float] = Field(None, description="Epochs done (fractional).")
+    loss: Optional[float] = Field(None, description="Latest train loss.")
+    eval_loss: Optional[float] = Field(None, description="Latest eval loss.")
+    perplexity: Optional[float] = Field(None, description="Latest eval perplexity (exp of eval loss).")
+    learning_rate: Optional[float] = Field(None, description="Latest learning rate.")
+    tokens_per_second: Optional[float] = Field(None, description="Training throughput.")
+    eta_seconds: Optional[int] = Field(None, description="Estimated seconds to completion.")
+    last_progress_time: Optional[str] = Field(None, description="When the step count last increased.")
+
+
+class Forgetting(Model):
+    reference_perplexity_before: Optional[float] = Field(None, description="Reference-set perplexity before training.")
+    reference_perplexity_after: Optional[float] = Field(None, description="Reference-set perplexity after training.")
+    relative_change: Optional[float] = Field(None, description="after/before - 1.")
+    threshold: Optional[float] = Field(None, description="The configured threshold.")
+    exceeded: Optional[bool] = Field(None, description="relativeChange > threshold.")
+
+
+class Artifacts(Model):
+    output_uri: Optional[str] = Field(None, description="This job's output prefix.")
+    adapter_uri: Optional[str] = Field(None, description="The trained adapter (PEFT format) or full model.")
+    merged_model_uri: Optional[str] = Field(None, description="The merged model, when requested.")
+    manifest_uri: Optional[str] = Field(None, description="manifest.json (digests, config, metrics, versions).")
+    latest_checkpoint: Optional[str] = Field(None, description="The latest complete checkpoint.")
+
+
+class Workload(Model):
+    kind: Optional[str] = Field(None, description="Kind of the child workload (Job).")
+    name: Optional[str] = Field(None, description="Name of the child Job.")
+    service: Optional[str] = Field(None, description="Headless Service for multi-node rendezvous.")
+    config_map: Optional[str] = Field(None, description="ConfigMap holding the resolved trainer config.")
+
+
+class FineTuneJobStatus(Model):
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    observed_generation: Optional[int] = Field(None, description="The .metadata.generation last reconciled.")
+    phase: Optional[str] = Field(None, json_schema_extra={"enum": Phase.ALL}, description="Pending, Suspended, Running, Succeeded or Failed (derived from conditions).")
+    conditions: Optional[list[Condition]] = Field(
+        None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Latest observations (metav1.Condition).",
+    )
+    start_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the trainer first started running.")
+    completion_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the job finished.")
+    workload: Optional[Workload] = Field(None, description="Child objects.")
+    restart_count: Optional[int] = Field(None, description="Pod (re)starts after the first (failures and preemptions).")
+    progress: Optional[Progress] = Field(None, description="Training progress, updated while running.")
+    forgetting: Optional[Forgetting] = Field(None, description="Result of the forgetting check.")
+    artifacts: Optional[Artifacts] = Field(None, description="Where the results are.")
+    message: Optional[str] = Field(None, description="Last notable event, human-readable.")

@@ -1,0 +1,78 @@
+"""The registry of kubetune's custom resources: one `Resource` entry per CRD, holding what the CRD generator
+needs beyond the typed models (names, printer columns, root rules). Adding a CRD is one entry here plus its
+package; `python -m kubetune_api.crdgen` then writes crds/ and the chart copy for every entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import constants as C
+from .finetunejob import FineTuneJobSpec, FineTuneJobStatus
+
+
+@dataclass(frozen=True)
+class Resource:
+    kind: str
+    plural: str
+    singular: str
+    spec_model: type[BaseModel]
+    status_model: type[BaseModel]
+    description: str  # the root schema's description (kubectl explain <kind>)
+    spec_description: str
+    status_description: str
+    short_names: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    scope: str = "Namespaced"
+    group: str = C.GROUP
+    version: str = C.VERSION
+    printer_columns: list[dict[str, Any]] = field(default_factory=list)
+    # Spec fields whose model uses default_factory: the apiserver must default them to {} so that CEL rules
+    # can read e.g. self.adapter.type on a manifest that omits `adapter` (nested defaults then fill the rest).
+    object_defaults: tuple[str, ...] = ()
+    root_validations: list[dict[str, Any]] = field(default_factory=list)  # rules on the whole object
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{self.group}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.group}_{self.plural}.yaml"
+
+
+FINETUNEJOB = Resource(
+    kind=C.KIND, plural=C.PLURAL, singular=C.SINGULAR, short_names=C.SHORT_NAMES, categories=C.CATEGORIES,
+    spec_model=FineTuneJobSpec, status_model=FineTuneJobStatus,
+    description="FineTuneJob fine-tunes an LLM declaratively: the operator runs the kubetune trainer in GPU pods "
+    "and stores the adapter in object storage.",
+    spec_description="Desired state: what to train, on what, with which resources, and where results go.",
+    status_description="Observed state, written by the operator.",
+    object_defaults=("adapter", "training", "resources"),
+    root_validations=[{
+        "rule": "size(self.metadata.name) <= 50",
+        "message": "metadata.name must be at most 50 characters (child Job, Service and pod names add suffixes "
+        "and must stay within 63)",
+        "reason": "FieldValueInvalid",
+    }],
+    printer_columns=[
+        {"name": "Stage", "type": "string", "jsonPath": ".spec.stage", "description": "Training stage"},
+        {"name": "Adapter", "type": "string", "jsonPath": ".spec.adapter.type", "description": "Adapter type"},
+        {"name": "Status", "type": "string", "jsonPath": ".status.phase", "description": "Phase"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "step/total"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest train loss"},
+        {"name": "PPL", "type": "number", "jsonPath": ".status.progress.perplexity", "description": "Eval perplexity"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
+        {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus", "priority": 1},
+        {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1},
+        {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1,
+         "description": "Seconds to completion"},
+        {"name": "Job", "type": "string", "jsonPath": ".status.workload.name", "priority": 1},
+    ],
+)
+
+# Every CRD kubetune installs, in generation order. Add new resources here.
+RESOURCES: list[Resource] = [FINETUNEJOB]

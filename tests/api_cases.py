@@ -1,0 +1,79 @@
+"""Malformed FineTuneJob specs shared by both enforcers of the cross-field rules, so they cannot drift apart:
+tests/unit/test_api.py feeds them to `validate_spec()` and checks a CEL rule covers each field; the real
+kube-apiserver gets the same manifests in tests/e2e/test_crd_validation.py.
+
+Each case breaks exactly one rule of an otherwise valid sft/chat spec (the overrides replace whole top-level
+spec fields). `python` is the field validate_spec() names; `cel` is the field the apiserver names (the
+fieldPath of the rule, or the object the rule sits on) and `needle` a phrase of its message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubetune_api.finetunejob import STAGE_FORMATS
+
+_PROMPTS = {"format": "prompt_only", "train": [{"uri": "s3://data/prompts.jsonl"}]}
+_PAIRS = {"format": "preference", "train": [{"uri": "s3://data/pairs.jsonl"}]}
+
+# A valid settings block for every stage that has one (used to put it on the wrong stage).
+STAGE_BLOCK_EXAMPLES = {
+    "dpo": {"beta": 0.2}, "orpo": {"beta": 0.2}, "kto": {"beta": 0.2},
+    "grpo": {"rewards": [{"name": "exact_match"}]}, "rloo": {"rewardModel": "s3://models/rm"},
+    "ppo": {"rewardModel": "s3://models/rm"}, "reward": {"centerRewardsCoefficient": 0.01},
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    spec: dict
+    cel: str
+    needle: str
+    python: str | None = None  # None: CEL-only rule (validate_spec() does not repeat it; see rules.py)
+
+
+BOTH = [
+    *[Case(f"{stage}-wrong-format",
+           {"stage": stage, "dataset": {"format": "preference" if stage == "sft" else "chat",
+                                        "train": [{"uri": "s3://data/x.jsonl"}]},
+            **({"training": {stage: STAGE_BLOCK_EXAMPLES[stage]}} if stage in STAGE_BLOCK_EXAMPLES else {})},
+           "spec.dataset.format", f"stage {stage} needs dataset.format", python="spec.dataset.format")
+      for stage in STAGE_FORMATS],
+    *[Case(f"{b}-block-on-sft", {"training": {b: block}}, f"spec.training.{b}", f"only for stage {b}",
+           python=f"spec.training.{b}") for b, block in STAGE_BLOCK_EXAMPLES.items()],
+    Case("grpo-without-rewards", {"stage": "grpo", "dataset": _PROMPTS}, "spec.training.grpo",
+         "at least one reward function", python="spec.training.grpo.rewards"),
+    Case("ppo-without-reward-model", {"stage": "ppo", "dataset": _PROMPTS}, "spec.training.ppo",
+         "rewardModel", python="spec.training.ppo"),
+    Case("rloo-without-block", {"stage": "rloo", "dataset": _PROMPTS}, "spec.training.rloo",
+         "rewardModel or at least one entry", python="spec.training.rloo"),
+    Case("rloo-empty-block", {"stage": "rloo", "dataset": _PROMPTS, "training": {"rloo": {"rewards": []}}},
+         "spec.training.rloo", "rewardModel or at least one entry", python="spec.training.rloo"),
+    Case("full-with-rank", {"adapter": {"type": "full", "rank": 8}}, "spec.adapter", "remove rank",
+         python="spec.adapter.rank"),
+    Case("galore-with-target-modules", {"adapter": {"type": "galore", "targetModules": ["q_proj"]}},
+         "spec.adapter", "put its settings under adapter.galore", python="spec.adapter.targetModules"),
+    Case("lora-with-quantization", {"adapter": {"type": "lora", "quantization": {"quantType": "nf4"}}},
+         "spec.adapter.quantization", "only for type qlora", python="spec.adapter.quantization"),
+    Case("lora-with-galore-block", {"adapter": {"type": "lora", "galore": {"rank": 64}}},
+         "spec.adapter.galore", "only for type galore", python="spec.adapter.galore"),
+    Case("reward-with-forgetting-check",
+         {"stage": "reward", "dataset": _PAIRS, "evaluation": {"reference": [{"uri": "s3://data/ref.txt"}]}},
+         "spec.evaluation.reference", "stage reward trains a classifier", python="spec.evaluation.reference"),
+]
+
+CEL_ONLY = [
+    Case("eval-and-eval-fraction",
+         {"dataset": {"format": "chat", "train": [{"uri": "s3://d/t.jsonl"}], "eval": [{"uri": "s3://d/e.jsonl"}],
+                      "evalFraction": 0.2}},
+         "spec.dataset.evalFraction", "not both"),
+    Case("qlora-with-zero3", {"adapter": {"type": "qlora"}, "distributed": {"deepspeed": {"zeroStage": 3}}},
+         "spec.distributed.deepspeed.zeroStage", "use zeroStage 2"),
+    Case("offload-params-below-zero3", {"distributed": {"deepspeed": {"zeroStage": 2, "offloadParams": True}}},
+         "spec.distributed.deepspeed.offloadParams", "needs zeroStage 3"),
+    Case("negative-alpha", {"adapter": {"type": "lora", "rank": 8, "alpha": -1}}, "spec.adapter.alpha",
+         "must be positive"),
+]
+
+ALL = BOTH + CEL_ONLY

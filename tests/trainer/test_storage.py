@@ -1,4 +1,4 @@
-"""storage.py against a real SeaweedFS S3 server on 127.0.0.1 and against file:// / pvc:// folders.
+"""The storage package against a real SeaweedFS S3 server on 127.0.0.1 and against file:// / pvc:// folders.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/trainer/test_storage.py -q
 """
@@ -13,6 +13,7 @@ import pytest
 
 from kubetune_trainer import storage
 from kubetune_trainer.errors import ConfigError, TrainerError
+from kubetune_trainer.storage import s3 as storage_s3
 from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)
 
 _AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -295,7 +296,7 @@ def test_wrong_credentials_clear_error_without_secret(s3env, bucket, tmp_path, m
 def test_scrub_removes_credentials_from_any_message(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
-    out = storage._scrub("key AKIAEXAMPLE secret s3cr3t-value at http://user:pw@host:9000/b")
+    out = storage.scrub("key AKIAEXAMPLE secret s3cr3t-value at http://user:pw@host:9000/b")
     assert "s3cr3t-value" not in out and "AKIAEXAMPLE" not in out and "user:pw" not in out
 
 
@@ -322,7 +323,7 @@ def test_endpoint_argument_overrides_env(s3env, bucket, tmp_path, monkeypatch):
 
 
 def test_multipart_upload_publish_and_download(s3env, bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 1024 * 1024)  # S3's minimum part size
+    monkeypatch.setattr(storage_s3, "MULTIPART_BYTES", 5 * 1024 * 1024)  # S3's minimum part size
     big = tmp_path / "src" / "model.safetensors"
     big.parent.mkdir()
     data = bytes(range(256)) * (12 * 1024 * 1024 // 256 + 7)
@@ -370,7 +371,7 @@ def test_retriable_error_when_store_unreachable(tmp_path, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = sock.getsockname()[1]
-    monkeypatch.setattr(storage, "_clients", {})
+    monkeypatch.setattr(storage_s3, "_clients", {})
     import botocore.config
 
     real = botocore.config.Config

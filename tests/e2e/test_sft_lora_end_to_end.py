@@ -240,7 +240,7 @@ def test_every_dashboard_panel_query_returns_data(cluster, sft_run):
     """Each panel of the shipped Grafana dashboard, with its variables set to this namespace, returns data from
     the real Prometheus. DCGM panels (GPU memory/utilization) need dcgm-exporter on real GPUs: excluded and
     named here."""
-    from kubetune_trainer.monitoring.dashboard_queries import panel_queries
+    from tests.dashboard_queries import panel_queries
 
     assert sft_run["wait"].returncode == 0, _diagnose(cluster, sft_run)
     assert sft_run["companions_done"], _diagnose(cluster, sft_run)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.monitoring import dashboard_queries as dq
+from tests import dashboard_queries as dq
 
 REPO = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO / "helm" / "kubetune" / "files" / "prometheus-rules"

@@ -14,7 +14,7 @@ import yaml
 
 from kubetune_api.metrics_catalog import (ALL_METRICS, BY_NAME, JOB_LABEL, OPERATOR_METRICS, TRAINER_LABELS,
                                           TRAINER_METRICS, markdown_table)
-from kubetune_trainer.monitoring import dashboard_queries as dq
+from tests import dashboard_queries as dq
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "metrics.md"

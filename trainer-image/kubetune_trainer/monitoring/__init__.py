@@ -1,6 +1,7 @@
-"""Monitoring of a training run: Prometheus /metrics and /progress, the TrainerCallback feeding them, the NaN
-guard, early stopping, reference perplexity, metrics.jsonl, curve plots, the termination message, and the
-`kubetune follow` / `kubetune plot` commands. See docs/observability.md.
+"""Monitoring of a training run (reporting only; stop decisions are in kubetune_trainer.control): RunMonitor
+(monitor.py) and its parts: the Prometheus exporter, the /metrics + /progress server, metrics.jsonl, the ETA
+estimate, the TrainerCallback feeding them, reference perplexity, curve plots and the `kubetune follow` /
+`kubetune plot` commands. See docs/observability.md.
 
 Names resolve lazily: `from kubetune_trainer.monitoring import RunMonitor` imports prometheus_client only;
 torch and transformers load when a callback, guard or perplexity is first used.

@@ -1,10 +1,10 @@
 """Every PromQL query of the Grafana dashboard, with the dashboard's variables substituted, so tests can check
-them offline (syntax, metric names) and against a real Prometheus (the e2e test).
+them offline (syntax, metric names) and against a real Prometheus (the e2e test). Test tooling: not shipped.
 
-    python -m kubetune_trainer.monitoring.dashboard_queries                      # all queries, variables = .*
-    python -m kubetune_trainer.monitoring.dashboard_queries --var namespace=ml --var job=bot --json
+    python -m tests.dashboard_queries                      # all queries, variables = .*
+    python -m tests.dashboard_queries --var namespace=ml --var job=bot --json
 
-    from kubetune_trainer.monitoring.dashboard_queries import panel_queries
+    from tests.dashboard_queries import panel_queries
     for q in panel_queries(variables={"namespace": "ml", "job": "bot"}):
         if not q.needs_dcgm:                 # DCGM panels return data only where dcgm-exporter runs
             prom_query(q.query)
@@ -23,8 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# helm/ sits next to trainer-image/ in the repository; the trainer image does not ship the chart.
-DASHBOARD_PATH = Path(__file__).resolve().parents[3] / "helm" / "kubetune" / "files" / "dashboards" / "kubetune.json"
+DASHBOARD_PATH = Path(__file__).resolve().parents[1] / "helm" / "kubetune" / "files" / "dashboards" / "kubetune.json"
 
 BUILTIN_VARIABLES = {
     "__rate_interval": "1m",

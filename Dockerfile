@@ -19,6 +19,7 @@ WORKDIR /build
 COPY pyproject.toml ./
 COPY operator/kubetune_api operator/kubetune_api
 COPY operator/kubetune_operator operator/kubetune_operator
+COPY operator/kubetune_cli operator/kubetune_cli
 COPY trainer-image/kubetune_trainer trainer-image/kubetune_trainer
 RUN pip install --no-cache-dir ".[operator]" \
  && rm -rf /build

@@ -442,7 +442,8 @@ def test_plot_curves_draws_a_png(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- follow / plot
-from kubetune_trainer.monitoring import follow as follow_mod  # noqa: E402
+from kubetune_cli import follow as follow_mod  # noqa: E402
+from kubetune_cli import plot as plot_mod  # noqa: E402
 
 
 def ftj(phase, step=None, total=100, conditions=None, rv="1", **progress):
@@ -468,21 +469,24 @@ def test_follow_prints_each_change_and_exits_0_on_success():
     lines = out.getvalue().splitlines()
     assert len(lines) == 4, "an unchanged status is not printed again"
     assert lines[2].startswith("ml/bot  Running") and "50/100  50%" in lines[2]
-    for text in ("loss 1.284", "eval 1.31", "ppl 3.707", "5.1k tok/s", "ETA 27m10s", "[############------------]"):
+    for text in ("loss 1.284", "eval 1.31", "ppl 3.707", "5.1k tok/s", "ETA 27m10s"):
         assert text in lines[2], text
     assert "Succeeded" in lines[3] and "100/100 100%" in lines[3] and "ETA -" in lines[3]
 
 
-def test_follow_exits_1_on_failure_with_the_reason_and_redraws_on_a_tty():
+def test_follow_exits_1_on_failure_with_the_reason_and_draws_a_bar_on_a_tty():
     import io
 
     failed = ftj("Failed", 3, conditions=[{"type": "Failed", "status": "True", "reason": "LossNotFinite",
                                            "message": "training loss became NaN at step 3"}])
     out = io.StringIO()
-    assert follow_mod.follow_objects([ftj("Running", 2), failed], out, tty=True) == 1
+    assert follow_mod.follow_objects([ftj("Running", 2, loss=2.5), failed], out, tty=True) == 1
     text = out.getvalue()
-    assert text.count("\r\x1b[2K") == 2 and "Failed: LossNotFinite: training loss became NaN at step 3" in text
+    # a terminal gets rich's progress bar redrawn in place (cursor movements), then the reason
+    assert "\x1b[" in text and "━" in text and "3/100" in text and "ml/bot" in text and "loss 2.5" in text
+    assert "Failed: LossNotFinite: training loss became NaN at step 3" in text
     assert follow_mod.follow_objects([ftj("Running", 2), {"_deleted": True}], io.StringIO(), tty=False) == 1
+    assert follow_mod.follow_objects([ftj("Running", 2), {"_deleted": True}], io.StringIO(), tty=True) == 1
 
 
 def test_watch_job_reconnects_after_the_resource_version_expires():
@@ -519,8 +523,8 @@ def _metrics_file(tmp_path):
 
 def test_plot_command_from_a_file_or_folder(tmp_path, capsys):
     src = _metrics_file(tmp_path)
-    assert follow_mod.plot_command(str(src), str(tmp_path / "a.png")) == 0
-    assert follow_mod.plot_command(str(tmp_path), str(tmp_path / "b.png")) == 0
+    assert plot_mod.plot_command(str(src), str(tmp_path / "a.png")) == 0
+    assert plot_mod.plot_command(str(tmp_path), str(tmp_path / "b.png")) == 0
     assert (tmp_path / "a.png").read_bytes()[:4] == (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert str(tmp_path / "a.png") in capsys.readouterr().out
 
@@ -540,14 +544,14 @@ def test_plot_command_fetches_from_the_jobs_output(tmp_path, monkeypatch):
     job = ftj("Succeeded", 100)
     job["spec"]["output"]["endpoint"] = "http://seaweed:8333"
     job["status"]["artifacts"] = {"outputUri": "s3://results/runs/ml/bot/"}
-    monkeypatch.setattr(follow_mod, "get_job", lambda name, ns, kubeconfig=None: job)
-    assert follow_mod.plot_command("bot", str(tmp_path / "job.png"), namespace="ml") == 0
-    assert follow_mod.plot_command("s3://results/runs/ml/bot", str(tmp_path / "uri.png"),
+    monkeypatch.setattr(plot_mod, "get_job", lambda name, ns, kubeconfig=None: job)
+    assert plot_mod.plot_command("bot", str(tmp_path / "job.png"), namespace="ml") == 0
+    assert plot_mod.plot_command("s3://results/runs/ml/bot", str(tmp_path / "uri.png"),
                                    endpoint="http://other:9000") == 0
     assert fetched == [("s3://results/runs/ml/bot/metrics.jsonl", "http://seaweed:8333"),
                        ("s3://results/runs/ml/bot/metrics.jsonl", "http://other:9000")]
     del job["status"]["artifacts"]  # not published yet: <output.uri>/<namespace>/<name>/
-    assert follow_mod.plot_command("bot", str(tmp_path / "job2.png"), namespace="ml") == 0
+    assert plot_mod.plot_command("bot", str(tmp_path / "job2.png"), namespace="ml") == 0
     assert fetched[-1][0] == "s3://results/runs/ml/bot/metrics.jsonl"
 
 
@@ -555,7 +559,7 @@ def test_cli_plot_and_follow_subcommands(tmp_path, capsys):
     import subprocess
     import sys
 
-    from kubetune_trainer import cli
+    from kubetune_cli import app as cli
 
     src = _metrics_file(tmp_path)
     assert cli.main(["plot", str(src), "-o", str(tmp_path / "cli.png")]) == 0
@@ -565,7 +569,7 @@ def test_cli_plot_and_follow_subcommands(tmp_path, capsys):
     assert cli.main(["follow", "bot", "-n", "ml", "--kubeconfig", str(bad)]) == 2
     assert "kubeconfig" in capsys.readouterr().err
     # Parsing the command line (and --help) loads neither torch nor the kubernetes client.
-    code = ("import sys; from kubetune_trainer import cli; cli.build_parser().parse_args(['plot', 'x']); "
+    code = ("import sys; from kubetune_cli import app as cli; cli.build_parser().parse_args(['plot', 'x']); "
             "cli.build_parser().parse_args(['follow', 'x']); "
             "assert 'torch' not in sys.modules and 'kubernetes' not in sys.modules, sorted(sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -576,6 +580,6 @@ def test_plot_command_reads_a_file_uri_through_storage(tmp_path):
     out = tmp_path / "results" / "ml" / "bot"
     out.mkdir(parents=True)
     _metrics_file(out)
-    assert follow_mod.plot_command(f"file://{out}", str(tmp_path / "uri.png")) == 0
+    assert plot_mod.plot_command(f"file://{out}", str(tmp_path / "uri.png")) == 0
     assert (tmp_path / "uri.png").read_bytes()[:4] == b"\x89PNG"
-    assert follow_mod.plot_command(f"file://{tmp_path}/missing", str(tmp_path / "none.png")) == 1
+    assert plot_mod.plot_command(f"file://{tmp_path}/missing", str(tmp_path / "none.png")) == 1

@@ -197,6 +197,24 @@ def test_operator_extra_has_no_training_stack():
     assert {"kopf", "kubernetes", "prometheus-client"} <= set(closure(reqs))
 
 
+def test_client_extra_has_no_training_stack():
+    """`pip install 'kubetune[client]'` on a laptop: follow and plot, without torch & co."""
+    reqs = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["client"]
+    leaked = set(leaked_training_stack(reqs)) - {"matplotlib", "numpy"}  # `kubetune plot` draws with these
+    assert not leaked, f"the client install would pull in {sorted(leaked)} (via its dependencies)"
+    assert {"kubernetes", "rich", "matplotlib", "boto3"} <= set(closure(reqs))
+    assert PYPROJECT["project"]["scripts"]["kubetune"] == "kubetune_cli.app:main"
+
+
+def test_every_package_folder_is_listed():
+    """setuptools adds only the packages listed: a subpackage missing here is missing from the images."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    for pkg, folder in PYPROJECT["tool"]["setuptools"]["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            name = ".".join([pkg, *init.parent.relative_to(REPO / folder).parts])
+            assert name in listed, f"add {name!r} to [tool.setuptools] packages in pyproject.toml"
+
+
 def test_transitive_leak_is_detected():
     """peft does not name torch in the operator extra's terms, but depends on it: the walk must find it."""
     assert "torch" in leaked_training_stack(["peft"])
@@ -209,7 +227,7 @@ def test_operator_extra_is_exactly_pinned():
         assert len(spec) == 1 and spec[0].operator == "==", f"pin {r!r} with == in pyproject.toml"
 
 
-@pytest.mark.parametrize("extra", ["operator", "trainer"])
+@pytest.mark.parametrize("extra", ["operator", "client", "trainer"])
 def test_pins_match_the_environment_the_tests_ran_in(extra: str):
     """An image installs pyproject's pins; the tests ran against the venv. If they differ, the images ship
     versions nobody tested."""

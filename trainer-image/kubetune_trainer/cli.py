@@ -1,13 +1,13 @@
-"""`kubetune`: run FineTuneJobs on this machine, no cluster needed.
+"""The trainer's side of `kubetune`: `kubetune run` (train a FineTuneJob on this machine, no cluster) and
+`kubetune tiny`. The parser lives in the client (kubetune_cli.app), which dispatches here when the trainer is
+installed; `main` is that same parser, so `python -m kubetune_trainer.cli` is the whole CLI.
 
-    kubetune run                                   # the embedded default: SFT + LoRA on a tiny local model
+    kubetune run                                   # the built-in default: SFT + LoRA on a tiny local model
     kubetune run examples/local/sft-lora.yaml      # any FineTuneJob manifest (same trainer as the pods)
     kubetune run job.yaml --output ./out           # results under ./out/<namespace>/<name>/
     kubetune run --fresh                           # forget an earlier run of the same job (no resume)
     kubetune tiny model /tmp/tiny-llama            # build the tiny model / synthetic data yourself
     kubetune tiny data /tmp/tiny-data
-    kubetune follow support-bot -n ml              # watch a FineTuneJob live (exit 0 Succeeded, 1 Failed)
-    kubetune plot support-bot -n ml -o curve.png   # its loss/PPL curves (or: kubetune plot metrics.jsonl)
 
 Manifests run locally may use ${KUBETUNE_TINY_MODEL} (a tiny Llama built on first use, cached in
 ~/.cache/kubetune), ${KUBETUNE_TINY_DATA} (synthetic datasets, one .jsonl per format, generated into the output
@@ -23,59 +23,14 @@ import os
 import re
 import sys
 import time
+from importlib import resources
 from pathlib import Path
-from typing import Callable
 
-DEFAULT_OUTPUT = "kubetune-output"
-
-# The job `kubetune run` runs without a manifest; examples/local/sft-lora.yaml holds the same text (a test
-# keeps them equal). Sized to finish in well under a minute on 2 CPU cores while visibly learning (measured:
+# The job `kubetune run` runs without a manifest: package data, and examples/local/sft-lora.yaml is a link to
+# it (one copy). Sized to finish in well under a minute on 2 CPU cores while visibly learning (measured:
 # eval loss 6.1 -> 2.2, reference perplexity on general text +5 %, ~20 ms per step).
-DEFAULT_JOB = """\
-# The job `kubetune run` runs when given no manifest: SFT + LoRA on a tiny Llama built locally, with
-# generated chat data (arithmetic Q&A), a forgetting check on general text, results in ./kubetune-output/.
-#
-#   kubetune run                                  # this job (embedded)
-#   kubetune run examples/local/sft-lora.yaml     # the same, from this file
-apiVersion: kubetune.dev/v1alpha1
-kind: FineTuneJob
-metadata:
-  name: sft-lora-local
-  namespace: default
-spec:
-  stage: sft
-  model:
-    source: file://${KUBETUNE_TINY_MODEL}
-  dataset:
-    format: chat
-    train:
-      - uri: file://${KUBETUNE_TINY_DATA}/chat.jsonl
-    evalFraction: 0.1
-  adapter:
-    type: lora
-    rank: 8
-    targetModules: [q_proj, v_proj, up_proj, down_proj]
-  training:
-    maxSteps: 80
-    batchSize: 8
-    learningRate: 0.002
-    lrScheduler: cosine
-    warmupRatio: 0.05
-    maxLength: 64
-    logEverySteps: 5
-    evalEverySteps: 20
-    checkpointEverySteps: 40
-  evaluation:
-    reference:
-      - uri: file://${KUBETUNE_TINY_DATA}/general.jsonl
-    referenceMaxSamples: 64
-    forgettingThreshold: 0.10
-    onForgetting: warn
-  resources:
-    gpus: 0
-  output:
-    uri: file://${KUBETUNE_OUTPUT}
-"""
+DEFAULT_JOB = resources.files(__package__).joinpath("default_job.yaml").read_text()
+DEFAULT_OUTPUT = "kubetune-output"
 
 _VAR = re.compile(r"\$\{(KUBETUNE_[A-Z_]+)\}")
 
@@ -304,7 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise config.ConfigError(f"cannot read {args.manifest}: {exc.strerror or exc}") from None
             source = args.manifest
         else:
-            text, source = DEFAULT_JOB, "the embedded default job"
+            text, source = DEFAULT_JOB, "the built-in default job"
         output.mkdir(parents=True, exist_ok=True)
         job = config.load_job_text(expand_local_vars(text, output), source)
         if args.output or not args.manifest:
@@ -341,86 +296,11 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return tiny.main([args.what, args.dest, *args.rest])
 
 
-# ------------------------------------------------------------------------------------------------ parser
-def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run a FineTuneJob manifest on this machine (no cluster)",
-                       description="Run a FineTuneJob locally with the same trainer the pods run. Without a "
-                       "manifest: an SFT + LoRA job on a tiny model built locally.")
-    p.add_argument("manifest", nargs="?", help="FineTuneJob YAML (default: the embedded SFT + LoRA job)")
-    p.add_argument("--output", "-o", help=f"results folder (default: ./{DEFAULT_OUTPUT}); overrides "
-                   "spec.output.uri with file://OUTPUT")
-    p.add_argument("--fresh", action="store_true",
-                   help="delete this job's earlier results and checkpoints first instead of resuming")
-    p.add_argument("--verbose", "-v", action="store_true", help="show library logs and the Trainer's log lines")
-    p.set_defaults(func=cmd_run)
-
-
-def _add_tiny(sub) -> None:
-    p = sub.add_parser("tiny", help="build the tiny model or the synthetic datasets (no downloads)")
-    p.add_argument("what", choices=["model", "data", "reward-model"])
-    p.add_argument("dest")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="more options for `python -m kubetune_trainer.tiny`")
-    p.set_defaults(func=cmd_tiny)
-
-
-# Each subcommand registers itself here (name order = help order).
-SUBCOMMANDS: list[Callable] = [_add_run, _add_tiny]
-
-
-# ------------------------------------------------------------------------------------------------ follow, plot
-# Watching a job and drawing its curves belong to monitoring/ (kubetune_trainer/monitoring/follow.py); this
-# block only wires them into the parser. Both import the kubernetes client lazily, torch never.
-def cmd_follow(args: argparse.Namespace) -> int:
-    from .monitoring.follow import follow
-
-    return follow(args.name, args.namespace, args.kubeconfig)
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    from .monitoring.follow import plot_command
-
-    return plot_command(args.source, args.output, args.namespace, args.kubeconfig, args.endpoint)
-
-
-def _add_follow(sub) -> None:
-    p = sub.add_parser("follow", help="follow a FineTuneJob live: phase, step bar, loss, eval loss, PPL, ETA",
-                       description="Follow a FineTuneJob's status until it finishes. Exit code 0 when it "
-                       "Succeeded, 1 when it Failed or was deleted, 2 when it cannot be found.")
-    p.add_argument("name", help="FineTuneJob name")
-    p.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    p.set_defaults(func=cmd_follow)
-
-
-def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="draw a run's loss / perplexity curves to a PNG",
-                       description="Draw train loss, eval loss, eval perplexity (and RL reward) vs step from a "
-                       "run's metrics.jsonl: a local file or folder, an output URI (s3://, file://, pvc://), or "
-                       "the name of a FineTuneJob whose artifacts hold it.")
-    p.add_argument("source", help="FineTuneJob NAME, path to metrics.jsonl (or its folder), or output URI")
-    p.add_argument("-o", "--output", default="curve.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("-n", "--namespace", help="namespace of NAME (default: the kubeconfig context's)")
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    p.add_argument("--endpoint", help="S3 endpoint URL (default: the job's spec.output.endpoint or "
-                   "$AWS_ENDPOINT_URL)")
-    p.set_defaults(func=cmd_plot)
-
-
-SUBCOMMANDS += [_add_follow, _add_plot]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kubetune", description="kubetune: declarative LLM fine-tuning. Run "
-                                 "FineTuneJobs locally; the operator runs the same trainer in GPU pods.")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return ap
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """The whole `kubetune` command line (kubetune_cli.app.main)."""
+    from kubetune_cli.app import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ with the env, volumes and status reporting a kubelet would do. The container ima
 
 A local process cannot see the container filesystem, so each volume is materialized in a per-pod sandbox
 ($KUBETUNE_CLUSTER_DIR/pods/<ns>_<pod>/) and every occurrence of a volumeMount's mountPath (and of the
-terminationMessagePath) in command, args, env values and workingDir is rewritten to the sandbox path.
+terminationMessagePath) in what the pod spec supplies (command, args, workingDir, env `value`s, Secret and
+ConfigMap values) is rewritten to the sandbox path, before $(VAR) expansion. Values that come from this host
+(PATH and the other passthrough variables, HOME, TMPDIR) are host paths and are never rewritten: a checkout
+under /tmp must keep its virtualenv on PATH although the trainer pod mounts a volume at /tmp.
 HOME and TMPDIR point into the sandbox. Each pod gets its own loopback IP (127.0.1.N, or KUBETUNE_POD_IP_PREFIX.N) as podIP, so several
 pods can bind the same port. Output goes to <sandbox>/container.log (`kubectl logs` cannot work).
 
@@ -263,11 +266,11 @@ class PodRun:
         for ef in c.get("envFrom") or []:
             kind, ref = ("configmap", ef["configMapRef"]) if "configMapRef" in ef else ("secret", ef["secretRef"])
             for k, v in (self.get_data(kind, ref["name"], ref.get("optional", False)) or {}).items():
-                env[ef.get("prefix", "") + k] = v.decode()
+                env[ef.get("prefix", "") + k] = self.rewrite(v.decode())
         for e in c.get("env") or []:
             vf = e.get("valueFrom")
-            if vf is None:
-                env[e["name"]] = expand(e.get("value", ""), env)
+            if vf is None:                          # container paths in the literal text, then $(VAR)
+                env[e["name"]] = expand(self.rewrite(e.get("value", "")), env)
             elif "fieldRef" in vf:
                 env[e["name"]] = str(self.field(vf["fieldRef"]["fieldPath"]))
             elif "resourceFieldRef" in vf:          # the raw quantity; a kubelet would apply the divisor
@@ -277,10 +280,9 @@ class PodRun:
                 kind, ref = ("secret", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("configmap", vf["configMapKeyRef"])
                 data = self.get_data(kind, ref["name"], ref.get("optional", False)) or {}
                 if ref["key"] in data:
-                    env[e["name"]] = data[ref["key"]].decode()
+                    env[e["name"]] = self.rewrite(data[ref["key"]].decode())
                 elif not ref.get("optional", False):
                     raise ConfigError(f"key {ref['key']!r} not found in {kind} {ref['name']!r}")
-        env = {k: self.rewrite(v) for k, v in env.items()}
         command = c.get("command")
         if not command:                             # the image's ENTRYPOINT is unknown here: let the pod say
             ann = (self.pod["metadata"].get("annotations") or {}).get("kubetune.dev/local-command")
@@ -288,7 +290,7 @@ class PodRun:
                 raise ValueError("container has no command (image entrypoints are unknown to the node agent: "
                                  "set one, or the pod annotation kubetune.dev/local-command to a JSON list)")
             command = json.loads(ann)
-        argv = [self.rewrite(expand(a, env)) for a in [*command, *(c.get("args") or [])]]
+        argv = [expand(self.rewrite(a), env) for a in [*command, *(c.get("args") or [])]]
         # an image path such as /usr/local/bin/python falls back to the same name on PATH
         exe = argv[0] if "/" not in argv[0] or os.path.exists(argv[0]) else os.path.basename(argv[0])
         argv[0] = shutil.which(exe, path=env.get("PATH")) or ""

@@ -48,6 +48,16 @@ running() {
   local p; p=$(pid_of "$1") || return 1
   group_alive "$p" && [[ "$(cmdline_of "$p")" == "$(cat "$RUN/$1.cmd" 2>/dev/null)"* ]]
 }
+# diagnose: to stderr, which components run and, for each one started but no longer running, its log tail.
+diagnose() {
+  local n
+  for n in "${COMPONENTS[@]}"; do
+    [[ -e $RUN/$n.pid ]] || continue
+    if running "$n"; then log "  $n: running (pid $(pid_of "$n"))"; continue; fi
+    log "  $n: NOT running; last lines of $LOGS/$n.log:"
+    tail -n 15 "$LOGS/$n.log" 2>/dev/null | sed 's/^/      /' >&2 || true
+  done
+}
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # stop_group NAME PGID [GRACE_S]: SIGTERM the process group, SIGKILL what is left after GRACE_S seconds.

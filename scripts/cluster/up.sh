@@ -132,18 +132,27 @@ start() {
   printf '%s %s' "$1" "${2:-}" > "$RUN/$name.cmd"
   log "started $name (pid $!, log $LOGS/$name.log)"
 }
-# wait_for DESC CMD...: polls CMD until it succeeds, fails after $TIMEOUT s
+# wait_for DESC CMD...: polls CMD until it succeeds; after $TIMEOUT s fails with CMD's last output and the
+# state of every component (a timeout is usually a component that died or logs why it cannot start)
 wait_for() {
-  local desc=$1 t=$(date +%s.%N); shift
+  local desc=$1 t=$(date +%s.%N) out; shift
   local deadline=$(( $(date +%s) + TIMEOUT ))
-  until "$@" >/dev/null 2>&1; do
-    (( $(date +%s) < deadline )) || die "timed out after ${TIMEOUT}s waiting for $desc (logs: $LOGS)"
+  until out=$("$@" 2>&1); do
+    if (( $(date +%s) >= deadline )); then
+      log "last output of '$*': ${out:0:2000}"
+      diagnose
+      die "timed out after ${TIMEOUT}s waiting for $desc (logs: $LOGS)"
+    fi
     sleep 0.2
   done
   log "ready: $desc (+$(since "$t")s, total $(elapsed))"
 }
+# Any other failing command (set -e) says which one, where, and how the components are doing.
+trap 'rc=$?; log "ERROR: line $LINENO: \`$BASH_COMMAND\` exited $rc"; diagnose; exit $rc' ERR
 # a component that died right after start shows up here instead of as a timeout much later
-check_alive() { local n; for n in "$@"; do running "$n" || die "$n exited, see $LOGS/$n.log: $(tail -5 "$LOGS/$n.log")"; done; }
+check_alive() {
+  local n; for n in "$@"; do running "$n" || { diagnose; die "$n exited (log: $LOGS/$n.log)"; }; done
+}
 
 # ---------------------------------------------------------------- etcd, S3, Prometheus (independent of the apiserver)
 start etcd "$ETCD_PORT" "$BIN/etcd" --name kubetune --data-dir "$DIR/etcd" \

@@ -3,6 +3,8 @@
 `cluster` (session): brings the cluster up (idempotent: an already running one is reused and repaired) and
 tears it down at the end only if this session started it (KUBETUNE_KEEP_CLUSTER=1 keeps it running).
 `namespace` (function): a fresh namespace per test, deleted afterwards.
+`cluster.wait_job(ns, name, want="Succeeded", timeout=...)`: waits for a FineTuneJob condition and stops at once,
+with the job's message, conditions and pod log tails, when the job ends otherwise.
 
 Env: KUBETUNE_CLUSTER_DIR (state dir, default /tmp/kubetune-cluster), KUBETUNE_SKIP_BUILD=1 (skip the e2e
 tests instead of building missing binaries, which takes 20-35 min once), KUBETUNE_KEEP_CLUSTER=1.
@@ -90,6 +92,65 @@ class Cluster:
                 last_exc = e
             time.sleep(interval)
         pytest.fail(f"timed out after {timeout}s waiting for {desc or predicate}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+    def wait_job(self, ns: str, name: str, want: str = "Succeeded", timeout: float = 300,
+                 context: Callable[[], str] | None = None) -> dict:
+        """Waits until FineTuneJob ns/name has condition `want` True and returns the object. Stops early, failing
+        the test with the job's message, conditions, pods and the tail of each pod's log, when the job reaches a
+        terminal condition (Succeeded/Failed) other than `want`, or at the timeout. `context` adds text to that
+        report (e.g. the operator's log tail). Use it instead of `kubectl wait --for=condition=...`, which waits
+        out its whole timeout for a job that has already failed."""
+        deadline, obj, last_err = time.monotonic() + timeout, None, ""
+        while True:
+            proc = self.kubectl("get", "finetunejob", name, "-n", ns, "-o", "json", check=False)
+            if proc.returncode == 0:
+                obj = json.loads(proc.stdout)
+                conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []
+                         if c.get("status") == "True"}
+                if want in conds:
+                    return obj
+                ended = [t for t in ("Succeeded", "Failed") if t in conds and t != want]
+                if ended:
+                    pytest.fail(f"FineTuneJob {ns}/{name} ended {ended[0]} while waiting for {want}:\n"
+                                + self.describe_job(ns, name, obj, context))
+            else:
+                last_err = proc.stderr.strip()
+            if time.monotonic() >= deadline:
+                pytest.fail(f"timed out after {timeout}s waiting for FineTuneJob {ns}/{name} to be {want}"
+                            + (f" (last error: {last_err})" if obj is None else "") + ":\n"
+                            + self.describe_job(ns, name, obj, context))
+            time.sleep(1)
+
+    def describe_job(self, ns: str, name: str, obj: dict | None = None,
+                     context: Callable[[], str] | None = None, log_bytes: int = 3000) -> str:
+        """What a person needs to see why a FineTuneJob is where it is: status message and conditions, its pods
+        and their states, and the tail of each pod's container log from the node agent's sandbox."""
+        out = []
+        status = (obj or {}).get("status") or {}
+        out.append(f"phase={status.get('phase')} message={status.get('message')!r}")
+        for c in status.get("conditions") or []:
+            out.append(f"  {c.get('type')}={c.get('status')} reason={c.get('reason')} message={c.get('message')!r}")
+        pods = self.kubectl("get", "pods", "-n", ns, "-l", f"kubetune.dev/job-name={name}", "-o", "json", check=False)
+        names = []
+        if pods.returncode == 0:
+            for p in json.loads(pods.stdout)["items"]:
+                names.append(p["metadata"]["name"])
+                states = [cs.get("state") for cs in (p.get("status") or {}).get("containerStatuses") or []]
+                out.append(f"pod {p['metadata']['name']} on {p['spec'].get('nodeName')}: "
+                           f"{(p.get('status') or {}).get('phase')} {json.dumps(states)[:600]}")
+        for pod in names:
+            for log in sorted((self.dir / "pods" / f"{ns}_{pod}").glob("*log")):
+                if log.is_file() and log.stat().st_size:
+                    with log.open("rb") as f:
+                        f.seek(max(0, log.stat().st_size - log_bytes))
+                        out.append(f"--- tail of {log}\n{f.read().decode(errors='replace')}")
+        if context:
+            try:
+                out.append("--- context\n" + context()[-4000:])
+            except Exception as e:  # the report must not hide the failure it reports
+                out.append(f"(context unavailable: {e})")
+        return "\n".join(out)
 
 
 def _go_duration(text: str) -> float:

@@ -38,9 +38,7 @@ def test_operator_with_chart_service_account_completes_a_job(cluster, crd, names
                         "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
                         "resources": {"gpus": 1}}}
         cluster.kubectl("apply", "-n", watched, "-f", "-", input=yaml.safe_dump(ftj))
-        waited = cluster.kubectl("wait", "-n", watched, "--for=condition=Succeeded", "--timeout=120s",
-                                 "ftj/least-priv", check=False)
-        assert waited.returncode == 0, f"{waited.stderr}\n{op.logs()[-4000:]}"
+        cluster.wait_job(watched, "least-priv", timeout=120, context=lambda: op.logs()[-4000:])
         obj = json.loads(cluster.kubectl("get", "ftj", "least-priv", "-n", watched, "-o", "json").stdout)
         assert obj["status"]["phase"] == "Succeeded"
         events = json.loads(cluster.kubectl("get", "events", "-n", watched, "-o", "json").stdout)["items"]

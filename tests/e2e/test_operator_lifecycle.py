@@ -60,7 +60,7 @@ def pods_of(cluster, namespace, name):
 
 def test_gpu_job_lands_on_gpu_node_and_succeeds(cluster, namespace, operator):
     apply(cluster, namespace, ftj("gpu"))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Succeeded", "--timeout=90s", "ftj/gpu")
+    cluster.wait_job(namespace, "gpu", want="Succeeded", timeout=90, context=operator.logs)
     pods = pods_of(cluster, namespace, "gpu")
     assert len(pods) == 1
     pod = pods[0]
@@ -88,7 +88,7 @@ def test_permanent_trainer_error_fails_at_once_with_the_trainers_message(cluster
     apply(cluster, namespace, ftj("broken", annotations={
         "kubetune.dev/kwok-outcome": "fail", "kubetune.dev/kwok-exit-code": "65",
         "kubetune.dev/kwok-message": json.dumps(report)}, retryLimit=3))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=90s", "ftj/broken")
+    cluster.wait_job(namespace, "broken", want="Failed", timeout=90, context=operator.logs)
     obj = get(cluster, namespace, "ftj", "broken")
     failed = condition(obj, "Failed")
     assert failed["reason"] == "TrainerError"
@@ -102,7 +102,7 @@ def test_retriable_failure_exhausts_retry_limit(cluster, namespace, operator):
     apply(cluster, namespace, ftj("flaky", annotations={
         "kubetune.dev/kwok-outcome": "fail", "kubetune.dev/kwok-exit-code": "1",
         "kubetune.dev/kwok-message": "CUDA error: an illegal memory access was encountered"}, retryLimit=1))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=120s", "ftj/flaky")
+    cluster.wait_job(namespace, "flaky", want="Failed", timeout=120, context=operator.logs)
     obj = get(cluster, namespace, "ftj", "flaky")
     assert condition(obj, "Failed")["reason"] == "BackoffLimitExceeded"
     assert len(pods_of(cluster, namespace, "flaky")) == 2  # first try + 1 retry
@@ -129,7 +129,7 @@ def test_multi_node_job_has_consistent_rendezvous(cluster, namespace, operator):
                     if len([p for p in pods_of(cluster, namespace, "multi") if p["spec"].get("nodeName")]) == 2 else None,
                     60, message="2 scheduled pods")
     assert {p["spec"]["nodeName"] for p in pods} == {"gpu-node-0", "gpu-node-1"}  # 8 GPUs each: one pod per node
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Running", "--timeout=60s", "ftj/multi")
+    cluster.wait_job(namespace, "multi", want="Running", timeout=60, context=operator.logs)
 
 
 def test_suspend_maps_to_the_job_and_back(cluster, namespace, operator):
@@ -138,7 +138,7 @@ def test_suspend_maps_to_the_job_and_back(cluster, namespace, operator):
     cluster.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type", "merge", "-p", '{"spec":{"suspend":true}}')
     wait_for(lambda: (get(cluster, namespace, "job", "pausable-trainer") or {}).get("spec", {}).get("suspend"),
              30, message="Job suspended")
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Suspended", "--timeout=60s", "ftj/pausable")
+    cluster.wait_job(namespace, "pausable", want="Suspended", timeout=60, context=operator.logs)
     wait_for(lambda: not pods_of(cluster, namespace, "pausable"), 60, message="pods gone while suspended")
     assert get(cluster, namespace, "ftj", "pausable")["status"]["phase"] == "Suspended"
     cluster.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type", "merge", "-p", '{"spec":{"suspend":false}}')
@@ -160,7 +160,7 @@ def test_operator_restart_mid_job_leaves_exactly_one_job(cluster, namespace, ope
     wait_for(lambda: get(cluster, namespace, "job", "restart-trainer"), 30, message="Job")
     operator.stop(signal.SIGKILL)  # no graceful shutdown: the worst case
     operator.start()
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Running", "--timeout=60s", "ftj/restart")
+    cluster.wait_job(namespace, "restart", want="Running", timeout=60, context=operator.logs)
     jobs = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-l", "kubetune.dev/job-name=restart",
                                       "-o", "json").stdout)["items"]
     assert len(jobs) == 1
@@ -177,7 +177,7 @@ def test_invalid_spec_that_passes_cel_fails_with_invalid_spec(cluster, namespace
               dataset={"format": "prompt_only", "train": [{"uri": "s3://d/p.jsonl"}]},
               training={"grpo": {"rewards": [{"name": "my_rewards:score"}]}})
     apply(cluster, namespace, obj)
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=60s", "ftj/badreward")
+    cluster.wait_job(namespace, "badreward", want="Failed", timeout=60, context=operator.logs)
     failed = condition(get(cluster, namespace, "ftj", "badreward"), "Failed")
     assert failed["reason"] == "InvalidSpec"
     assert "rewards[0].source" in failed["message"]

@@ -349,7 +349,8 @@ done
 # are registered with url: https://127.0.0.1:PORT (addons.py). Kueue manages batch/v1 Jobs and JobSets that carry
 # kueue.x-k8s.io/queue-name; waitForPodsReady is off.
 mkdir -p "$DIR/jobset/certs" "$DIR/kueue/certs"
-cp "$PKI/webhook.crt" "$DIR/jobset/certs/tls.crt"; cp "$PKI/webhook.key" "$DIR/jobset/certs/tls.key"
+# the serving cert as a kubelet would mount it (for Kueue: the Secret kueue-webhook-server-cert made below)
+for c in jobset kueue; do cp "$PKI/webhook.crt" "$DIR/$c/certs/tls.crt"; cp "$PKI/webhook.key" "$DIR/$c/certs/tls.key"; done
 cat > "$DIR/jobset/config.yaml" <<EOF
 apiVersion: config.jobset.x-k8s.io/v1alpha1
 kind: Configuration

@@ -126,18 +126,26 @@ build_prometheus() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
-# JobSet and Kueue controllers: `go install` (their go.mod has no replace directives) plus the release's own
-# manifests, rendered from the module's config/default with kubectl's built-in kustomize. up.sh takes the CRDs,
-# RBAC and webhook configurations from that file (never the Deployment: the controllers run as local processes).
+# JobSet and Kueue controllers, plus the release's own manifests, rendered from the module's config/default with
+# kubectl's built-in kustomize. up.sh takes the CRDs, RBAC and webhook configurations from that file (never the
+# Deployment: the controllers run as local processes). Their go.mod has no replace directives, but
+# `go install mod@v` is refused for JobSet: it reads the module's version list (for deprecations), which the proxy
+# does not serve for sigs.k8s.io/jobset. A wrapper module that requires the exact version builds the same binary
+# (same dependency versions: the wrapper has no requirements of its own).
 build_controller() { # name module-root package version
   local name=$1 mod=$2 pkg=$3 v=$4 out="$CACHE/bin/$1-$4"
   [[ -x $out/$name && -s $out/$name-manifests.yaml ]] && return 0
   log "building $name controller $v"
-  mkdir -p "$out.tmp"
-  GOBIN="$out.tmp" nice go install -trimpath -ldflags "$LDFLAGS_STRIP -X $mod/pkg/version.GitVersion=$v" "$pkg@$v"
-  [[ -x $out.tmp/$name ]] || mv "$out.tmp/$(basename "$pkg")" "$out.tmp/$name"
-  local dir; dir=$(go mod download -json "$mod@$v" | awk -F'"' '/"Dir":/ {print $4}')
-  kubectl kustomize "$dir/config/default" > "$out.tmp/$name-manifests.yaml"
+  local w="$CACHE/build/$name-$v"; rm -rf "$w"; mkdir -p "$w" "$out.tmp"
+  ( cd "$w"
+    go mod download -json "$mod@$v" >/dev/null
+    local gomod; gomod=$(go env GOMODCACHE)/cache/download/$mod/@v/$v.mod
+    printf 'module kubetune.local/%s-wrapper\n\ngo %s\n\nrequire %s %s\n' "$name" "$(awk '/^go /{print $2}' "$gomod")" "$mod" "$v" > go.mod
+    printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" > tools.go
+    go mod tidy >/dev/null 2>&1 || go mod tidy
+    nice go build -trimpath -ldflags "$LDFLAGS_STRIP -X $mod/pkg/version.GitVersion=$v" -o "$out.tmp/$name" "$pkg"
+    kubectl kustomize "$(go env GOMODCACHE)/$mod@$v/config/default" > "$out.tmp/$name-manifests.yaml"
+  )
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 

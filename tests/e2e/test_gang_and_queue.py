@@ -80,7 +80,8 @@ import os, socket, time
 deadline = time.time() + 60
 while True:
     try:
-        conn = socket.create_connection((os.environ["PEER"], 7000), timeout=2)
+        conn = socket.create_connection((os.environ["PEER"], 7000), timeout=2,
+                                        source_address=(os.environ["POD_IP"], 0))  # loopback would say 127.0.0.1
         break
     except OSError:
         if time.time() > deadline:

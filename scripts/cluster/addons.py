@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     with open(args.ca_file, "rb") as f:
         ca = base64.b64encode(f.read()).decode()
     with open(args.manifests) as f:
-        docs = list(yaml.safe_load_all(f))
+        docs = list(yaml.load_all(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))  # libyaml: 5x faster
     keep = set(args.keep_groups.split(",")) if args.keep_groups else None
     json.dump({"apiVersion": "v1", "kind": "List", "items": render(docs, args.port, ca, keep)}, sys.stdout)
 

@@ -374,10 +374,16 @@ integrations:
   frameworks: [batch/job, jobset.x-k8s.io/jobset]
 EOF
 # addon_manifests NAME PORT [KEEP_GROUPS]: CRDs, RBAC and webhook configurations, then a kubeconfig with a token
-# of its ServiceAccount
+# of its ServiceAccount. The apply (3 s: large CRDs) is skipped when this state dir already holds exactly this
+# rendering (after down.sh without --purge etcd keeps it).
 addon_manifests() {
   "$PYBIN/python" "$CLUSTER_SCRIPTS/addons.py" "$BIN/$1-manifests.yaml" --port "$2" --ca-file "$PKI/webhook-ca.crt" \
-    ${3:+--keep-groups "$3"} | kubectl apply --server-side --force-conflicts --field-manager=kubetune-up -f - >/dev/null
+    ${3:+--keep-groups "$3"} > "$DIR/$1/manifests.json"
+  local sum; sum=$(sha256sum < "$DIR/$1/manifests.json")
+  if [[ $(cat "$DIR/$1/applied.sha256" 2>/dev/null) != "$sum" ]]; then
+    kubectl apply --server-side --force-conflicts --field-manager=kubetune-up -f "$DIR/$1/manifests.json" >/dev/null
+    echo "$sum" > "$DIR/$1/applied.sha256"
+  fi
   write_kubeconfig "$DIR/$1.kubeconfig" "$1-controller-manager" \
     "$(kubectl create token "$1-controller-manager" -n "$1-system" --duration=87600h)"
 }

@@ -163,6 +163,11 @@ wait_for() {
     if (( $(date +%s) >= deadline )); then
       log "last output of '$*': ${out:0:2000}"
       diagnose
+      local n; for n in "${COMPONENTS[@]}"; do    # the component waited for may run but log why it is not ready
+        [[ ${desc,,} == *"$n"* && -f $LOGS/$n.log ]] || continue
+        log "last errors in $LOGS/$n.log:"   # controller-runtime logs a failed healthz on every probe: skip those
+        grep -i 'error' "$LOGS/$n.log" | grep -v 'healthz check failed' | tail -n 8 | cut -c1-600 | sed 's/^/      /' >&2
+      done
       die "timed out after ${TIMEOUT}s waiting for $desc (logs: $LOGS)"
     fi
     sleep 0.2

@@ -20,6 +20,12 @@ LDFLAGS_STRIP="-s -w"
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
+# One build at a time per cache: a second caller (another checkout's up.sh) waits, then finds the binaries built.
+if [[ ${1:-} != --print ]]; then
+  exec 9>"$CACHE/build.lock"
+  flock -n 9 || { log "another build-binaries.sh is running on $CACHE: waiting for it"; flock 9; }
+fi
+
 build_kubernetes() {
   local v=$KUBERNETES_VERSION out="$CACHE/bin/kubernetes-$KUBERNETES_VERSION"
   [[ -x $out/kube-apiserver && -x $out/kube-controller-manager && -x $out/kube-scheduler ]] && return 0
@@ -120,21 +126,49 @@ build_prometheus() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+# JobSet and Kueue controllers, plus the release's own manifests, rendered from the module's config/default with
+# kubectl's built-in kustomize. up.sh takes the CRDs, RBAC and webhook configurations from that file (never the
+# Deployment: the controllers run as local processes). Their go.mod has no replace directives, but
+# `go install mod@v` is refused for JobSet: it reads the module's version list (for deprecations), which the proxy
+# does not serve for sigs.k8s.io/jobset. A wrapper module that requires the exact version builds the same binary
+# (same dependency versions: the wrapper has no requirements of its own).
+build_controller() { # name module-root package version
+  local name=$1 mod=$2 pkg=$3 v=$4 out="$CACHE/bin/$1-$4"
+  [[ -x $out/$name && -s $out/$name-manifests.yaml ]] && return 0
+  log "building $name controller $v"
+  local w="$CACHE/build/$name-$v"; rm -rf "$w"; mkdir -p "$w" "$out.tmp"
+  ( cd "$w"
+    go mod download -json "$mod@$v" >/dev/null
+    local gomod; gomod=$(go env GOMODCACHE)/cache/download/$mod/@v/$v.mod
+    printf 'module kubetune.local/%s-wrapper\n\ngo %s\n\nrequire %s %s\n' "$name" "$(awk '/^go /{print $2}' "$gomod")" "$mod" "$v" > go.mod
+    printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" > tools.go
+    go mod tidy >/dev/null 2>&1 || go mod tidy
+    nice go build -trimpath -ldflags "$LDFLAGS_STRIP -X $mod/pkg/version.GitVersion=$v" -o "$out.tmp/$name" "$pkg"
+    kubectl kustomize "$(go env GOMODCACHE)/$mod@$v/config/default" > "$out.tmp/$name-manifests.yaml"
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_jobset() { build_controller jobset sigs.k8s.io/jobset sigs.k8s.io/jobset "$JOBSET_VERSION"; }
+build_kueue() { build_controller kueue sigs.k8s.io/kueue sigs.k8s.io/kueue/cmd/kueue "$KUEUE_VERSION"; }
+
 link_current() {
   # link only what is built: a missing component must not leave a dangling or literal-'*' link behind
   mkdir -p "$BIN"
   local f
   for f in "$CACHE/bin/kubernetes-$KUBERNETES_VERSION/"* "$CACHE/bin/etcd-$ETCD_VERSION/etcd" \
-           "$CACHE/bin/kwok-$KWOK_VERSION/kwok" "$CACHE/bin/helm-$HELM_VERSION/helm" "$CACHE/bin/prometheus-$PROMETHEUS_VERSION/"*; do
-    [[ -x $f ]] && ln -sfn "$f" "$BIN/$(basename "$f")"
+           "$CACHE/bin/kwok-$KWOK_VERSION/kwok" "$CACHE/bin/helm-$HELM_VERSION/helm" "$CACHE/bin/prometheus-$PROMETHEUS_VERSION/"* \
+           "$CACHE/bin/jobset-$JOBSET_VERSION/"* "$CACHE/bin/kueue-$KUEUE_VERSION/"*; do
+    [[ -x $f || $f == *-manifests.yaml ]] && [[ -e $f ]] && ln -sfn "$f" "$BIN/$(basename "$f")"
   done
   return 0
 }
 
 complete() {
-  for b in kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm prometheus promtool; do
+  for b in kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm prometheus promtool jobset kueue; do
     [[ -x $BIN/$b ]] || return 1
   done
+  [[ -s $BIN/jobset-manifests.yaml && -s $BIN/kueue-manifests.yaml ]]
 }
 
 if [[ ${1:-} == --print ]]; then complete && echo "$BIN"; exit $?; fi
@@ -146,12 +180,16 @@ case $only in
     GOTOOLCHAIN=${KWOK_GOTOOLCHAIN:-auto} build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
     build_etcd
     build_kubernetes
+    build_jobset
+    build_kueue
     link_current ;;
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   kwok) GOTOOLCHAIN=${KWOK_GOTOOLCHAIN:-auto} build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" ;;
   helm) build_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" ;;
   prometheus) build_prometheus ;;
+  jobset) build_jobset ;;
+  kueue) build_kueue ;;
   *) echo "unknown component $only" >&2; exit 2 ;;
 esac
 # single-component builds refresh the links too (they used to be made only by a full build)

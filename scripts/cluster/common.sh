@@ -20,6 +20,12 @@ S3_FILER_PORT=${KUBETUNE_S3_FILER_PORT:-8888}
 S3_BUCKET=${KUBETUNE_S3_BUCKET:-kubetune}
 PROMETHEUS_PORT=${KUBETUNE_PROMETHEUS_PORT:-9090}
 OPERATOR_METRICS_PORT=${KUBETUNE_OPERATOR_METRICS_PORT:-18080}
+# JobSet and Kueue controllers (webhook server, health probes) next to the apiserver's port, so a cluster on other
+# ports (KUBETUNE_APISERVER_PORT) moves them along without more settings.
+JOBSET_WEBHOOK_PORT=${KUBETUNE_JOBSET_WEBHOOK_PORT:-$((APISERVER_PORT + 1))}
+JOBSET_HEALTH_PORT=${KUBETUNE_JOBSET_HEALTH_PORT:-$((APISERVER_PORT + 2))}
+KUEUE_WEBHOOK_PORT=${KUBETUNE_KUEUE_WEBHOOK_PORT:-$((APISERVER_PORT + 3))}
+KUEUE_HEALTH_PORT=${KUBETUNE_KUEUE_HEALTH_PORT:-$((APISERVER_PORT + 4))}
 # Loopback /24 the node agent takes pod IPs from: a second cluster on the same machine needs its own.
 POD_IP_PREFIX=${KUBETUNE_POD_IP_PREFIX:-127.0.1}
 SERVICE_CIDR=${KUBETUNE_SERVICE_CIDR:-10.96.0.0/16}
@@ -30,7 +36,7 @@ RUN=$DIR/run
 LOGS=$DIR/logs
 # down.sh stops them in reverse order. Prometheus goes before the apiserver: an open watch keeps a
 # terminating kube-apiserver waiting for it to drain (15 s+ instead of <1 s).
-COMPONENTS=(etcd s3 kube-apiserver kube-controller-manager kube-scheduler kwok node-agent prometheus)
+COMPONENTS=(etcd s3 kube-apiserver kube-controller-manager kube-scheduler kwok node-agent jobset kueue prometheus)
 
 log() { printf '[kubetune-cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -12,7 +12,9 @@ terminationMessagePath) in what the pod spec supplies (command, args, workingDir
 ConfigMap values) is rewritten to the sandbox path, before $(VAR) expansion. Values that come from this host
 (PATH and the other passthrough variables, HOME, TMPDIR) are host paths and are never rewritten: a checkout
 under /tmp must keep its virtualenv on PATH although the trainer pod mounts a volume at /tmp.
-HOME and TMPDIR point into the sandbox. Each pod gets its own loopback IP (127.0.1.N, or KUBETUNE_POD_IP_PREFIX.N) as podIP, so several
+HOME and TMPDIR point into the sandbox. In the same places, the DNS name a pod gets from spec.hostname +
+spec.subdomain (JobSet gangs, Indexed Jobs with a headless Service: `<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]`)
+is replaced with that pod's IP, since nothing on this host resolves those names (see PodRun.rewrite_names). Each pod gets its own loopback IP (127.0.1.N, or KUBETUNE_POD_IP_PREFIX.N) as podIP, so several
 pods can bind the same port. Output goes to <sandbox>/container.log (`kubectl logs` cannot work).
 
 up.sh starts it with the node's own credentials (user system:node:local-runner, group system:nodes), so the
@@ -147,6 +149,9 @@ class PodRun:
         self.init_statuses = []             # reported with every later status patch
         self.mounts = {}                    # container path -> local path, for the container being prepared
         self.term_file = os.path.join(self.sandbox, "termination-log")
+        # a pod with hostname + subdomain has a DNS name under a headless Service (JobSet, Indexed Jobs)
+        self.hostname, self.subdomain = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
+        self.dns_key = (self.ns, self.subdomain, self.hostname) if self.hostname and self.subdomain else None
 
     # ------------------------------------------------------------------ API
     def patch_status(self, status):
@@ -236,15 +241,34 @@ class PodRun:
         return paths
 
     def rewrite(self, text):
-        """Replaces container paths (mountPaths, terminationMessagePath) with their sandbox paths.
+        """Replaces pod DNS names with pod IPs (rewrite_names), then container paths (mountPaths,
+        terminationMessagePath) with their sandbox paths.
 
         One pass with an alternation (longest path first): replacing path after path would rewrite the
         result of an earlier replacement again (/etc/kubetune -> /tmp/.../config, then /tmp -> sandbox)."""
+        text = self.rewrite_names(text)
         if not self.mounts:
             return text
         paths = sorted(self.mounts, key=len, reverse=True)
         pattern = r"(?<![\w.\-/])(" + "|".join(re.escape(p) for p in paths) + r")(?=$|/|[^\w.\-])"
         return re.sub(pattern, lambda m: self.mounts[m.group(1)], text)
+
+    def rewrite_names(self, text):
+        """Replaces the DNS name of a pod in this namespace, `<hostname>.<subdomain>` with an optional
+        `.<namespace>`, `.<namespace>.svc`, `.<namespace>.svc.cluster.local` (what a headless Service gives a pod
+        with spec.hostname/subdomain, e.g. JobSet's `<jobset>-<job>-<i>-<j>.<jobset>`), with that pod's IP.
+
+        No resolver on this host knows these names (no cluster DNS, and /etc/hosts is shared), while torch's
+        c10d, gloo and plain sockets call getaddrinfo. Subdomains considered: this pod's and those of the pods
+        this agent runs in the namespace. The peer need not exist yet: its IP is reserved by name and it gets
+        that IP when it starts (Agent.name_ip)."""
+        subs = self.agent.subdomains(self.ns) | ({self.subdomain} if self.subdomain else set())
+        if not subs or "." not in text:
+            return text
+        ns = re.escape(self.ns)
+        pattern = (r"(?<![\w.\-])([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)\.(" + "|".join(map(re.escape, sorted(subs)))
+                   + r")(?:\." + ns + r"(?:\.svc(?:\.cluster\.local)?)?)?\.?(?![\w\-]|\.[\w\-])")
+        return re.sub(pattern, lambda m: self.agent.name_ip(self.ns, m.group(2), m.group(1), self.uid), text)
 
     def prepare(self, c, volumes, tag):
         """argv, env and cwd of container c. Raises ConfigError for a missing reference (the pod waits),
@@ -262,7 +286,7 @@ class PodRun:
         host, port = self.agent.api_host_port
         env = {k: os.environ[k] for k in PASSTHROUGH if k in os.environ}
         env.update(HOME=os.path.join(self.sandbox, "home"), TMPDIR=os.path.join(self.sandbox, "tmp"),
-                   HOSTNAME=self.name, KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=port)
+                   HOSTNAME=self.hostname or self.name, KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=port)
         for ef in c.get("envFrom") or []:
             kind, ref = ("configmap", ef["configMapRef"]) if "configMapRef" in ef else ("secret", ef["secretRef"])
             for k, v in (self.get_data(kind, ref["name"], ref.get("optional", False)) or {}).items():
@@ -337,7 +361,7 @@ class PodRun:
             log.warning("%s: only the first container (%s) is run", self.key, main["name"])
         log.info("%s: starting (image %s ignored); output in %s/container.log", self.key, main.get("image"), self.sandbox)
         try:
-            self.ip = self.agent.alloc_ip(self.uid, (self.pod.get("status") or {}).get("podIP"))
+            self.ip = self.agent.alloc_ip(self.uid, (self.pod.get("status") or {}).get("podIP"), self.dns_key)
             if adopt_pgid:
                 code = self.supervise(main, None, adopt_pgid, os.path.getmtime(os.path.join(self.sandbox, "pid")))
             else:
@@ -446,6 +470,8 @@ class Agent:
         self.lock = threading.Lock()
         self.runs = {}                              # pod uid -> PodRun, until the object is gone
         self.ips = {}                               # pod uid -> <POD_IP_PREFIX>.N
+        self.names = {}                             # (ns, subdomain, hostname) -> IP: the pods' DNS names
+        self.name_users = {}                        # (ns, subdomain, hostname) -> uids of the pod and its peers
         self.since = now()
 
     # ------------------------------------------------------------------ node registration and heartbeat
@@ -505,20 +531,50 @@ class Agent:
                  {"metadata": {"name": NODE, "ownerReferences": [owner]}, "spec": spec})
 
     # ------------------------------------------------------------------ pods
-    def alloc_ip(self, uid, wanted=None):
+    def _free_ip(self, wanted=None):
+        """An IP neither a pod nor a reserved DNS name holds (caller holds the lock)."""
+        used = set(self.ips.values()) | set(self.names.values())
+        free = [wanted] if wanted and wanted.startswith(f"{POD_IP_PREFIX}.") and wanted not in used else []
+        free += [f"{POD_IP_PREFIX}.{n}" for n in range(2, 255) if f"{POD_IP_PREFIX}.{n}" not in used]
+        if not free:
+            raise RuntimeError(f"no free pod IP left in {POD_IP_PREFIX}.0/24")
+        return free[0]
+
+    def alloc_ip(self, uid, wanted=None, dns_key=None):
+        """The pod's IP: the one reserved for its DNS name (ns, subdomain, hostname) if a peer named it first,
+        else the IP it had (an adopted pod), else a free one."""
         with self.lock:
-            used = set(self.ips.values())
-            free = [wanted] if wanted and wanted.startswith(f"{POD_IP_PREFIX}.") and wanted not in used else []
-            free += [f"{POD_IP_PREFIX}.{n}" for n in range(2, 255) if f"{POD_IP_PREFIX}.{n}" not in used]
-            if not free:
-                raise RuntimeError(f"no free pod IP left in {POD_IP_PREFIX}.0/24")
-            self.ips[uid] = free[0]
-            return free[0]
+            ip = self.names.get(dns_key) if dns_key else None
+            if ip is None or ip in self.ips.values():
+                ip = self._free_ip(wanted)
+            if dns_key:
+                self.names[dns_key] = ip
+                self.name_users.setdefault(dns_key, set()).add(uid)
+            self.ips[uid] = ip
+            return ip
+
+    def name_ip(self, ns, subdomain, hostname, user_uid):
+        """The IP of pod DNS name hostname.subdomain in ns, reserved now if no pod holds it yet. The reservation
+        lasts while the pod or any running pod that named it (user_uid) lives."""
+        key = (ns, subdomain, hostname)
+        with self.lock:
+            if key not in self.names:
+                self.names[key] = self._free_ip()
+            self.name_users.setdefault(key, set()).add(user_uid)
+            return self.names[key]
+
+    def subdomains(self, ns):
+        with self.lock:
+            return {r.subdomain for r in self.runs.values() if r.ns == ns and r.subdomain and not r.finished}
 
     def release(self, run):
         """run() is over: frees the IP. Returns whether the caller must finalize a deletion."""
         with self.lock:
             self.ips.pop(run.uid, None)
+            for key in [k for k, users in self.name_users.items() if run.uid in users]:
+                self.name_users[key].discard(run.uid)
+                if not self.name_users[key]:
+                    del self.name_users[key], self.names[key]
             run.finished = True
             must = run.deleting.is_set() and not run.finalized
             run.finalized = run.finalized or must

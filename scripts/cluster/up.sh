@@ -2,7 +2,8 @@
 # Brings up the local kubetune test cluster on 127.0.0.1 only, without Docker:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler (real binaries, built by build-binaries.sh),
 #   kwok faking two 8-GPU nodes (gpu-node-0, gpu-node-1), node_agent.py running pods bound to `local-runner`
-#   as local processes, SeaweedFS S3 (`weed mini`) and Prometheus.
+#   as local processes, SeaweedFS S3 (`weed mini`), Prometheus, and the JobSet and Kueue controllers (with their
+#   admission webhooks on 127.0.0.1 and a ClusterQueue `kubetune` holding 16 nvidia.com/gpu).
 # Idempotent: components already running (pid file + live process group) are left alone, certificates, tokens
 # and S3 credentials are generated once per state dir. Stop with down.sh (--purge also wipes the state dir).
 #
@@ -18,8 +19,8 @@ since() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; 
 elapsed() { echo "$(since "$T0")s"; }
 
 # ---------------------------------------------------------------- binaries
-need=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok prometheus)
-missing() { local b; for b in "${need[@]}"; do [[ -x $BIN/$b ]] || return 0; done; return 1; }
+need=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok prometheus jobset kueue jobset-manifests.yaml kueue-manifests.yaml)
+missing() { local b; for b in "${need[@]}"; do [[ -s $BIN/$b ]] || return 0; done; return 1; }
 if missing; then
   [[ ${KUBETUNE_SKIP_BUILD:-0} == 1 ]] && die "binaries missing in $BIN and KUBETUNE_SKIP_BUILD=1 (run scripts/cluster/build-binaries.sh)"
   log "binaries missing in $BIN: building (first time only, 20-35 min)"
@@ -55,6 +56,27 @@ EOF
     # one RSA key signs (controller-manager, apiserver TokenRequest) and verifies service-account tokens
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    chmod 600 ./*.key )
+fi
+# JobSet's and Kueue's admission webhooks run on 127.0.0.1 with a cert from their own CA. The CA carries the
+# SAN kueue-ca and the serving cert the Service DNS names too: Kueue's cert rotator (which cannot be switched
+# off without a hard-coded /etc/kueue metrics cert) accepts a pre-made Secret only when both verify under those
+# names, and then keeps it instead of generating a cert without 127.0.0.1. Keys in PKCS#1, as the rotator writes.
+if [[ ! -s $PKI/webhook.crt ]]; then
+  log "generating the webhook CA and serving cert in $PKI"
+  ( cd "$PKI"
+    openssl genrsa -traditional -out webhook-ca.key 2048 2>/dev/null
+    openssl req -x509 -new -key webhook-ca.key -out webhook-ca.crt -days 3650 -subj "/CN=kueue-ca/O=kueue" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+      -addext "subjectAltName=DNS:kueue-ca" 2>/dev/null
+    openssl genrsa -traditional -out webhook.key 2048 2>/dev/null
+    openssl req -new -key webhook.key -out webhook.csr -subj "/CN=kubetune-webhooks" 2>/dev/null
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=serverAuth" \
+      "subjectAltName=IP:127.0.0.1,DNS:kueue-webhook-service.kueue-system.svc,DNS:jobset-webhook-service.jobset-system.svc" \
+      > webhook.ext
+    openssl x509 -req -in webhook.csr -CA webhook-ca.crt -CAkey webhook-ca.key -CAcreateserial -out webhook.crt \
+      -days 3650 -extfile webhook.ext 2>/dev/null
     chmod 600 ./*.key )
 fi
 if [[ ! -s $DIR/tokens.csv ]]; then
@@ -141,6 +163,11 @@ wait_for() {
     if (( $(date +%s) >= deadline )); then
       log "last output of '$*': ${out:0:2000}"
       diagnose
+      local n; for n in "${COMPONENTS[@]}"; do    # the component waited for may run but log why it is not ready
+        [[ ${desc,,} == *"$n"* && -f $LOGS/$n.log ]] || continue
+        log "last errors in $LOGS/$n.log:"   # controller-runtime logs a failed healthz on every probe: skip those
+        grep -i 'error' "$LOGS/$n.log" | grep -v 'healthz check failed' | tail -n 8 | cut -c1-600 | sed 's/^/      /' >&2
+      done
       die "timed out after ${TIMEOUT}s waiting for $desc (logs: $LOGS)"
     fi
     sleep 0.2
@@ -322,8 +349,64 @@ for n in gpu-node-0 gpu-node-1; do
   fi
 done
 
+# ---------------------------------------------------------------- JobSet and Kueue controllers
+# Run as local processes with their release's RBAC (a ServiceAccount token, not admin) and CRDs; their webhooks
+# are registered with url: https://127.0.0.1:PORT (addons.py). Kueue manages batch/v1 Jobs and JobSets that carry
+# kueue.x-k8s.io/queue-name; waitForPodsReady is off.
+mkdir -p "$DIR/jobset/certs" "$DIR/kueue/certs"
+# the serving cert as a kubelet would mount it (for Kueue: the Secret kueue-webhook-server-cert made below)
+for c in jobset kueue; do cp "$PKI/webhook.crt" "$DIR/$c/certs/tls.crt"; cp "$PKI/webhook.key" "$DIR/$c/certs/tls.key"; done
+cat > "$DIR/jobset/config.yaml" <<EOF
+apiVersion: config.jobset.x-k8s.io/v1alpha1
+kind: Configuration
+health: {healthProbeBindAddress: "127.0.0.1:$JOBSET_HEALTH_PORT"}
+metrics: {bindAddress: "0"}
+webhook: {port: $JOBSET_WEBHOOK_PORT, host: 127.0.0.1, certDir: "$DIR/jobset/certs"}
+leaderElection: {leaderElect: false}
+internalCertManagement: {enable: false}
+EOF
+cat > "$DIR/kueue/config.yaml" <<EOF
+apiVersion: config.kueue.x-k8s.io/v1beta2
+kind: Configuration
+namespace: kueue-system
+health: {healthProbeBindAddress: "127.0.0.1:$KUEUE_HEALTH_PORT"}
+metrics: {bindAddress: "0"}
+webhook: {port: $KUEUE_WEBHOOK_PORT, host: 127.0.0.1, certDir: "$DIR/kueue/certs"}
+leaderElection: {leaderElect: false}
+internalCertManagement: {enable: true, webhookServiceName: kueue-webhook-service, webhookSecretName: kueue-webhook-server-cert}
+featureGates: {VisibilityOnDemand: false}
+integrations:
+  frameworks: [batch/job, jobset.x-k8s.io/jobset]
+EOF
+# addon_manifests NAME PORT [KEEP_GROUPS]: CRDs, RBAC and webhook configurations, then a kubeconfig with a token
+# of its ServiceAccount. The apply (3 s: large CRDs) is skipped when this state dir already holds exactly this
+# rendering (after down.sh without --purge etcd keeps it).
+addon_manifests() {
+  "$PYBIN/python" "$CLUSTER_SCRIPTS/addons.py" "$BIN/$1-manifests.yaml" --port "$2" --ca-file "$PKI/webhook-ca.crt" \
+    ${3:+--keep-groups "$3"} > "$DIR/$1/manifests.json"
+  local sum; sum=$(sha256sum < "$DIR/$1/manifests.json")
+  if [[ $(cat "$DIR/$1/applied.sha256" 2>/dev/null) != "$sum" ]]; then
+    kubectl apply --server-side --force-conflicts --field-manager=kubetune-up -f "$DIR/$1/manifests.json" >/dev/null
+    echo "$sum" > "$DIR/$1/applied.sha256"
+  fi
+  write_kubeconfig "$DIR/$1.kubeconfig" "$1-controller-manager" \
+    "$(kubectl create token "$1-controller-manager" -n "$1-system" --duration=87600h)"
+}
+if ! running jobset; then
+  addon_manifests jobset "$JOBSET_WEBHOOK_PORT"
+  KUBECONFIG=$DIR/jobset.kubeconfig start jobset - "$BIN/jobset" --config="$DIR/jobset/config.yaml" --zap-log-level=info
+fi
+if ! running kueue; then
+  addon_manifests kueue "$KUEUE_WEBHOOK_PORT" batch,jobset.x-k8s.io,kueue.x-k8s.io
+  kubectl create secret generic kueue-webhook-server-cert -n kueue-system --dry-run=client -o yaml \
+    --from-file=ca.crt="$PKI/webhook-ca.crt" --from-file=ca.key="$PKI/webhook-ca.key" \
+    --from-file=tls.crt="$PKI/webhook.crt" --from-file=tls.key="$PKI/webhook.key" | kubectl apply -f - >/dev/null
+  KUBECONFIG=$DIR/kueue.kubeconfig start kueue - "$BIN/kueue" --config="$DIR/kueue/config.yaml" --zap-log-level=info
+fi
+log "JobSet and Kueue manifests applied, controllers started ($(elapsed))"
+
 # ---------------------------------------------------------------- readiness
-check_alive kube-controller-manager kube-scheduler kwok node-agent
+check_alive kube-controller-manager kube-scheduler kwok node-agent jobset kueue
 wait_for "ServiceAccount default/default" kubectl get serviceaccount default -n default
 # Ready and without the node.kubernetes.io/not-ready taint (added at creation, removed by the node lifecycle
 # controller once it has seen Ready): before that the scheduler would not place pods there.
@@ -340,6 +423,35 @@ wait_for "node local-runner" node_ok local-runner
 s3_ok() { [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$S3_PORT/") =~ ^(200|403)$ ]]; }
 wait_for "S3 (SeaweedFS) on :$S3_PORT" s3_ok
 wait_for "Prometheus on :$PROMETHEUS_PORT" curl -sf "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
+# /readyz of both includes their webhook servers; the queue objects below go through Kueue's webhooks
+wait_for "JobSet controller" curl -sf "http://127.0.0.1:$JOBSET_HEALTH_PORT/readyz"
+wait_for "Kueue controller" curl -sf "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz"
+# One ClusterQueue for all test namespaces (tests create a LocalQueue in theirs: cluster.local_queue() in
+# tests/e2e/conftest.py): 16 GPUs = the two KWOK nodes; cpu/memory cover them and local-runner. Workloads of
+# lower priority can be preempted.
+kueue_queues() {
+  kubectl apply --server-side --force-conflicts --field-manager=kubetune-up -f - <<EOF
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {name: default-flavor}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ClusterQueue
+metadata: {name: kubetune}
+spec:
+  namespaceSelector: {}
+  preemption: {withinClusterQueue: LowerPriority}
+  resourceGroups:
+  - coveredResources: [cpu, memory, nvidia.com/gpu]
+    flavors:
+    - name: default-flavor
+      resources:
+      - {name: cpu, nominalQuota: "130"}
+      - {name: memory, nominalQuota: 1048Gi}
+      - {name: nvidia.com/gpu, nominalQuota: "16"}
+EOF
+}
+wait_for "Kueue ClusterQueue kubetune" kueue_queues
 check_alive "${COMPONENTS[@]}"
 log "cluster up in $(elapsed). Use: source $DIR/env"
 echo "$DIR/env"

@@ -3,6 +3,7 @@
 `cluster` (session): brings the cluster up (idempotent: an already running one is reused and repaired) and
 tears it down at the end only if this session started it (KUBETUNE_KEEP_CLUSTER=1 keeps it running).
 `namespace` (function): a fresh namespace per test, deleted afterwards.
+`local_queue` (function): a Kueue LocalQueue `kubetune` in `namespace` (also `cluster.local_queue(ns)`).
 `cluster.wait_job(ns, name, want="Succeeded", timeout=...)`: waits for a FineTuneJob condition and stops at once,
 with the job's message, conditions and pod log tails, when the job ends otherwise.
 
@@ -28,7 +29,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "cluster"
 E2E_DIR = Path(__file__).resolve().parent
-NEEDED_BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus"]
+NEEDED_BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus",
+                   "jobset", "kueue"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,6 +95,13 @@ class Cluster:
             time.sleep(interval)
         pytest.fail(f"timed out after {timeout}s waiting for {desc or predicate}" + (f" (last error: {last_exc})" if last_exc else ""))
 
+
+    def local_queue(self, ns: str, name: str = "kubetune", cluster_queue: str = "kubetune") -> str:
+        """Creates Kueue LocalQueue ns/name pointing at the cluster's ClusterQueue (up.sh makes `kubetune`: 16
+        nvidia.com/gpu, cpu, memory) and returns its name, the value of a Job's `kueue.x-k8s.io/queue-name`."""
+        self.apply({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                    "metadata": {"name": name, "namespace": ns}, "spec": {"clusterQueue": cluster_queue}})
+        return name
 
     def wait_job(self, ns: str, name: str, want: str = "Succeeded", timeout: float = 300,
                  context: Callable[[], str] | None = None) -> dict:
@@ -225,3 +234,9 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
                      timeout=30, desc=f"ServiceAccount default in {name}")
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def local_queue(cluster: Cluster, namespace: str) -> str:
+    """A Kueue LocalQueue in the test's namespace; label workloads with kueue.x-k8s.io/queue-name=<this>."""
+    return cluster.local_queue(namespace)

@@ -66,7 +66,7 @@ def build(params: dict, sandbox: Sandbox) -> BuiltinReward:
     memory_mb = _float(params, "memory_mb", 512.0, minimum=64.0)
     nproc = int(_float(params, "nproc", 4.0, minimum=1.0))
     limits = ProgramLimits(cpu_seconds=max(1.0, 2 * test_seconds), test_seconds=test_seconds,
-                           wall_seconds=max(5.0, 4 * test_seconds), memory_bytes=int(memory_mb) << 20, nproc=nproc)
+                           wall_seconds=max(2.0, 4 * test_seconds), memory_bytes=int(memory_mb) << 20, nproc=nproc)
 
     def code_execution(completions, **kwargs) -> list:
         refs = _references(kwargs, column, len(completions), "code_execution")

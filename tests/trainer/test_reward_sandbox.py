@@ -346,3 +346,29 @@ def test_code_execution_bad_params_are_config_errors(box):
     with pytest.raises(ConfigError) as err:
         rewards.build([rf("code_execution", {"langauge": "python"})], field=FIELD, sandbox=box)
     assert "unknown params" in err.value.message
+
+
+def test_failed_reward_calls_are_exported_as_a_counter_per_reward(tmp_path):
+    from prometheus_client import generate_latest
+
+    from kubetune_api.models import parse_job
+    from kubetune_trainer.monitoring import RunMonitor
+
+    job = parse_job({"metadata": {"name": "demo", "namespace": "ml"},
+                     "spec": {"stage": "grpo", "model": {"source": "file:///m"},
+                              "dataset": {"format": "prompt_only", "train": [{"uri": "file:///d.jsonl"}]},
+                              "output": {"uri": "file:///out"},
+                              "training": {"grpo": {"rewards": [{"name": "numeric_match"}]}}}})
+    monitor = RunMonitor(job, tmp_path, port=0)
+    remove = rewards.add_listener(monitor.count_reward_error)
+    try:
+        func = rewards.build([rf("exact_match"), rf("numeric_match")], field=FIELD).funcs[1]
+        call(func, ["1"], answer=[])
+        call(func, ["1"], answer=[])
+        call(func, ["1"], answer=["1"])
+    finally:
+        remove()
+    text = generate_latest(monitor.registry).decode()
+    assert ('kubetune_reward_errors_total{adapter="lora",finetunejob="demo",namespace="ml",reward="numeric_match",'
+            'stage="grpo"} 2.0') in text
+    assert 'reward="exact_match"' not in text

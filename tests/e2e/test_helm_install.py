@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -221,3 +222,51 @@ def test_namespaced_rbac_is_least_privilege(cluster, namespace, helm, extra_name
                                "-o", "name").stdout.split()
         assert not left, f"orphans in {ns}: {left}"
     assert not get_json(cluster, "clusterrole", f"{fullname}-discovery")
+
+
+def test_user_roles_aggregate_into_edit_and_view(cluster, namespace, helm, extra_namespaces):
+    """A namespace user bound to the built-in `edit` (or `view`) gets FineTuneJob rights through the chart's
+    aggregated ClusterRoles, the usual way: real aggregation by the controller manager, real authorizer answers."""
+    team, other = extra_namespaces("kt-team"), extra_namespaces("kt-other")
+    release = f"kt-{uuid.uuid4().hex[:5]}"
+    editor, viewer = f"alice-{release}", f"bob-{release}"
+    try:
+        helm("install", release, str(CHART), "-n", namespace, "--take-ownership", *values_args(PENDING))
+        cluster.kubectl("create", "rolebinding", "alice-edit", "-n", team, "--clusterrole=edit", f"--user={editor}")
+        cluster.kubectl("create", "rolebinding", "bob-view", "-n", team, "--clusterrole=view", f"--user={viewer}")
+
+        def can(user: str, verb: str, resource: str, ns: str, *extra: str) -> bool:
+            proc = cluster.kubectl("auth", "can-i", verb, resource, "-n", ns, f"--as={user}", *extra, check=False)
+            assert proc.stdout.strip() in ("yes", "no"), proc.stderr
+            return proc.stdout.strip() == "yes"
+
+        ftj = "finetunejobs.kubetune.dev"
+        # aggregation is asynchronous (the clusterrole-aggregation controller): wait for it
+        deadline = time.monotonic() + 60
+        while not can(editor, "create", ftj, team) and time.monotonic() < deadline:
+            time.sleep(1)
+        for verb in ("create", "get", "list", "watch", "patch", "update", "delete", "deletecollection"):
+            assert can(editor, verb, ftj, team), f"edit cannot {verb} FineTuneJobs"
+            assert can(editor, verb, "finetunepipelines.kubetune.dev", team)
+        assert can(editor, "list", "finetuneruntimes.kubetune.dev", team)
+        for verb in ("create", "patch", "delete"):
+            assert not can(editor, verb, "finetuneruntimes.kubetune.dev", team), f"edit may {verb} runtimes"
+        assert not can(editor, "patch", ftj, team, "--subresource=status"), "users must not write status"
+        assert can(editor, "get", ftj, team, "--subresource=status")
+        assert not can(editor, "create", ftj, other), "rights stay in the bound namespace"
+        for verb in ("get", "list", "watch"):
+            assert can(viewer, verb, ftj, team) and can(viewer, verb, "finetuneruntimes.kubetune.dev", team)
+        for verb in ("create", "patch", "delete"):
+            assert not can(viewer, verb, ftj, team), f"view may {verb} FineTuneJobs"
+
+        # a real request as the editor: the apiserver admits the FineTuneJob
+        job = yaml.safe_load((REPO / "examples" / "stage-sft.yaml").read_text())
+        created = cluster.kubectl("create", "-n", team, f"--as={editor}", "--dry-run=server", "-f", "-",
+                                  input=json.dumps(job), check=False)
+        assert created.returncode == 0, created.stderr
+        denied = cluster.kubectl("create", "-n", team, f"--as={viewer}", "--dry-run=server", "-f", "-",
+                                 input=json.dumps(job), check=False)
+        assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), denied.stderr
+    finally:
+        helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+    assert not get_json(cluster, "clusterrole", "kubetune-edit"), "uninstall removes the user roles"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.models import RewardFunction
+from kubetune_api.finetunejob import RewardFunction
 from kubetune_trainer import rewards
 from kubetune_trainer.errors import ConfigError, DataError
 from kubetune_trainer.rewards import code_execution, failures, policy
@@ -351,7 +351,7 @@ def test_code_execution_bad_params_are_config_errors(box):
 def test_failed_reward_calls_are_exported_as_a_counter_per_reward(tmp_path):
     from prometheus_client import generate_latest
 
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
     from kubetune_trainer.monitoring import RunMonitor
 
     job = parse_job({"metadata": {"name": "demo", "namespace": "ml"},

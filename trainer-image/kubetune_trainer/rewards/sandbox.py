@@ -15,8 +15,8 @@ does and does not isolate on a real pod):
   limit per call (RLIMIT_CPU); a wall-clock limit per call enforced here by killing its process group;
 - the ServiceAccount token folders hidden behind an empty tmpfs where the kernel lets it unshare a mount
   namespace; as root, uid 65534 instead of root.
-The trainer process also marks itself non-dumpable (PR_SET_DUMPABLE 0), so code running under the same uid
-cannot read the trainer's /proc/<pid>/environ (its S3 keys) or memory.
+A trainer that is its pod's only process also marks itself non-dumpable (PR_SET_DUMPABLE 0), so code running
+under the same uid cannot read the trainer's /proc/<pid>/environ (its S3 keys) or memory.
 
 Answers come back as JSON, never pickle. A worker that dies (a limit hit: SIGXCPU, SIGKILL) or overruns its wall
 clock is killed with everything it started and replaced on the next call; its functions are loaded again.
@@ -110,15 +110,27 @@ _dumpable_off = False
 
 def protect_trainer_process() -> None:
     """PR_SET_DUMPABLE 0 on this (trainer) process: another process of the same uid - the sandbox in a non-root
-    pod - can then not read its /proc/<pid>/environ, mem or fds. It also turns core dumps off, which a trainer
-    holding credentials should not write anyway."""
+    pod - can then not read its /proc/<pid>/environ (the S3 keys), mem or fds. Core dumps go too, which a
+    process holding credentials should not write anyway.
+
+    Only when this is the pod's only trainer process: with several (torchrun), NCCL and PyTorch share GPU memory
+    between them with pidfd_getfd (cuMem/NVLS handles), which a non-dumpable peer refuses. There the sandbox
+    keeps every other limit but can read the trainers' environment through /proc; docs/rewards.md says so."""
     global _dumpable_off
     if _dumpable_off or not sys.platform.startswith("linux"):
         return
+    _dumpable_off = True
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if local > 1:
+        log.warning("reward sandbox: %d trainer processes share this pod, so they stay dumpable (NCCL shares GPU "
+                    "memory through pidfd_getfd); code in the sandbox can read their environment via /proc", local)
+        return
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        log.warning("reward sandbox: started by torchrun, whose agent process holds the same environment and stays "
+                    "dumpable; code in the sandbox can read it via /proc")
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
         log.warning("sandbox: prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
-    _dumpable_off = True
 
 
 def sandbox_env(scratch: Path) -> dict[str, str]:

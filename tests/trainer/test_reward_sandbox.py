@@ -372,3 +372,16 @@ def test_failed_reward_calls_are_exported_as_a_counter_per_reward(tmp_path):
     assert ('kubetune_reward_errors_total{adapter="lora",finetunejob="demo",namespace="ml",reward="numeric_match",'
             'stage="grpo"} 2.0') in text
     assert 'reward="exact_match"' not in text
+
+
+def test_the_worker_and_its_scratch_go_away_with_the_rewards(tmp_path):
+    import gc
+
+    src = write(tmp_path / "g.py", "def f(completions):\n    return [1.0] * len(completions)\n")
+    rset = rewards.build([rf("g:f", source=f"file://{src}")], fetch=fetch, field=FIELD)
+    assert call(rset.funcs[0], ["a"]) == [1.0]
+    pid, scratch = rset.sandbox.info["pid"], rset.sandbox.scratch
+    assert Path(f"/proc/{pid}").exists() and scratch.is_dir()
+    del rset
+    gc.collect()
+    assert not Path(f"/proc/{pid}").exists() and not scratch.exists()

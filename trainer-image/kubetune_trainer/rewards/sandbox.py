@@ -24,7 +24,6 @@ clock is killed with everything it started and replaced on the next call; its fu
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import ctypes.util
 import json
@@ -38,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -155,21 +155,69 @@ def hidden_paths(extra: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
+class _Held:
+    """What a Sandbox must release: referenced by its finalizer, so it cannot hold the Sandbox itself."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+        self.scratch: Optional[Path] = None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and everything it started
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+
+
+def _release(held: _Held) -> None:
+    if held.proc is not None:
+        _kill_group(held.proc)
+        held.proc = None
+    if held.scratch is not None:
+        shutil.rmtree(held.scratch, ignore_errors=True)
+        held.scratch = None
+
+
 class Sandbox:
     def __init__(self, limits: Optional[SandboxLimits] = None, *, scratch_root: Optional[Path] = None,
                  hide: tuple[str, ...] = ()):
         self.limits = limits or SandboxLimits()
         self._scratch_root = scratch_root
         self._hide = tuple(hide)
-        self._proc: Optional[subprocess.Popen] = None
-        self._scratch: Optional[Path] = None
+        self._held = _Held()
         self._loads: list[dict] = []   # replayed, in order, after a restart: handles stay valid
         self._lock = threading.Lock()
         self.info: dict = {}
         self.restarts = 0
         self._sources = 0
         self._closed = False
-        atexit.register(self.close)
+        # Stops the worker and removes the scratch folder when the Sandbox is collected (a finished trainer's
+        # rewards) or at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, _release, self._held)
+
+    @property
+    def _proc(self) -> Optional[subprocess.Popen]:
+        return self._held.proc
+
+    @_proc.setter
+    def _proc(self, proc: Optional[subprocess.Popen]) -> None:
+        self._held.proc = proc
+
+    @property
+    def _scratch(self) -> Optional[Path]:
+        return self._held.scratch
+
+    @_scratch.setter
+    def _scratch(self, path: Optional[Path]) -> None:
+        self._held.scratch = path
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -206,25 +254,12 @@ class Sandbox:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and everything it started
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        if proc is not None:
+            _kill_group(proc)
 
     def close(self) -> None:
         with self._lock:
-            self._kill()
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
-                self._scratch = None
+            self._finalizer()
             self._closed = True
 
     # ------------------------------------------------------------------ protocol

@@ -385,3 +385,16 @@ def test_the_worker_and_its_scratch_go_away_with_the_rewards(tmp_path):
     del rset
     gc.collect()
     assert not Path(f"/proc/{pid}").exists() and not scratch.exists()
+
+
+def test_a_restarted_worker_loads_the_source_as_shipped_not_as_the_sandbox_left_it(box, tmp_path, caplog):
+    rset = custom(box, tmp_path, "def f(completions):\n    return [0.0] * len(completions)\n")
+    copy = next((box.scratch / ".sources").rglob("r.py"))
+    # Code in the sandbox runs as the source copy's owner in a non-root pod: it could rewrite the copy to score
+    # everything 1.0 and then crash the worker. Simulate both.
+    copy.chmod(0o644)
+    copy.write_text("def f(completions):\n    return [1.0] * len(completions)\n")
+    box._kill()
+    with caplog.at_level(logging.WARNING, "kubetune.rewards.sandbox"):
+        assert call(rset.funcs[0], ["a"]) == [0.0]
+    assert "modified inside the sandbox" in caplog.text

@@ -38,7 +38,8 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,7 +103,8 @@ class ProgramLimits:
     test_seconds: float = 3.0        # each test (and the code's top level) separately
     memory_bytes: int = 512 << 20
     nproc: int = 4                   # processes the program may start (a fork bomb stops here)
-    parallel: int = 2                # programs run at once
+    # programs run at once: half the CPUs (the trainer waits for them), 2..8
+    parallel: int = field(default_factory=lambda: max(2, min(8, (os.cpu_count() or 2) // 2)))
 
 
 _dumpable_off = False
@@ -193,7 +195,9 @@ class Sandbox:
         self._scratch_root = scratch_root
         self._hide = tuple(hide)
         self._held = _Held()
-        self._loads: list[dict] = []   # replayed, in order, after a restart: handles stay valid
+        # (load request, the source as shipped, digest of the copy): replayed in order after a restart, so handles
+        # stay valid
+        self._loads: list[tuple[dict, Path, str]] = []
         self._lock = threading.Lock()
         self.info: dict = {}
         self.restarts = 0
@@ -247,7 +251,13 @@ class Sandbox:
                      scratch, ready.get("hidden") or "nothing",
                      f" ({ready['hide_problem']})" if ready.get("hide_problem") else "")
         self.info = ready
-        for req in self._loads:
+        for req, original, digest in self._loads:
+            target = Path(req["path"])
+            if _digest(target) != digest:
+                # Something in the sandbox (a generated program, the reward itself) changed the copy: the function
+                # is loaded again from what the job shipped, not from what the sandbox left behind.
+                log.warning("reward sandbox: %s was modified inside the sandbox; copying it again", original)
+                _copy_source(original, target)
             answer = self._send(req, _READY_TIMEOUT)
             if not answer.get("ok"):
                 raise RemoteError(answer)
@@ -314,22 +324,16 @@ class Sandbox:
     # ------------------------------------------------------------------ operations
     def load(self, path: Path, module: str, function: str) -> tuple[int, dict]:
         """Copy the source into the sandbox and import `module:function` there. Returns (handle, signature)."""
+        path = Path(path)
         dest = self.scratch / ".sources" / str(self._sources)
         self._sources += 1
-        dest.mkdir(parents=True)
-        path = Path(path)
-        if path.is_dir():
-            target = dest / "src"
-            shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            target = dest / path.name
-            shutil.copy2(path, target)
-        if os.geteuid() == 0:  # the worker runs as nobody: let it read its copy
-            for p in [dest.parent, dest, *dest.rglob("*")]:
-                os.chown(p, 65534, 65534)
-        req = {"op": "load", "path": str(target), "module": module, "function": function}
+        target = dest / ("src" if path.is_dir() else path.name)
+        _copy_source(path, target)
+        req = {"op": "load", "path": str(target), "module": module, "function": function,
+               "cpu_seconds": self.limits.cpu_seconds}
+        digest = _digest(target)
         answer = self.request(req, timeout=max(self.limits.wall_seconds, _READY_TIMEOUT))
-        self._loads.append(req)
+        self._loads.append((req, path, digest))
         return int(answer["handle"]), answer.get("signature") or {}
 
     def call(self, handle: int, kwargs: dict, *, log_metric: bool = False, log_extra: bool = False
@@ -346,6 +350,27 @@ class Sandbox:
         budget = limits.wall_seconds * -(-n // max(1, limits.parallel)) + 30.0
         answer = self.request({"op": "run_programs", "programs": programs, "limits": asdict(limits)}, timeout=budget)
         return answer["results"]
+
+
+def _copy_source(path: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy2(path, target)
+    # Readable by the sandbox (which runs as uid 65534 when the trainer is root), writable by nobody else.
+    for p in [target.parent, target, *(target.rglob("*") if target.is_dir() else [])]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def _describe_exit(code: int) -> str:

@@ -69,8 +69,8 @@ def hide_paths(paths):
         return [], f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}"
     # Private first, so nothing mounted below can propagate back to the trainer's (or the host's) namespace.
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        raise OSError(ctypes.get_errno(), "cannot make the sandbox's mounts private")
-    hidden = []
+        return [], f"cannot make the sandbox's mounts private: {os.strerror(ctypes.get_errno())}"
+    hidden, problems = [], []
     for p in paths:
         if os.path.isdir(p):
             rc = libc.mount(b"tmpfs", p.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
@@ -78,9 +78,10 @@ def hide_paths(paths):
         else:
             rc = libc.mount(b"/dev/null", p.encode(), None, MS_BIND, None)
         if rc != 0:
-            raise OSError(ctypes.get_errno(), f"cannot hide {p}")
-        hidden.append(p)
-    return hidden, None
+            problems.append(f"{p}: {os.strerror(ctypes.get_errno())}")
+        else:
+            hidden.append(p)
+    return hidden, ("cannot hide " + "; ".join(problems)) if problems else None
 
 
 def _readable_by_others(path):

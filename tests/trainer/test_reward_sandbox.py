@@ -398,3 +398,15 @@ def test_a_restarted_worker_loads_the_source_as_shipped_not_as_the_sandbox_left_
     with caplog.at_level(logging.WARNING, "kubetune.rewards.sandbox"):
         assert call(rset.funcs[0], ["a"]) == [0.0]
     assert "modified inside the sandbox" in caplog.text
+
+
+def test_two_folders_with_the_same_module_name_in_one_job(tmp_path):
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        write(tmp_path / folder / "scoring.py", f"def f(completions):\n    return [{value}] * len(completions)\n")
+    rset = rewards.build([rf("scoring:f", source=f"file://{tmp_path / 'a'}"),
+                          rf("scoring:f", source=f"file://{tmp_path / 'b'}")], fetch=fetch, field=FIELD)
+    try:
+        assert [call(f, ["x"]) for f in rset.funcs] == [[1.0], [2.0]]
+        assert rset.names == ["scoring.f", "scoring.f_2"]
+    finally:
+        rset.close()

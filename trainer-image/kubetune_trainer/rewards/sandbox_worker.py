@@ -201,6 +201,14 @@ class Worker:
             else:
                 if path not in sys.path:
                     sys.path.insert(0, path)
+                # The same module name imported earlier from another folder (a second custom reward of the job)
+                # would shadow this one through sys.modules: drop it so this folder's wins.
+                top = module_name.split(".", 1)[0]
+                for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+                    origin = os.path.realpath(getattr(sys.modules[name], "__file__", None) or "")
+                    if not origin.startswith(os.path.realpath(path) + os.sep):
+                        del sys.modules[name]
+                importlib.invalidate_caches()
                 module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             missing = bool(exc.name) and module_name.startswith(exc.name) and not os.path.isfile(path)

@@ -264,7 +264,7 @@ class RunMonitor:
 
     def count_reward_error(self, reward: str) -> None:
         """One failed reward-function call (rewards/failures.py calls this through its listener)."""
-        self._families["kubetune_reward_errors_total"].labels(**self.const_labels, reward=reward).inc()
+        self.exporter.families["kubetune_reward_errors_total"].labels(**self.const_labels, reward=reward).inc()
 
     def record_reference(self, when: str, perplexity: float) -> None:
         """Reference-set perplexity before or after training (the forgetting check)."""

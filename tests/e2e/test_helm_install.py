@@ -280,3 +280,12 @@ def test_user_roles_aggregate_into_edit_and_view(cluster, namespace, helm, extra
     finally:
         helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)
     assert not get_json(cluster, "clusterrole", "kubetune-edit"), "uninstall removes the user roles"
+
+
+def test_trainer_network_policy_is_accepted_by_the_apiserver(cluster, helm, extra_namespaces):
+    ns = extra_namespaces("kt-np")
+    rendered = helm("template", "np", str(CHART), "-n", "default", "-s", "templates/networkpolicy.yaml",
+                    *values_args({"networkPolicy": {"enabled": True, "namespaces": [ns],
+                                                    "extraIngress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]}}))
+    applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered.stdout, check=False)
+    assert applied.returncode == 0 and "created (server dry run)" in applied.stdout, applied.stderr

@@ -410,3 +410,23 @@ def test_two_folders_with_the_same_module_name_in_one_job(tmp_path):
         assert rset.names == ["scoring.f", "scoring.f_2"]
     finally:
         rset.close()
+
+
+# ------------------------------------------------------------------------------------------------ through a run
+def test_a_broken_custom_reward_ends_the_run_with_its_traceback_in_the_report(make_job, run_job, tmp_path):
+    """The whole path: runner -> GRPO -> sandboxed reward raises TypeError -> ConfigError -> TrainerReport (what
+    the termination message carries to the FineTuneJob's condition): exit 78, the entry, module, function and
+    the user's line."""
+    src = write(tmp_path / "judge.py", """
+        def score(completions, answer):
+            return [len(c) / answer for c, answer in zip(completions, answer)]
+    """)
+    job = make_job(data="prompt_only", stage="grpo",
+                   training={"maxSteps": 1, "batchSize": 2,
+                             "grpo": {"numGenerations": 2, "maxCompletionLength": 4,
+                                      "rewards": [{"name": "judge:score", "source": f"file://{src}"}]}})
+    report = run_job(job)
+    assert report.state == "failed" and report.exit_code == 78 and report.reason == "InvalidConfig"
+    assert report.field == "spec.training.grpo.rewards[0]"
+    assert "module judge, function score" in report.message and "raised TypeError" in report.message
+    assert "judge.py" in report.message and "len(c) / answer" in report.message

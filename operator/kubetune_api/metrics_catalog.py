@@ -60,6 +60,10 @@ TRAINER_METRICS: list[MetricDef] = [
               log_keys=("reward", "rewards/mean", "objective/scores")),
     MetricDef("kubetune_reward_std", "gauge", "Standard deviation of rewards in the latest RL batch.",
               log_keys=("reward_std", "rewards/std")),
+    MetricDef("kubetune_reward_errors_total", "counter",
+              "Reward-function calls that failed (raised, or timed out/crashed in the sandbox after retries); their "
+              "scores were dropped for that step. Label reward = the function's name in TRL's logs.",
+              labels=TRAINER_LABELS + ("reward",)),
     MetricDef("kubetune_policy_kl", "gauge", "KL divergence of the policy from the reference model.",
               log_keys=("kl", "objective/kl")),
     MetricDef("kubetune_preference_reward_margin", "gauge",

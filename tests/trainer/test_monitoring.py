@@ -137,7 +137,9 @@ def test_metrics_expose_catalog_names_with_job_labels(sft_run):
         # RL/preference signals, the forgetting check and checkpoints did not happen in this SFT run
         "kubetune_reward_mean", "kubetune_reward_std", "kubetune_policy_kl", "kubetune_preference_reward_margin",
         "kubetune_preference_reward_accuracy", "kubetune_reference_perplexity", "kubetune_forgetting_relative_change",
-        "kubetune_checkpoint_last_timestamp_seconds"}
+        "kubetune_checkpoint_last_timestamp_seconds",
+        # per reward function, from its first failed call (tests/trainer/test_reward_sandbox.py)
+        "kubetune_reward_errors_total"}
     assert expected <= set(got), f"missing: {sorted(expected - set(got))}"
     assert set(got) <= {m.name for m in TRAINER_METRICS}, "only catalog names (no _created series)"
     for name, ss in got.items():

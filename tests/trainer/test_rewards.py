@@ -76,7 +76,9 @@ def test_exact_match_reads_the_column_named_in_params():
     f = one("exact_match", {"column": "solution"})
     assert trl_call(f, [" yes"], solution=["yes"]) == [1.0]
     with pytest.raises(KeyError, match="solution"):
-        f(completions=[" yes"], answer=["yes"])
+        builtin.build_builtin("exact_match", {"column": "solution"}).func(completions=[" yes"], answer=["yes"])
+    # handed to TRL, the same failure drops that call's scores instead of ending the run (test_reward_sandbox.py)
+    assert f(completions=[" yes"], answer=["yes"]) == [None]
 
 
 def test_normalized_match_ignores_case_punctuation_and_spacing():

@@ -104,7 +104,12 @@ def allows(rules: list[dict], group: str, resource: str, verb: str) -> bool:
 
 
 def rbac_rules(objs: list[dict]) -> list[tuple[dict, dict]]:
-    return [(o, r) for o in objs if o["kind"] in ("Role", "ClusterRole") for r in o.get("rules", [])]
+    """The operator's rules (the user-facing ClusterRoles, in USER_ROLES, are checked on their own)."""
+    return [(o, r) for o in objs if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] not in USER_ROLES
+            for r in o.get("rules", [])]
+
+
+USER_ROLES = ("kubetune-edit", "kubetune-view")
 
 
 # Scenarios: name -> values. Each is linted with --strict and rendered by the tests below.
@@ -238,13 +243,23 @@ def test_values_reach_the_deployment():
 
 # ---------------------------------------------------------------------------------------------- RBAC
 NEEDED = [  # (group, resource, verbs) the operator needs in every namespace it reconciles
-    ("kubetune.dev", "finetunejobs", ["get", "list", "watch", "patch", "update"]),
-    ("kubetune.dev", "finetunejobs/status", ["get", "patch", "update"]),
-    ("batch", "jobs", ["get", "list", "watch", "create", "patch", "update", "delete"]),
+    ("kubetune.dev", "finetunejobs", ["get", "list", "watch", "patch", "delete"]),
+    ("kubetune.dev", "finetunejobs/status", ["get", "patch"]),
+    ("batch", "jobs", ["get", "list", "watch", "create", "patch", "delete"]),
     ("", "pods", ["get", "list", "watch"]),
-    ("", "services", ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("", "configmaps", ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("", "events", ["create", "patch"]),
+    ("", "services", ["get", "create", "patch", "delete"]),
+    ("", "configmaps", ["get", "create", "patch", "delete"]),
+    ("", "events", ["create"]),
+]
+# Verbs the operator does not use (it merge-patches, never PUTs; it never lists its ConfigMaps and Services): the
+# chart must not grant them.
+NOT_NEEDED = [
+    ("kubetune.dev", "finetunejobs", ["update", "create"]),
+    ("kubetune.dev", "finetunejobs/status", ["update"]),
+    ("batch", "jobs", ["update"]),
+    ("", "services", ["list", "watch", "update"]),
+    ("", "configmaps", ["list", "watch", "update"]),
+    ("", "events", ["patch", "update", "delete"]),
     ("events.k8s.io", "events", ["create", "patch"]),
 ]
 
@@ -271,6 +286,9 @@ def test_cluster_rbac():
     for group, resource, verbs in NEEDED:
         for verb in verbs:
             assert allows(role["rules"], group, resource, verb), f"missing {verb} {group}/{resource}"
+    for group, resource, verbs in NOT_NEEDED:
+        for verb in verbs:
+            assert not allows(role["rules"], group, resource, verb), f"grants unused {verb} {group}/{resource}"
     assert allows(role["rules"], "apiextensions.k8s.io", "customresourcedefinitions", "watch")
     assert not allows(role["rules"], "apiextensions.k8s.io", "customresourcedefinitions", "create")
     # cluster-wide kopf does not observe namespaces (it only does for a namespace list)
@@ -295,7 +313,7 @@ def test_namespaced_rbac():
         assert rb["roleRef"]["kind"] == "Role" and rb["roleRef"]["name"] == FULLNAME
         assert rb["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     # no ClusterRole grants anything namespaced: only read access to the two cluster-scoped kinds kopf watches
-    (cr,) = find(objs, "ClusterRole")
+    (cr,) = [o for o in find(objs, "ClusterRole") if o["metadata"]["name"] not in USER_ROLES]
     assert cr["metadata"]["name"] == f"{FULLNAME}-discovery"
     for rule in cr["rules"]:
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
@@ -310,6 +328,86 @@ def test_namespaced_rbac():
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
+def test_scope_auto_is_namespaced_with_a_namespace_list_and_cluster_without():
+    objs = render({"watchNamespaces": ["team-a"]})  # rbac.scope defaults to auto
+    assert one(objs, "Role", FULLNAME, "team-a") and not find(objs, "ClusterRole", FULLNAME)
+    assert one(objs, "ClusterRole", f"{FULLNAME}-discovery")
+    objs = render()
+    assert one(objs, "ClusterRole", FULLNAME) and not find(objs, "Role")
+    # an explicit scope still wins: cluster-wide rules with a namespace list
+    objs = render({"watchNamespaces": ["team-a"], "rbac": {"scope": "cluster"}})
+    assert allows(one(objs, "ClusterRole", FULLNAME)["rules"], "", "namespaces", "watch")
+
+
+def test_user_roles_aggregate_into_the_builtin_roles():
+    objs = render()
+    edit, view = one(objs, "ClusterRole", "kubetune-edit"), one(objs, "ClusterRole", "kubetune-view")
+    agg = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith(agg) and v == "true"} == \
+        {agg + "edit", agg + "admin"}
+    assert {k for k, v in view["metadata"]["labels"].items() if k.startswith(agg) and v == "true"} == \
+        {agg + "view", agg + "edit", agg + "admin"}
+    g = "kubetune.dev"
+    for resource in ("finetunejobs", "finetunepipelines"):
+        for verb in ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"):
+            assert allows(edit["rules"], g, resource, verb), f"edit: {verb} {resource}"
+        for verb in ("get", "list", "watch"):
+            assert allows(view["rules"], g, resource, verb)
+        for verb in ("create", "update", "patch", "delete"):
+            assert not allows(view["rules"], g, resource, verb), f"view may {verb} {resource}"
+    # status is the operator's: users read it, never write it (they could fake a Succeeded job)
+    for role in (edit, view):
+        assert allows(role["rules"], g, "finetunejobs/status", "get")
+        for verb in ("patch", "update"):
+            assert not allows(role["rules"], g, "finetunejobs/status", verb)
+    # runtimes are the platform's: users may read (choose) them, not change them
+    for role in (edit, view):
+        assert allows(role["rules"], g, "finetuneruntimes", "list")
+        for verb in ("create", "update", "patch", "delete"):
+            assert not allows(role["rules"], g, "finetuneruntimes", verb)
+            assert not allows(role["rules"], g, "clusterfinetuneruntimes", verb)
+    assert allows(view["rules"], g, "clusterfinetuneruntimes", "get")
+    for role in (edit, view):
+        for rule in role["rules"]:
+            assert rule["apiGroups"] == [g] and "*" not in rule["verbs"] and "*" not in rule["resources"]
+    objs = render({"rbac": {"userRoles": {"create": False}}})
+    assert not [o for o in find(objs, "ClusterRole") if o["metadata"]["name"] in USER_ROLES]
+    objs = render({"rbac": {"userRoles": {"namePrefix": "ml-platform"}}})
+    assert one(objs, "ClusterRole", "ml-platform-edit") and one(objs, "ClusterRole", "ml-platform-view")
+
+
+def test_trainer_network_policy():
+    assert not find(render(), "NetworkPolicy")
+    proc = helm("template", RELEASE, str(CHART), "--set", "networkPolicy.enabled=true", check=False)
+    assert proc.returncode != 0 and "networkPolicy.namespaces" in proc.stderr
+    objs = render({**NAMESPACED, "networkPolicy": {"enabled": True}})
+    assert {p["metadata"]["namespace"] for p in find(objs, "NetworkPolicy")} == {"team-a", "team-b"}
+    pol = one(objs, "NetworkPolicy", f"{FULLNAME}-trainer", "team-a")["spec"]
+    # it selects the pods the operator renders for trainers
+    from kubetune_api.constants import Label
+
+    assert pol["podSelector"] == {"matchLabels": {Label.MANAGED_BY: Label.MANAGED_BY_VALUE}}
+    assert pol["policyTypes"] == ["Ingress"]
+    metrics, peers = pol["ingress"]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    operator, prometheus = metrics["from"]
+    assert operator == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+                        "podSelector": {"matchLabels": one(objs, "Deployment", FULLNAME)["spec"]["selector"]
+                                        ["matchLabels"]}}
+    assert prometheus == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    assert peers == {"from": [{"podSelector": {"matchLabels": {Label.MANAGED_BY: Label.MANAGED_BY_VALUE}}}]}
+    # Prometheus in the trainers' own namespace, explicit namespaces, extra rules
+    objs = render({"networkPolicy": {"enabled": True, "namespaces": ["ml"],
+                                     "prometheus": {"namespaceSelector": None,
+                                                    "podSelector": {"matchLabels": {"app": "prom",
+                                                                                    "app.kubernetes.io/name": None}}},
+                                     "extraIngress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]}})
+    pol = one(objs, "NetworkPolicy", f"{FULLNAME}-trainer", "ml")["spec"]
+    assert pol["ingress"][0]["from"][1] == {"podSelector": {"matchLabels": {"app": "prom"}}}
+    assert pol["ingress"][2] == {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}
+
+
 def test_namespaced_scope_requires_watch_namespaces():
     proc = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", check=False)
     assert proc.returncode != 0 and "needs watchNamespaces" in proc.stderr
@@ -317,7 +415,8 @@ def test_namespaced_scope_requires_watch_namespaces():
 
 def test_rbac_create_false_renders_no_rbac():
     objs = render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}})
-    assert not kinds(objs) & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ServiceAccount"}
+    assert not kinds(objs) & {"Role", "RoleBinding", "ClusterRoleBinding", "ServiceAccount"}
+    assert {o["metadata"]["name"] for o in find(objs, "ClusterRole")} == set(USER_ROLES)  # rbac.userRoles
     assert one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
 
 
@@ -460,7 +559,8 @@ def _value_keys() -> list[tuple[str, bool, bool]]:
             if not stripped:
                 documented = False
             continue
-        m = re.match(r"^(\s*)([A-Za-z0-9_.-]+):(.*)$", line)
+        # label keys in defaults (kubernetes.io/metadata.name) contain slashes
+        m = re.match(r"^(\s*)([A-Za-z0-9_./-]+):(.*)$", line)
         if not m or line.lstrip().startswith("- "):
             documented = False
             continue

@@ -188,7 +188,15 @@ def run(job: FineTuneJob, settings: Optional[config.RunSettings] = None, *,
         monitor = RunMonitor(job, settings.work_dir, host=settings.metrics_host, port=settings.metrics_port,
                              rank=distributed.rank())
         monitor.start()
-        report = _run(job, settings, monitor, state, started, list(extra_callbacks), console_logs)
+        from .rewards.failures import add_listener
+
+        # Failed reward calls count in kubetune_reward_errors_total; removed again so that runs in one process
+        # (tests, `kubetune run` loops) do not count into an earlier run's monitor.
+        remove_listener = add_listener(monitor.count_reward_error)
+        try:
+            report = _run(job, settings, monitor, state, started, list(extra_callbacks), console_logs)
+        finally:
+            remove_listener()
     except TrainerError as exc:
         if isinstance(exc, PreemptedError):
             log.warning("%s", exc)

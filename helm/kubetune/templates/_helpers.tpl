@@ -97,6 +97,14 @@ Whether monitoring.coreos.com kinds may be rendered: the API is served, or monit
 {{- end }}
 
 {{/*
+The operator's RBAC scope: `auto` is namespaced Roles when watchNamespaces lists namespaces, else cluster-wide.
+*/}}
+{{- define "kubetune.rbacScope" -}}
+{{- if eq .Values.rbac.scope "auto" }}{{ if .Values.watchNamespaces }}namespaced{{ else }}cluster{{ end }}
+{{- else }}{{ .Values.rbac.scope }}{{ end }}
+{{- end }}
+
+{{/*
 Configuration checks that the schema cannot express; called from the Deployment.
 */}}
 {{- define "kubetune.validate" -}}
@@ -114,37 +122,37 @@ the per-namespace Roles (scope namespaced), so both grant exactly the same. No S
 names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# FineTuneJobs: watched by kopf, which patches finalizers and its progress annotations on the object
+# FineTuneJobs: kopf lists and watches them and merge-patches its finalizer and progress annotations onto them
+# (never PUT: no update); delete: spec.ttlSecondsAfterFinished removes finished FineTuneJobs
 - apiGroups: ["kubetune.dev"]
-  # delete: spec.ttlSecondsAfterFinished removes finished FineTuneJobs
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# status: phase, conditions and progress are merge-patched on the status subresource
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 # Children carry blockOwnerDeletion owner references; the OwnerReferencesPermissionEnforcement admission
 # plugin (e.g. OpenShift) requires update on the owner's finalizers subresource for that.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The child workload: the trainer Job, its ConfigMap (resolved config) and headless Service (rendezvous)
+# The trainer Job: created and deleted with its FineTuneJob, watched for completion, patched for spec.suspend
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The Job's ConfigMap (resolved config) and headless Service (rendezvous): read back by name, created, patched
+# when the config changes, deleted; never listed or watched
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# Trainer pods: read-only, for termination messages (exit codes, reasons) and pod IPs
+  verbs: ["get", "create", "patch", "delete"]
+# Trainer pods: read-only, for termination messages (exit codes, reasons), pod IPs and the /progress poll
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Events on FineTuneJobs (kopf posts core/v1 events; events.k8s.io for newer clients)
+# Events on FineTuneJobs (kopf and the operator POST core/v1 events)
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*

@@ -125,7 +125,8 @@ class RewardFunction(Model):
     name: str = Field(
         ..., max_length=NAME_MAX,
         description="A built-in reward (exact_match, normalized_match, numeric_match, regex_match, "
-        "think_answer_format, length_penalty) or 'module:function' for your own, loaded from `source`.",
+        "think_answer_format, length_penalty, code_execution) or 'module:function' for your own, loaded from "
+        "`source`. Custom functions and code_execution run in the trainer's reward sandbox, where allowed.",
     )
     weight: float = Field(1.0, description="Weight of this reward in the weighted sum.")
     params: Optional[dict[str, str]] = Field(
@@ -135,7 +136,7 @@ class RewardFunction(Model):
     source: Optional[str] = Field(
         None, max_length=URI_MAX, pattern=URI_PATTERN,
         description="A .py file or folder holding the custom reward module (only for 'module:function'). "
-        "It runs only inside the trainer pod.",
+        "It runs only inside the trainer pod's reward sandbox (no credentials, CPU/memory/time limits).",
     )
 
 

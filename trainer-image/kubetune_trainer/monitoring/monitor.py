@@ -262,6 +262,10 @@ class RunMonitor:
         self._total = int(n)
         self._set("kubetune_train_total_steps", self._total)
 
+    def count_reward_error(self, reward: str) -> None:
+        """One failed reward-function call (rewards/failures.py calls this through its listener)."""
+        self.exporter.families["kubetune_reward_errors_total"].labels(**self.const_labels, reward=reward).inc()
+
     def record_reference(self, when: str, perplexity: float) -> None:
         """Reference-set perplexity before or after training (the forgetting check)."""
         if when not in ("before", "after"):

@@ -138,6 +138,8 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--sigterm-at-step", type=int, default=-1)
     ap.add_argument("--save-model", type=Path)
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--upload-delay", type=float, default=0.0,
+                    help="seconds each checkpoint upload after SIGTERM takes (a large model over a slow link)")
     args = ap.parse_args(argv)
     checkpointing.install_sigterm_handler()
     spec = _spec(**json.loads(args.spec))
@@ -162,7 +164,11 @@ def worker_main(argv: list[str]) -> int:
 
         def spy(*a, _real=real, _name=name, **kw):
             emit(event="store", op=_name)
-            return _real(*a, **kw)
+            if _name == "put_dir" and args.upload_delay and checkpointing.sigterm_received():
+                time.sleep(args.upload_delay)
+            out = _real(*a, **kw)
+            emit(event="stored", op=_name)
+            return out
 
         setattr(store, name, spy)
     model, _tok, ds = build_model_and_data(args.work / f"rank{rank}", lora=spec.adapter.type == "lora")
@@ -326,6 +332,59 @@ def test_sigterm_to_torchrun_saves_once_and_stops_every_rank(s3, tmp_path, monke
     assert checkpointing.latest_checkpoint(store) == f"checkpoints/checkpoint-{steps[0]}"
     assert elapsed < 30  # well inside torchrun's 30 s shutdown timeout
     assert _events(events, 1, "store") == []
+
+
+def _launch_sigterm_at_step3(s3server, tmp: Path, uri: str, grace_s: int, upload_delay_s: float):
+    """The pod's entry point for several processes (kubetune_trainer.launch -> torchrun, 2 workers), SIGTERM
+    once rank 0 passed step 3, a checkpoint upload that takes `upload_delay_s`. Returns (rc, seconds, events, log)."""
+    events, log = tmp / "events", tmp / "launch.log"
+    cmd = [sys.executable, "-m", "kubetune_trainer.launch", "--nnodes=1", "--nproc-per-node=2", "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "tests.trainer.test_distributed", "worker",
+           "--work", str(tmp / "work"), "--store", uri, "--events", str(events), "--max-steps", "200",
+           "--save-steps", "100", "--step-sleep", "0.2", "--upload-delay", str(upload_delay_s)]
+    env = _env(s3server, KUBETUNE_TERMINATION_GRACE_SECONDS=str(grace_s),
+               KUBETUNE_TERMINATION_LOG=str(tmp / "termination-log"))
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while max([e["step"] for e in _events(events, 0, "step")], default=0) < 3:
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"launcher ended/stalled before step 3:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=grace_s + upload_delay_s + 60)
+    return rc, time.monotonic() - t0, events, log
+
+
+@pytest.mark.slow
+def test_launcher_gives_a_slow_checkpoint_upload_the_pods_grace_period(s3, tmp_path, monkeypatch):  # noqa: F811
+    """A 40 s upload after SIGTERM, longer than torchrun's default 30 s shutdown timeout: with a 90 s grace
+    period the launcher raises the timeout (85 s), the upload finishes and the checkpoint is complete."""
+    uri, store = _store(s3, monkeypatch, "launch-slow-upload")
+    rc, elapsed, events, log = _launch_sigterm_at_step3(s3, tmp_path, uri, grace_s=90, upload_delay_s=40)
+    text = log.read_text()
+    print(f"launcher: SIGTERM -> exit {rc} in {elapsed:.1f} s (40 s upload, 90 s grace)")
+    assert rc == 143, text[-3000:]
+    steps = [_events(events, r, "preempted")[0]["step"] for r in (0, 1)]
+    assert steps[0] == steps[1] >= 3, text[-3000:]
+    assert checkpointing.latest_checkpoint(store) == f"checkpoints/checkpoint-{steps[0]}"
+    assert 40 <= elapsed < 85, text[-3000:]
+
+
+@pytest.mark.slow
+def test_launcher_shutdown_timeout_follows_a_short_grace_period(s3, tmp_path, monkeypatch):  # noqa: F811
+    """The control: a 15 s grace period gives the workers 10 s, so the same 40 s upload is cut off (the
+    kubelet would SIGKILL the pod then anyway) and no complete checkpoint exists: the timeout is the grace's."""
+    uri, store = _store(s3, monkeypatch, "launch-short-grace")
+    rc, elapsed, events, log = _launch_sigterm_at_step3(s3, tmp_path, uri, grace_s=15, upload_delay_s=40)
+    text = log.read_text()
+    print(f"launcher: SIGTERM -> exit {rc} in {elapsed:.1f} s (40 s upload, 15 s grace)")
+    assert rc == 143, text[-3000:]
+    assert 10 <= elapsed < 25, text[-3000:]
+    assert _events(events, 0, "preempted") == []  # killed mid-upload
+    assert checkpointing.latest_checkpoint(store) is None
 
 
 def _step_times(events: Path) -> list[float]:

@@ -436,7 +436,78 @@ def test_deepspeed_zero3_offload_trains_and_saved_model_reloads(s3, tmp_path, mo
     assert torch.isfinite(loss)
 
 
+def zero3_load_main(argv: list[str]) -> int:
+    """One rank of the load-time partitioning check: the runner's loading path for a ZeRO-3 full fine-tune,
+    then a rank-0-only load (what merging and the forgetting check do) with the ZeRO-3 config still live."""
+    out = Path(argv[0])
+    import torch
+
+    from kubetune_api.models import parse_job
+    from kubetune_trainer import adapters, modeling, tiny, training_args
+
+    torch.set_num_threads(1)
+    model_dir = tiny.cached_model()
+    job = parse_job({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+                     "metadata": {"name": "z3", "namespace": "t"},
+                     "spec": {**_spec(adapter={"type": "full"}, resources={"gpus": 0},
+                                      distributed={"deepspeed": {"zeroStage": 3}}).model_dump(by_alias=True,
+                                                                                             exclude_none=True),
+                              "model": {"source": f"file://{model_dir}"}}})
+    distributed.init_process_group(job.spec)  # the runner's barrier after fetching creates it first, too
+    targs = training_args.build(job, out.parent / f"work{distributed.rank()}", has_eval=False)
+    keep = distributed.partition_at_load(targs)
+    model = modeling.load_model(model_dir, job.spec)
+    params = list(model.parameters())
+    rec = {"rank": distributed.rank(), "keep": keep is not None,
+           "full": sum(int(p.ds_numel) for p in params if hasattr(p, "ds_numel")),
+           "held": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")),
+           "materialised": sum(p.numel() for p in params), "counted": adapters.trainable_parameters(model)[1],
+           "partitioned": all(hasattr(p, "ds_id") for p in params)}
+    if distributed.rank() == 0:
+        with distributed.zero3_init_disabled():  # alone: would hang in zero.Init's collectives otherwise
+            plain = modeling.load_model(model_dir, job.spec)
+        rec["rank0_plain"] = sum(p.numel() for p in plain.parameters())
+        rec["rank0_plain_partitioned"] = any(hasattr(p, "ds_id") for p in plain.parameters())
+    distributed.barrier()
+    out.with_name(f"{out.name}.rank{distributed.rank()}").write_text(json.dumps(rec))
+    del keep
+    return 0
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_model_while_loading(tmp_path):
+    """2 ranks, ZeRO-3 full fine-tuning: each rank holds half the weights right after from_pretrained (nothing
+    materialised whole), and a rank-0-only load with the config still live is a normal, whole model."""
+    out, log = tmp_path / "z3", tmp_path / "z3.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "tests.trainer.test_distributed", "zero3-load", str(out)]
+    no_store = type("NoStore", (), {"env": staticmethod(dict)})
+    assert _run(cmd, _env(no_store), log, 600) == 0, log.read_text()[-4000:]
+    recs = [json.loads(out.with_name(f"z3.rank{r}").read_text()) for r in (0, 1)]
+    from kubetune_trainer import tiny
+
+    full = tiny_params = _count_params(tiny.cached_model())
+    assert full > 0
+    for r in recs:
+        assert r["keep"] and r["partitioned"] and r["full"] == tiny_params and r["counted"] == tiny_params
+        assert r["materialised"] == 0  # no rank holds a whole tensor outside the engine
+        assert full / 2 <= r["held"] <= full / 2 + 2 * 64  # its half (each tensor padded to split evenly)
+    assert recs[0]["rank0_plain"] == tiny_params and not recs[0]["rank0_plain_partitioned"]
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameters of the model (tied weights once), from its config, without loading weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    return sum(p.numel() for p in model.parameters())
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         sys.exit(worker_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "zero3-load":
+        sys.exit(zero3_load_main(sys.argv[2:]))
     sys.exit("usage: python -m tests.trainer.test_distributed worker --work W --store URI --events F")

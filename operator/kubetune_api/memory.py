@@ -374,7 +374,8 @@ class Verdict:
     fixes: list[str]
 
     def message(self) -> str:
-        fixes = "; ".join(self.fixes) if self.fixes else "no single change fits: use GPUs with more memory"
+        fixes = ("use " + ", or ".join(self.fixes)) if self.fixes else \
+            "no change of batch, sharding, nodes or adapter fits: use GPUs with more memory"
         return (f"needs ~{gib(self.needed)} GiB per GPU, have {gib(self.available)} ({self.source}): "
                 f"{fixes}. Breakdown: {breakdown(self.estimate.gpu)}")
 
@@ -435,6 +436,8 @@ def fixes(spec: "FineTuneJobSpec", shape: ModelShape, available: int, limit: int
         candidates.append(("adapter.type: qlora", {"adapter": {"type": "qlora"}}))
     out: list[str] = []
     seen_nodes = False
+    combined: dict = {}
+    combined_text: list[str] = []
     for text, change in candidates:
         if "resources.nodes" in change and seen_nodes:
             continue
@@ -447,6 +450,18 @@ def fixes(spec: "FineTuneJobSpec", shape: ModelShape, available: int, limit: int
             seen_nodes = seen_nodes or "resources.nodes" in change
         if len(out) >= limit:
             break
+    if not out:
+        # no single change is enough: the shortest prefix of the cheap changes (not more hardware) together
+        for text, change in candidates:
+            if "resources.nodes" in change or "adapter" in change:
+                continue
+            combined.update(change)
+            combined_text.append(text)
+            try:
+                if estimate(_with(spec, **combined), shape).gpu_total <= available:
+                    return [" + ".join(combined_text)]
+            except ValueError:
+                continue
     return out
 
 

@@ -151,3 +151,34 @@ def test_qlora_weight_bytes_close_to_bitsandbytes():
     est = memory.estimate(spec, memory.ModelShape.from_config(cfg), cuda=False)
     print(f"qlora weights: estimated {est.gpu['weights']} B, measured {measured} B")
     assert est.gpu["weights"] == pytest.approx(measured, rel=0.05)
+
+
+def test_trainer_refuses_a_job_that_cannot_fit_before_loading(monkeypatch, tiny_model):
+    """The pre-flight check on a (simulated: CI has no GPU) 16 GiB GPU: the tiny model with a huge batch
+    needs more, so the run stops with exit 78 and the numbers; a small batch passes."""
+    from types import SimpleNamespace
+
+    from kubetune_api.constants import ExitCode
+    from kubetune_trainer import modeling
+    from kubetune_trainer.errors import InsufficientMemoryError
+
+    monkeypatch.setattr(modeling, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=16 * memory.GiB, name="Test-GPU-16GB"))
+    monkeypatch.delenv(modeling.ENV_GPU_MEMORY, raising=False)
+    big = FineTuneJobSpec.model_validate({**_spec({"type": "lora"}).model_dump(by_alias=True, exclude_none=True),
+                                          "resources": {"gpus": 1},
+                                          "training": {"batchSize": 64, "maxLength": 65536}})
+    with pytest.raises(InsufficientMemoryError) as err:
+        modeling.check_memory(big, tiny_model)
+    msg = err.value.message
+    assert err.value.exit_code == ExitCode.CONFIG_ERROR and err.value.field == "spec.resources"
+    assert msg.startswith("needs ~52 GiB per GPU, have 16 (Test-GPU-16GB): use batchSize 1 "), msg
+    assert "activations" in msg and "logits" in msg
+    small = FineTuneJobSpec.model_validate({**big.model_dump(by_alias=True, exclude_none=True),
+                                            "training": {"batchSize": 4, "maxLength": 512}})
+    modeling.check_memory(small, tiny_model)  # fits: no error
+    # a declared value below the device's (KUBETUNE_GPU_MEMORY, e.g. a MIG slice) is what counts
+    monkeypatch.setenv(modeling.ENV_GPU_MEMORY, "1Mi")
+    with pytest.raises(InsufficientMemoryError, match="configured GPU memory"):
+        modeling.check_memory(small, tiny_model)

@@ -1,6 +1,7 @@
 """One FineTuneJob, start to finish, the same for every stage and adapter:
 
-    validate (validate_spec + stage/format) -> fetch model and data (storage) -> load data, tokenizer, model
+    validate (validate_spec + stage/format) -> fetch model and data (storage) -> memory estimate vs this GPU
+    (kubetune_api.memory; exit 78 when it cannot fit) -> load data, tokenizer, model
     -> check the adapter against the model -> RunMonitor.start -> reference perplexity before (forgetting)
     -> StageContext -> stage.build_trainer -> callbacks (monitor, checkpoint sync) + NaN guard
     -> resume from the latest complete checkpoint -> train -> final evaluate -> reference perplexity after
@@ -239,6 +240,8 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     if not distributed.is_local_main_process():
         fetched = _fetch_all(job, settings)
     record.model_path = fetched.model_path
+    # Before any weights load: a job that cannot fit this GPU fails now, with the numbers (exit 78).
+    modeling.check_memory(spec, fetched.model_path)
     # Hashing a multi-GB base model takes a while: do it while the data loads and the model trains.
     hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-digest")
     digest_future = hasher.submit(artifacts.model_digest, fetched.model_path) if is_main else None

@@ -61,7 +61,7 @@ def worker(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from kubetune_api.models import parse_job
+    from kubetune_api import parse_job
     from kubetune_trainer import distributed, modeling, training_args
 
     torch.set_num_threads(1)

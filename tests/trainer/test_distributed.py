@@ -442,7 +442,7 @@ def zero3_load_main(argv: list[str]) -> int:
     out = Path(argv[0])
     import torch
 
-    from kubetune_api.models import parse_job
+    from kubetune_api import parse_job
     from kubetune_trainer import adapters, modeling, tiny, training_args
 
     torch.set_num_threads(1)

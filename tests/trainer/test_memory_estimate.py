@@ -182,3 +182,19 @@ def test_trainer_refuses_a_job_that_cannot_fit_before_loading(monkeypatch, tiny_
     monkeypatch.setenv(modeling.ENV_GPU_MEMORY, "1Mi")
     with pytest.raises(InsufficientMemoryError, match="configured GPU memory"):
         modeling.check_memory(small, tiny_model)
+
+
+@pytest.mark.parametrize("adapter", ["full", "galore", "lora", "qlora", "dora"])
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("deepspeed", [None, {"zeroStage": 3}])
+def test_estimate_uses_the_trainers_load_dtype(adapter, precision, deepspeed, monkeypatch):
+    """kubetune_api.memory cannot import torch, so it restates modeling.resolve_dtype's rules: they must agree."""
+    from kubetune_trainer import modeling
+
+    monkeypatch.setattr(modeling, "has_cuda", lambda: True)
+    monkeypatch.setattr(modeling, "bf16_supported", lambda: True)
+    data = _spec({"type": adapter}, precision=precision).model_dump(by_alias=True, exclude_none=True)
+    if deepspeed:
+        data["distributed"] = {"deepspeed": deepspeed}
+    spec = FineTuneJobSpec.model_validate(data)
+    assert memory._weight_dtype(spec, cuda=True) == str(modeling.resolve_dtype(spec)).replace("torch.", "")

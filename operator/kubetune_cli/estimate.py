@@ -4,7 +4,6 @@ fits the GPUs it asks for (kubetune_api.memory). Torch-free: runs wherever the c
     kubetune estimate examples/multinode-deepspeed.yaml --model-config examples/model-configs/llama-3.3-70b.json
     kubetune estimate job.yaml                       # config.json read from spec.model.source (file://, hf://)
     kubetune estimate job.yaml --gpu-memory 80Gi     # when the nodeSelector does not say (nvidia.com/gpu.memory)
-    python -m kubetune_cli.estimate job.yaml ...     # the same, before the `kubetune` entry point wires it
 
 Exit codes: 0 fits (or nothing to compare against), 1 does not fit (the message has the fixes), 2 the input
 cannot be estimated (manifest, config.json or GPU memory unreadable).
@@ -100,11 +99,18 @@ def run(manifest: str, model_config: Optional[str] = None, gpu_memory: Optional[
     return 1, "\n".join(lines)
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command's arguments (kubetune_cli.app registers the subcommand with them)."""
+    ap.add_argument("manifest", help="FineTuneJob YAML")
+    ap.add_argument("--model-config", help="the model's config.json (file or folder); default: read from "
+                    "spec.model.source when it is file:// or hf://")
+    ap.add_argument("--gpu-memory", help="memory per GPU, e.g. 80Gi (default: the nodeSelector's "
+                    "nvidia.com/gpu.memory or gpu.product)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="kubetune estimate", description=__doc__.splitlines()[0])
-    ap.add_argument("manifest")
-    ap.add_argument("--model-config", help="the model's config.json (file or folder)")
-    ap.add_argument("--gpu-memory", help="memory per GPU, e.g. 80Gi (default: from the nodeSelector)")
+    add_arguments(ap)
     args = ap.parse_args(argv)
     code, text = run(args.manifest, args.model_config, args.gpu_memory)
     print(text, file=sys.stdout if code != 2 else sys.stderr)

@@ -60,6 +60,10 @@ def test_unreadable_inputs_exit_2_and_say_what_to_pass(tmp_path):
     assert code == 2 and "hidden_size" in text
 
 
-def test_main_prints_and_returns_the_code(capsys):
-    assert estimate.main([str(EXAMPLE), "--model-config", str(CONFIG_70B)]) == 0
+def test_kubetune_estimate_subcommand_prints_and_returns_the_code(capsys):
+    from kubetune_cli import app
+
+    assert app.main(["estimate", str(EXAMPLE), "--model-config", str(CONFIG_70B)]) == 0
     assert "per GPU:" in capsys.readouterr().out
+    assert app.main(["estimate", str(EXAMPLE)]) == 2
+    assert "--model-config" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _step(model, tokens: int = BATCH * SEQ):
+def _step(model):
     """One forward/backward/AdamW step; returns (gradient bytes, optimizer-state bytes, saved-activation
     bytes at the peak: what the forward saved plus, with checkpointing, one layer's recomputation)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -7,6 +7,7 @@ kubernetes client; each command imports what it needs when it runs.
     kubetune run examples/local/sft-lora.yaml      # any FineTuneJob manifest (same trainer as the pods)
     kubetune run job.yaml --output ./out --fresh
     kubetune tiny model /tmp/tiny-llama            # build the tiny model / synthetic data (trainer extra)
+    kubetune estimate job.yaml --model-config config.json   # per-GPU memory breakdown; exit 1 if it cannot fit
 
 Install: `pip install 'kubetune[client]'` (follow, plot) or `pip install 'kubetune[trainer]'` (also run, tiny).
 """
@@ -62,6 +63,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return plot_command(args.source, args.output, args.namespace, args.kubeconfig, args.endpoint)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .estimate import run
+
+    code, text = run(args.manifest, args.model_config, args.gpu_memory)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run a FineTuneJob manifest on this machine (no cluster; trainer extra)",
@@ -108,8 +117,19 @@ def _add_plot(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _add_estimate(sub) -> None:
+    from .estimate import add_arguments
+
+    p = sub.add_parser("estimate", help="will a FineTuneJob fit its GPUs? per-GPU and per-node memory breakdown",
+                       description="Estimate the per-GPU and per-node memory of a FineTuneJob from its model's "
+                       "config.json. Exit 0 when it fits (or nothing declares the GPU memory), 1 when it does not "
+                       "(the message lists the cheapest fixes), 2 when an input cannot be read.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_estimate)
+
+
 # Each subcommand registers itself here (name order = help order); new commands (estimate, pipelines) add one.
-SUBCOMMANDS: list[Callable] = [_add_run, _add_tiny, _add_follow, _add_plot]
+SUBCOMMANDS: list[Callable] = [_add_run, _add_tiny, _add_follow, _add_plot, _add_estimate]
 
 
 def build_parser() -> argparse.ArgumentParser:

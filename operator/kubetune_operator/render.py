@@ -256,6 +256,9 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
         {"name": "KUBETUNE_METRICS_HOST", "value": "$(POD_IP)"},
         {"name": "KUBETUNE_METRICS_PORT", "value": str(s.trainer_metrics_port)},
         {"name": "KUBETUNE_TERMINATION_LOG", "value": C.TERMINATION_LOG},
+        # kubetune_trainer.launch gives torchrun's workers this long (less a margin) to checkpoint on SIGTERM;
+        # torchrun's own default (30 s) would kill them mid-upload. The pod cannot read its own grace period.
+        {"name": "KUBETUNE_TERMINATION_GRACE_SECONDS", "value": str(s.trainer_termination_grace_seconds)},
         {"name": "KUBETUNE_WORK_DIR", "value": WORK_DIR},
         {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "HOME", "value": "/tmp"},  # caches (HF, torch, matplotlib) need a writable home

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from kubetune_api.constants import ExitCode
-from kubetune_trainer.launch import exit_code
+from kubetune_trainer.launch import exit_code, shutdown_timeout, torchrun_args
 
 
 def test_permanent_code_from_rank0_report_wins_over_torchrun_1():
@@ -41,3 +41,16 @@ def test_real_torchrun_worker_exit_code_is_kept(tmp_path, monkeypatch):
                            "--standalone", str(worker)], env={**env, "PYTHONPATH": ":".join(sys.path)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 78, proc.stderr[-2000:]
+
+
+def test_shutdown_timeout_follows_the_pods_grace_period():
+    assert shutdown_timeout(300) == 285 and shutdown_timeout(90) == 85 and shutdown_timeout(15) == 10
+    assert shutdown_timeout(3) == 1
+    rest = ["--nnodes=1", "--standalone", "-m", "kubetune_trainer"]
+    assert torchrun_args(rest, {"KUBETUNE_TERMINATION_GRACE_SECONDS": "300"}) == ["--shutdown-timeout=285", *rest]
+    # no grace period known (kubetune run, a hand-written command): torchrun's own default stands
+    assert torchrun_args(rest, {}) == rest
+    assert torchrun_args(rest, {"KUBETUNE_TERMINATION_GRACE_SECONDS": "soon"}) == rest
+    # an explicit choice wins
+    mine = ["--shutdown_timeout=7", *rest]
+    assert torchrun_args(mine, {"KUBETUNE_TERMINATION_GRACE_SECONDS": "300"}) == mine

@@ -163,8 +163,13 @@ def training_args_additions(spec: FineTuneJobSpec) -> dict:
 
 
 def trainable_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts. ZeRO-3 partitioned parameters are empty on each rank; their
+    full size is `ds_numel`."""
+    def n(p) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
+    total = sum(n(p) for p in model.parameters())
     return trainable, total
 
 
@@ -212,13 +217,16 @@ def save_adapter(model, directory: Path, *, initial: Optional[Path] = None) -> P
 
 
 def merge(adapter_dir: Path, base_path: Path, spec: FineTuneJobSpec, model_kind: str = "causal"):
-    """The base with the adapter merged in. The base is reloaded from its source at full precision (its
-    checkpoint dtype, never 4-bit): merging into a quantized base re-quantizes the sum and shifts the logits."""
+    """The base with the adapter merged in. The base is reloaded from its source in its checkpoint dtype
+    (bf16 for most published models: never upcast to fp32, never 4-bit: merging into a quantized base
+    re-quantizes the sum and shifts the logits). This holds the whole model on rank 0's host once."""
     from peft import PeftModel
 
-    from . import modeling
+    from . import distributed, modeling
 
-    base = modeling.load_model(base_path, spec, kind=model_kind, quantize=False, dtype="auto")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    # Rank 0 alone merges: never under a live ZeRO-3 config's zero.Init (the other ranks would not join).
+    with distributed.zero3_init_disabled():
+        base = modeling.load_model(base_path, spec, kind=model_kind, quantize=False, dtype="auto")
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.eval()
     return merged

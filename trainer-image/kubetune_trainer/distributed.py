@@ -13,9 +13,10 @@ group, or create it with the same backend when called before the Trainer exists.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 # Other ranks wait at a barrier while rank 0 uploads a checkpoint; torch's default 30 min collective timeout
 # would kill a job uploading a large model's checkpoint over a slow link.
@@ -206,3 +207,53 @@ def training_args_additions(spec) -> dict:
     if ds is not None:
         out["deepspeed"] = ds
     return out
+
+
+# ----------------------------------------------------------------------------------- ZeRO-3 at load time
+def uses_zero3(spec) -> bool:
+    ds = getattr(getattr(spec, "distributed", None), "deepspeed", None)
+    return ds is not None and int(ds.zero_stage) == 3
+
+
+def partition_at_load(training_kwargs: dict) -> Optional[Any]:
+    """Make `from_pretrained` build ZeRO-3 models already partitioned (deepspeed.zero.Init) instead of
+    materialising every weight on every rank. Call before loading; keep the returned object alive until the
+    Trainer exists (None when the config is not ZeRO-3).
+
+    transformers decides at `from_pretrained` time from a module-level weakref to the live DeepSpeed config;
+    a TrainingArguments built from the same kwargs the stage will use registers it, with its "auto" values
+    (precision, batch sizes) filled exactly as the Trainer's own will be. Only rank 0 then reads the checkpoint
+    (the other ranks read shapes only) and each rank keeps 1/world of the weights.
+    """
+    ds = training_kwargs.get("deepspeed")
+    if not ds or int(ds.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return None
+    if is_distributed():
+        import deepspeed
+
+        # zero.Init sizes the partitions from deepspeed.comm's world. accelerate initialises deepspeed.comm only
+        # on accelerators (not for use_cpu runs), and only once TrainingArguments' devices are set up; without
+        # it DeepSpeed sees a world of 1 and rejects the batch sizes. This wraps the existing process group.
+        deepspeed.init_distributed(dist_backend=training_kwargs.get("ddp_backend") or backend(),
+                                   auto_mpi_discovery=False, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**training_kwargs)
+
+
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Load a model normally while a ZeRO-3 config is live: for loads on ONE rank (merging the adapter for
+    publishing, the forgetting check on the saved model). Under zero.Init such a load would wait forever for
+    the other ranks to join the partitioning collectives."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - the trainer image has transformers
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved

@@ -28,6 +28,13 @@ class ConfigError(TrainerError):
     reason = "InvalidConfig"
 
 
+class InsufficientMemoryError(ConfigError):
+    """The memory estimate (kubetune_api.memory) exceeds this GPU's memory: the job would run out of memory
+    after loading, every retry. Exit 78 before any weights load; the message has the numbers and the fixes."""
+
+    reason = "InsufficientGPUMemory"
+
+
 class DataError(TrainerError):
     """The dataset is empty, malformed or lacks a column the format needs."""
 

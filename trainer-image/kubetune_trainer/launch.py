@@ -6,6 +6,11 @@ instead of being retried, and 143 (SIGTERM -> checkpoint saved) must read as a p
 TrainerReport (with exitCode) to the termination log before exiting, so this wrapper runs torchrun as a child,
 forwards SIGTERM/SIGINT to it, and exits with the report's code.
 
+On SIGTERM torchrun forwards the signal to its workers and SIGKILLs them after `--shutdown-timeout` seconds,
+30 by default: far too short for rank 0 to upload a large model's checkpoint. The wrapper sets it from the
+pod's terminationGracePeriodSeconds (KUBETUNE_TERMINATION_GRACE_SECONDS, rendered by the operator) minus a
+margin in which the workers write their reports and torchrun exits, before the kubelet's own SIGKILL.
+
 Usage (what the operator renders for multi-process pods):
     python -m kubetune_trainer.launch --nnodes=2 --nproc-per-node=8 --node-rank=0 \
         --rdzv-backend=c10d --rdzv-endpoint=job-trainer-0.job-workers.ns.svc:29500 --rdzv-id=UID \
@@ -33,8 +38,29 @@ def exit_code(torchrun_code: int, report_text: str | None, terminated: bool) -> 
     return torchrun_code
 
 
+ENV_GRACE = "KUBETUNE_TERMINATION_GRACE_SECONDS"
+
+
+def shutdown_timeout(grace_seconds: int) -> int:
+    """torchrun's --shutdown-timeout for a pod with this grace period: the grace less max(5 s, 5 %), kept
+    for writing the termination message and letting torchrun and this wrapper exit."""
+    return max(1, grace_seconds - max(5, grace_seconds // 20))
+
+
+def torchrun_args(argv: list[str], env: dict | None = None) -> list[str]:
+    """argv with --shutdown-timeout added from the grace period, unless the caller chose one (or none is known)."""
+    env = os.environ if env is None else env
+    if any(a.split("=", 1)[0] in ("--shutdown-timeout", "--shutdown_timeout") for a in argv):
+        return list(argv)
+    try:
+        grace = int(env.get(ENV_GRACE, ""))
+    except ValueError:
+        return list(argv)
+    return [f"--shutdown-timeout={shutdown_timeout(grace)}", *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = torchrun_args(list(sys.argv[1:] if argv is None else argv))
     termination_log = os.environ.get("KUBETUNE_TERMINATION_LOG")
     child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv])
     terminated = False

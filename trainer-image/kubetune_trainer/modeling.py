@@ -8,13 +8,15 @@ retrying the pod would fail the same way.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from kubetune_api.finetunejob import FineTuneJobSpec
 
-from .errors import ConfigError
+from .errors import ConfigError, InsufficientMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,18 @@ def bf16_supported() -> bool:
 
 
 def resolve_dtype(spec: FineTuneJobSpec):
-    """The torch dtype weights are loaded in. `auto`: bf16 on a bf16-capable GPU for adapter training
-    (fp16 when the spec asks for fp16 precision), fp32 on CPU and for full/galore (see FROZEN_BASE_ADAPTERS)."""
+    """The torch dtype weights are loaded in. `auto`: the training precision on a GPU (bf16 where supported,
+    fp16 when the spec asks for it), fp32 on CPU. full/galore without DeepSpeed load fp32 (see
+    FROZEN_BASE_ADAPTERS); with DeepSpeed they load in the training precision: DeepSpeed keeps the fp32
+    master weights inside its optimizer and casts the model to bf16/fp16 anyway, so an fp32 load would only
+    double the host memory every rank needs while loading (280 GB instead of 140 for a 70B model)."""
     import torch
 
     if spec.model.dtype != "auto":
         return getattr(torch, _DTYPES[spec.model.dtype])
-    if not has_cuda() or spec.adapter.type not in FROZEN_BASE_ADAPTERS or spec.training.precision == "fp32":
+    uses_deepspeed = getattr(spec.distributed, "deepspeed", None) is not None if spec.distributed else False
+    if not has_cuda() or spec.training.precision == "fp32" or (
+            spec.adapter.type not in FROZEN_BASE_ADAPTERS and not uses_deepspeed):
         return torch.float32
     if spec.training.precision == "fp16" or not bf16_supported():
         return torch.float16
@@ -201,3 +208,39 @@ def model_loader(spec: FineTuneJobSpec, cache_dir: Path, endpoint: Optional[str]
         return (model, tok) if with_tokenizer else model
 
     return load
+
+
+ENV_GPU_MEMORY = "KUBETUNE_GPU_MEMORY"  # a declared per-GPU memory (quantity), when lower than the device's
+
+
+def check_memory(spec: FineTuneJobSpec, path: Path) -> None:
+    """Refuse a job whose memory estimate (kubetune_api.memory, from the fetched config.json) exceeds this
+    GPU, before any weights load: InsufficientMemoryError (exit 78) with the numbers and the cheapest fixes.
+    The operator cannot do this (config.json sits behind the job's own storage credentials); this is the
+    first moment anyone can. No-op without a GPU and for architectures the estimate does not know."""
+    if spec.resources.gpus == 0 or not has_cuda():
+        return
+    from kubetune_api import memory
+
+    from . import distributed
+
+    try:
+        shape = memory.ModelShape.from_config(json.loads((Path(path) / "config.json").read_text()))
+    except (memory.ModelConfigError, ValueError, OSError) as exc:
+        log.info("no memory estimate for this model: %s", exc)
+        return
+    import torch
+
+    device = torch.cuda.get_device_properties(distributed.local_rank())
+    available, source = device.total_memory, f"{device.name}"
+    declared = os.environ.get(ENV_GPU_MEMORY)
+    declared_bytes, declared_source = memory.declared_gpu_memory(
+        spec, memory.parse_quantity(declared) if declared else None)
+    if declared_bytes and declared_bytes < available:
+        available, source = declared_bytes, declared_source
+    verdict = memory.check(spec, shape, available, source)
+    est = verdict.estimate if verdict else memory.estimate(spec, shape)
+    log.info("memory estimate: %s GiB per GPU of %s GiB (%s): %s", memory.gib(est.gpu_total), memory.gib(available),
+             source, memory.breakdown(est.gpu))
+    if verdict is not None:
+        raise InsufficientMemoryError(verdict.message(), field="spec.resources")

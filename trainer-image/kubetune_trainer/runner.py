@@ -1,6 +1,7 @@
 """One FineTuneJob, start to finish, the same for every stage and adapter:
 
-    validate (validate_spec + stage/format) -> fetch model and data (storage) -> load data, tokenizer, model
+    validate (validate_spec + stage/format) -> fetch model and data (storage) -> memory estimate vs this GPU
+    (kubetune_api.memory; exit 78 when it cannot fit) -> load data, tokenizer, model
     -> check the adapter against the model -> RunMonitor.start -> reference perplexity before (forgetting)
     -> StageContext -> stage.build_trainer -> callbacks (monitor, checkpoint sync) + NaN guard
     -> resume from the latest complete checkpoint -> train -> final evaluate -> reference perplexity after
@@ -247,6 +248,8 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     if not distributed.is_local_main_process():
         fetched = _fetch_all(job, settings)
     record.model_path = fetched.model_path
+    # Before any weights load: a job that cannot fit this GPU fails now, with the numbers (exit 78).
+    modeling.check_memory(spec, fetched.model_path)
     # Hashing a multi-GB base model takes a while: do it while the data loads and the model trains.
     hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-digest")
     digest_future = hasher.submit(artifacts.model_digest, fetched.model_path) if is_main else None
@@ -259,6 +262,10 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     record.eval_examples = len(prepared.eval) if prepared.eval is not None else 0
     tokenizer = modeling.load_tokenizer(fetched.tokenizer_path, spec,
                                         field="spec.model.tokenizer" if spec.model.tokenizer else "spec.model.source")
+    targs = training_args.build(job, work, has_eval=prepared.eval is not None)
+    # ZeRO-3: the DeepSpeed config must be live before from_pretrained so each rank loads only its partition
+    # (kept alive until the stage's own TrainingArguments exists).
+    zero3_load = distributed.partition_at_load(targs)
     model = modeling.load_model(fetched.model_path, spec, kind=stage.model_kind, tokenizer=tokenizer,
                                 uri=spec.model.source)
     adapters.validate(spec, model)
@@ -270,10 +277,21 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     if fetched.reference:
         ref_texts, record.reference_files = data.load_reference_texts(
             fetched.reference, ev.reference_max_samples, seed=spec.training.seed)
-        model = _device_for_eval(model)
-        before = reference_perplexity(model, tokenizer, ref_texts, spec.training.max_length)
-        monitor.record_reference("before", before)
-        log.info("reference perplexity before training: %.4g", before)
+        if zero3_load is not None:
+            # The loaded model is partitioned (it runs only inside the DeepSpeed engine): rank 0 measures an
+            # unpartitioned copy, as it measures the saved model after training.
+            if is_main:
+                with distributed.zero3_init_disabled():
+                    base = _device_for_eval(modeling.load_model(fetched.model_path, spec, kind=stage.model_kind,
+                                                                tokenizer=tokenizer, uri=spec.model.source))
+                    before = reference_perplexity(base, tokenizer, ref_texts, spec.training.max_length)
+                    del base
+        else:
+            model = _device_for_eval(model)
+            before = reference_perplexity(model, tokenizer, ref_texts, spec.training.max_length)
+        if before is not None:
+            monitor.record_reference("before", before)
+            log.info("reference perplexity before training: %.4g", before)
 
     # ---- trainer
     model = adapters.prepare_base(model, spec)
@@ -283,13 +301,14 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     ctx = StageContext(
         job=job, model=model, tokenizer=tokenizer, peft_config=adapters.peft_config(spec, stage.model_kind),
         train_dataset=prepared.train, eval_dataset=prepared.eval,
-        training_args=training_args.build(job, work, has_eval=prepared.eval is not None),
+        training_args=targs,
         callbacks=callbacks, work_dir=work,
         load_model=modeling.model_loader(spec, settings.cache_dir, spec.output.endpoint),
         fetch=lambda uri: storage.fetch(uri, settings.cache_dir, endpoint=spec.output.endpoint),
     )
     stage.validate_dataset(ctx)
     trainer = stage.build_trainer(ctx)
+    del zero3_load  # the trainer's own arguments hold the same DeepSpeed config from here on
     present = trainer.callback_handler.callbacks
     for cb in callbacks:  # a stage that dropped ctx.callbacks still gets checkpointing and metrics
         if cb not in present:
@@ -337,7 +356,8 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
         if _zero3(spec):
             # ZeRO-3 leaves the in-memory parameters partitioned: measure the saved model instead.
             if is_main:
-                trained = _reload_trained(adapter_dir, fetched.model_path, spec, stage.model_kind, tokenizer)
+                with distributed.zero3_init_disabled():  # rank 0 alone: no zero.Init partitioning
+                    trained = _reload_trained(adapter_dir, fetched.model_path, spec, stage.model_kind, tokenizer)
                 after = reference_perplexity(trained, tokenizer, ref_texts, spec.training.max_length)
                 del trained
         else:

@@ -245,6 +245,8 @@ def test_settings_resources_and_grace():
     job = render_job(ftj(resources={"gpus": 0, "cpu": "2"}), s)
     assert container(job)["resources"] == {"requests": {"cpu": "2", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
     assert pod_spec(job)["terminationGracePeriodSeconds"] == 30
+    # the launcher sizes torchrun's shutdown timeout from it (the pod cannot read its own grace period)
+    assert env_of(job)["KUBETUNE_TERMINATION_GRACE_SECONDS"]["value"] == "30"
     assert container(job)["image"] == "img:1" and container(job)["imagePullPolicy"] == "Always"
 
 

@@ -125,9 +125,9 @@ def _final_metrics(trainer, train_output, eval_metrics: dict, stage: str) -> dic
         out["last_loss"] = losses[-1]
     if "eval_loss" in eval_metrics:
         out["eval_loss"] = eval_metrics["eval_loss"]
-        if stage in LM_LOSS_STAGES:
-            loss = eval_metrics["eval_loss"]
-            out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    if stage in LM_LOSS_STAGES and "eval_perplexity" in eval_metrics:
+        # Token-weighted (monitoring/token_perplexity.py), not exp(eval_loss), a mean of per-batch means.
+        out["perplexity"] = eval_metrics["eval_perplexity"]
     first_eval = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
     if first_eval is not None:
         out["first_eval_loss"] = first_eval

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from .. import adapters
 from ..errors import DataError
+from ..monitoring import token_perplexity
 from . import register
 from .base import Stage, StageContext
 
@@ -74,7 +75,7 @@ class CPTStage(Stage):
             raise DataError("the training text tokenizes to nothing", field="spec.dataset.train")
         evald = tokenize_texts(ctx.eval_dataset, ctx.tokenizer, t.max_length, t.packing) \
             if ctx.eval_dataset is not None and len(ctx.eval_dataset) else None
-        return Trainer(
+        trainer = Trainer(
             model=adapters.wrap(ctx.model, ctx.peft_config),
             args=TrainingArguments(**ctx.training_args),
             train_dataset=train,
@@ -83,3 +84,5 @@ class CPTStage(Stage):
             processing_class=ctx.tokenizer,
             callbacks=list(ctx.callbacks),
         )
+        token_perplexity.install(trainer)
+        return trainer

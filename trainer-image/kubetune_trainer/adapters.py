@@ -162,9 +162,30 @@ def training_args_additions(spec: FineTuneJobSpec) -> dict:
     }
 
 
+def parameter_count(param) -> int:
+    """Parameters a tensor holds, not its storage elements: bitsandbytes packs two 4-bit weights per byte
+    (Params4bit.numel() is half the weight count, less with a wider quant_storage), so a QLoRA model counted
+    by numel() looks half its size and its trainable share twice too large."""
+    if type(param).__name__ == "Params4bit":
+        state = getattr(param, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        if shape is not None:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            return n
+        return param.numel() * 2 * param.element_size()  # peft's rule, when the original shape is unknown
+    return param.numel()
+
+
 def trainable_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters, 4-bit weights counted as the parameters they are."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = parameter_count(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
     return trainable, total
 
 

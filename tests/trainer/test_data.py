@@ -166,3 +166,39 @@ def test_reference_texts(tiny_data):
     again, _ = data.load_reference_texts([src(tiny_data["general"])], max_samples=16, seed=3)
     assert len(texts) == 16 and texts == again and all(isinstance(t, str) and t for t in texts)
     assert files[0]["rows"] == 400
+
+
+def test_files_become_memory_mapped_arrow_that_a_second_rank_reuses(tiny_data, tmp_path):
+    """What the pods rely on: the first process of a node writes Arrow files into the node cache, and every
+    dataset the stage gets is backed by them (memory-mapped, not Python objects); a second process preparing
+    the same job reads those files instead of parsing the JSONL again."""
+    cache = tmp_path / "cache"
+    first = data.prepare(spec("chat"), [src(tiny_data["chat"])], seed=3, cache_dir=cache)
+    assert first.train.cache_files and first.eval.cache_files
+    for ds in (first.train, first.eval):
+        assert all(Path(f["filename"]).is_relative_to(cache) for f in ds.cache_files)
+    written = sorted(p.name for p in cache.rglob("*.arrow"))
+    assert written
+
+    second = data.prepare(spec("chat"), [src(tiny_data["chat"])], seed=3, cache_dir=cache)
+    assert sorted(p.name for p in cache.rglob("*.arrow")) == written  # nothing parsed or shuffled again
+    assert second.train.cache_files == first.train.cache_files
+    assert second.train["messages"] == first.train["messages"]
+
+
+def test_json_object_holding_one_list_and_json_lines_named_json(tmp_path):
+    rows = [{"text": f"t{i}"} for i in range(3)]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": rows}))
+    assert sorted(data.prepare(spec("text", evalFraction=0), [src(tmp_path / "wrapped.json")]).train["text"]) == \
+        ["t0", "t1", "t2"]
+    lines = write_jsonl(tmp_path / "lines.json", rows)
+    assert len(data.prepare(spec("text", evalFraction=0), [src(lines)]).train) == 3
+    (tmp_path / "two.json").write_text(json.dumps({"a": rows, "b": rows}))
+    with pytest.raises(DataError, match="object holding exactly one such list"):
+        data.prepare(spec("text"), [src(tmp_path / "two.json")])
+    (tmp_path / "mixed.json").write_text(json.dumps([{"text": "a"}, {"text": 3}]))
+    with pytest.raises(DataError, match="column 'text' mixes value types: string in row 1, number in row 2"):
+        data.prepare(spec("text"), [src(tmp_path / "mixed.json")])
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        data.prepare(spec("text"), [src(tmp_path / "latin1.jsonl")])

@@ -244,7 +244,12 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     digest_future = hasher.submit(artifacts.model_digest, fetched.model_path) if is_main else None
     hasher.shutdown(wait=False)
 
-    prepared = data.prepare(spec.dataset, fetched.train, fetched.eval, seed=spec.training.seed)
+    # The node's first process parses the files into Arrow files in the node cache; the other ranks then
+    # memory-map them (one parse per node, and host memory that does not grow with the number of ranks).
+    data_cache = settings.cache_dir / "datasets"
+    with distributed.local_main_first(spec):
+        prepared = data.prepare(spec.dataset, fetched.train, fetched.eval, seed=spec.training.seed,
+                                cache_dir=data_cache)
     record.train_files, record.eval_files, record.eval_source = prepared.train_files, prepared.eval_files, \
         prepared.eval_source
     record.train_examples = len(prepared.train)
@@ -260,8 +265,9 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     ref_texts = None
     before = None
     if fetched.reference:
-        ref_texts, record.reference_files = data.load_reference_texts(
-            fetched.reference, ev.reference_max_samples, seed=spec.training.seed)
+        with distributed.local_main_first(spec):
+            ref_texts, record.reference_files = data.load_reference_texts(
+                fetched.reference, ev.reference_max_samples, seed=spec.training.seed, cache_dir=data_cache)
         model = _device_for_eval(model)
         before = reference_perplexity(model, tokenizer, ref_texts, spec.training.max_length)
         monitor.record_reference("before", before)

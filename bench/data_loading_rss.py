@@ -12,6 +12,8 @@ alternate (old, new, old, new ...) and each run gets a fresh datasets cache, so 
 Per run and rank: peak RSS (VmHWM: includes touched pages of memory-mapped files, which the kernel can drop
 and share) and peak anonymous memory (RssAnon sampled every 20 ms: private memory, what exhausts a node's
 RAM). Reported: the sum over both ranks, median and spread over repeats, and the ratio old/new from this run.
+On a shared machine an arm is stopped when host MemAvailable falls under --min-available-mb; its figure is
+then the RSS reached so far and the ratio a lower bound (it says so).
 The JSONL and the caches live in a temp folder under /tmp, deleted at the end.
 """
 
@@ -151,7 +153,7 @@ def write_jsonl(path: Path, gb: float, seed: int = 0) -> int:
     return rows
 
 
-def run_arm(arm: str, path: Path, cache: Path) -> dict:
+def run_arm(arm: str, path: Path, cache: Path, floor_mb: float) -> dict:
     """Start 2 ranks like torchrun does on one node (gloo on localhost) and collect their figures."""
     shutil.rmtree(cache, ignore_errors=True)
     with socket.socket() as s:
@@ -164,17 +166,53 @@ def run_arm(arm: str, path: Path, cache: Path) -> dict:
                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache / "hf")}
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", arm, "--path", str(path),
                                        "--cache", str(cache)], env=env, stdout=subprocess.PIPE, text=True))
+    # (stdout is a few bytes, read after exit: no pipe can fill up meanwhile)
     t0 = time.perf_counter()
+    # Guard the host: on a shared machine the old loader can take more memory than there is. An arm whose ranks
+    # would push MemAvailable under the floor is stopped, and reported as "at least" the RSS it had reached.
+    peak_live = 0.0
+    aborted = False
+    while any(p.poll() is None for p in procs):
+        peak_live = max(peak_live, sum(_proc_kb(p.pid, "VmRSS") for p in procs) / 1024)
+        if _meminfo_kb("MemAvailable") / 1024 < floor_mb:
+            for p in procs:
+                p.kill()
+            aborted = True
+            break
+        time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    if aborted:
+        for p in procs:
+            p.wait()
+        return {"arm": arm, "rss_mb": peak_live, "anon_mb": peak_live, "wall_s": wall, "aborted": True}
     outs = []
     for p in procs:
         out, _ = p.communicate()
         if p.returncode != 0:
             raise SystemExit(f"{arm} rank failed with exit code {p.returncode}")
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    wall = time.perf_counter() - t0
     assert len({o["rows"] for o in outs}) == 1
     return {"arm": arm, "rss_mb": sum(o["peak_rss_mb"] for o in outs), "anon_mb": sum(o["peak_anon_mb"] for o in outs),
-            "wall_s": wall, "per_rank": outs}
+            "wall_s": wall, "per_rank": outs, "aborted": False}
+
+
+def _proc_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _meminfo_kb(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def _spread(values: list[float]) -> str:
@@ -186,6 +224,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=2.0, help="size of the generated JSONL")
     ap.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
+    ap.add_argument("--min-available-mb", type=float, default=3000,
+                    help="stop an arm (reported as a lower bound) when host MemAvailable falls below this")
     ap.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
     ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -204,10 +244,15 @@ def main(argv=None) -> int:
         results = {"old": [], "new": []}
         for i in range(args.repeats):
             for arm in (("old", "new") if i % 2 == 0 else ("new", "old")):
-                r = run_arm(arm, path, tmp / "cache")
+                r = run_arm(arm, path, tmp / "cache", args.min_available_mb)
                 results[arm].append(r)
-                print(f"  run {i + 1} {arm}: peak RSS {r['rss_mb']:.0f} MB, peak anonymous {r['anon_mb']:.0f} MB "
-                      f"(2 ranks), wall {r['wall_s']:.1f} s", flush=True)
+                if r["aborted"]:
+                    print(f"  run {i + 1} {arm}: STOPPED at {r['rss_mb']:.0f} MB RSS (2 ranks, still growing) after "
+                          f"{r['wall_s']:.0f} s: host MemAvailable fell under {args.min_available_mb:.0f} MB",
+                          flush=True)
+                else:
+                    print(f"  run {i + 1} {arm}: peak RSS {r['rss_mb']:.0f} MB, peak anonymous {r['anon_mb']:.0f} MB "
+                          f"(2 ranks), wall {r['wall_s']:.1f} s", flush=True)
         print()
         print(f"{'':22}{'old (list of dicts)':>34}{'new (Arrow, mmap)':>34}")
         for key, label in (("rss_mb", "peak RSS, 2 ranks MB"), ("anon_mb", "peak anon, 2 ranks MB"),
@@ -215,9 +260,11 @@ def main(argv=None) -> int:
             old = [r[key] for r in results["old"]]
             new = [r[key] for r in results["new"]]
             print(f"{label:22}{_spread(old):>34}{_spread(new):>34}")
+        stopped = any(r["aborted"] for r in results["old"] + results["new"])
         for key, label in (("rss_mb", "peak RSS"), ("anon_mb", "peak anonymous memory"), ("wall_s", "wall time")):
             ratio = statistics.median(r[key] for r in results["old"]) / statistics.median(r[key] for r in results["new"])
-            print(f"old/new {label}: {ratio:.2f}x")
+            bound = ">= " if stopped and key != "wall_s" else ""
+            print(f"old/new {label}: {bound}{ratio:.2f}x" + (" (a stopped run: lower bound)" if bound else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

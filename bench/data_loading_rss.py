@@ -170,10 +170,11 @@ def run_arm(arm: str, path: Path, cache: Path, floor_mb: float) -> dict:
     t0 = time.perf_counter()
     # Guard the host: on a shared machine the old loader can take more memory than there is. An arm whose ranks
     # would push MemAvailable under the floor is stopped, and reported as "at least" the RSS it had reached.
-    peak_live = 0.0
+    peak_live = peak_anon_live = 0.0
     aborted = False
     while any(p.poll() is None for p in procs):
         peak_live = max(peak_live, sum(_proc_kb(p.pid, "VmRSS") for p in procs) / 1024)
+        peak_anon_live = max(peak_anon_live, sum(_proc_kb(p.pid, "RssAnon") for p in procs) / 1024)
         if _meminfo_kb("MemAvailable") / 1024 < floor_mb:
             for p in procs:
                 p.kill()
@@ -184,7 +185,7 @@ def run_arm(arm: str, path: Path, cache: Path, floor_mb: float) -> dict:
     if aborted:
         for p in procs:
             p.wait()
-        return {"arm": arm, "rss_mb": peak_live, "anon_mb": peak_live, "wall_s": wall, "aborted": True}
+        return {"arm": arm, "rss_mb": peak_live, "anon_mb": peak_anon_live, "wall_s": wall, "aborted": True}
     outs = []
     for p in procs:
         out, _ = p.communicate()

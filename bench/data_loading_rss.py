@@ -108,7 +108,7 @@ def worker(arm: str, path: Path, cache: Path) -> None:
             stop.wait(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
-    from kubetune_api.models import DatasetSpec
+    from kubetune_api.finetunejob import DatasetSpec
     from kubetune_trainer import data, distributed
 
     spec = DatasetSpec.model_validate({"format": "prompt_completion", "train": [{"uri": "file:///bench.jsonl"}]})

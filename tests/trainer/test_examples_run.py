@@ -147,7 +147,7 @@ def scaled(m: dict, store: Store) -> dict:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, tiny_model_module, tiny_data_module):
     """Every example, run in chain order; returns {file name: (scaled manifest, TrainerReport)}."""
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
     from kubetune_trainer import config, runner
 
     root = tmp_path_factory.mktemp("examples")

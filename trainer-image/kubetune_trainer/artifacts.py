@@ -159,7 +159,7 @@ STAGE_WHAT = {
 
 
 def _adapter_detail(spec) -> str:
-    from kubetune_api.models import effective_lora
+    from kubetune_api.defaults import effective_lora
 
     e = effective_lora(spec.adapter)
     return (f"rank {e['r']}, alpha {e['lora_alpha']}, dropout {e['lora_dropout']}, "

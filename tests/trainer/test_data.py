@@ -202,3 +202,42 @@ def test_json_object_holding_one_list_and_json_lines_named_json(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8"):
         data.prepare(spec("text"), [src(tmp_path / "latin1.jsonl")])
+
+
+def _hub_snapshot(root: Path) -> Path:
+    """A folder laid out like an hf:// dataset snapshot: one parquet/jsonl shard per split under data/."""
+    import pandas as pd
+
+    (root / "data").mkdir(parents=True)
+    for split, n in (("train", 6), ("test", 3), ("validation", 2)):
+        pd.DataFrame({"text": [f"{split} {i}" for i in range(n)]}).to_parquet(
+            root / "data" / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text("# a dataset card without a configs block\n")
+    return root
+
+
+def test_hf_split_reads_only_that_splits_files(tmp_path):
+    snap = _hub_snapshot(tmp_path / "snap")
+    uri = "hf://datasets/acme/stories"
+    train = data.prepare(spec("text", evalFraction=0), [data.Source(uri, snap, split="train")])
+    assert sorted(train.train["text"]) == [f"train {i}" for i in range(6)]  # no test/validation leak
+    assert [f["uri"] for f in train.train_files] == [f"{uri}/data/train-00000-of-00001.parquet"]
+    test = data.prepare(spec("text", evalFraction=0), [data.Source(uri, snap, split="test")])
+    assert sorted(test.train["text"]) == ["test 0", "test 1", "test 2"]
+    whole = data.prepare(spec("text", evalFraction=0), [data.Source(uri, snap)])
+    assert len(whole.train) == 11  # no split: every file, as before
+    with pytest.raises(DataError) as e:
+        data.prepare(spec("text"), [data.Source(uri, snap, split="dev2")])
+    assert e.value.field == uri and "splits found: ['test', 'train', 'validation']" in str(e.value)
+
+
+def test_hf_split_follows_the_dataset_cards_configs(tmp_path):
+    root = tmp_path / "snap"
+    (root / "raw").mkdir(parents=True)
+    write_jsonl(root / "raw" / "a.jsonl", [{"text": "kept"}])
+    write_jsonl(root / "raw" / "b.jsonl", [{"text": "held out"}])
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                    "  - split: train\n    path: raw/a.jsonl\n  - split: test\n    path: raw/b.jsonl\n"
+                                    "---\n# card\n")
+    p = data.prepare(spec("text", evalFraction=0), [data.Source("hf://datasets/acme/x", root, split="train")])
+    assert p.train["text"] == ["kept"]

@@ -48,10 +48,12 @@ _TYPE_CHECK_ROWS = 1000
 
 @dataclass
 class Source:
-    """One dataset URI and where storage.fetch put it locally."""
+    """One dataset URI and where storage.fetch put it locally; `split` (spec.dataset.*[i].split) picks one
+    split's files out of a folder laid out like a Hub dataset (an hf:// snapshot)."""
 
     uri: str
     path: Path
+    split: Optional[str] = None
 
 
 @dataclass
@@ -77,6 +79,8 @@ def list_files(source: Source) -> list[tuple[str, Path]]:
     """(display name, local path) of every supported file under a fetched source. Hidden files and the
     storage layer's markers (`_COMPLETE`, `.tmp-*`) are skipped."""
     p = source.path
+    if source.split and p.is_dir():
+        return _split_files(source)
     if p.is_file():
         if p.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise DataError(f"unsupported file type {p.suffix or '(none)'}; supported: "
@@ -95,6 +99,37 @@ def list_files(source: Source) -> list[tuple[str, Path]]:
         found = sorted(x.name for x in p.iterdir())[:20]
         raise DataError(f"folder holds no {', '.join(SUPPORTED_SUFFIXES)} files (found: {found or 'nothing'})",
                         field=source.uri)
+    return files
+
+
+def _split_files(source: Source) -> list[tuple[str, Path]]:
+    """The files of one split of a Hub-style dataset folder, found the way `datasets` finds them: the README's
+    `configs:` data_files when it has them, else the Hub's naming conventions (data/train-00000-of-00001.parquet,
+    train.jsonl, train/..., test*, validation*/dev*, ...). Without this every file of a snapshot would be read,
+    and test or validation examples would leak into training."""
+    datasets = _datasets()
+    p = source.path
+    try:
+        found = {str(k): [Path(f) for f in v] for k, v in
+                 datasets.load_dataset_builder(str(p)).config.data_files.items()}
+    except Exception:  # noqa: BLE001 - mixed file types or an unusual README: fall back to the naming conventions
+        from datasets.data_files import DataFilesDict, get_data_patterns
+
+        try:
+            found = {str(k): [Path(f) for f in v] for k, v in
+                     DataFilesDict.from_patterns(get_data_patterns(str(p)), base_path=str(p)).items()}
+        except Exception:  # noqa: BLE001 - no recognisable layout at all
+            found = {}
+    if source.split not in found:
+        raise DataError(f"no split {source.split!r} in this dataset (splits found: {sorted(found) or 'none'}); "
+                        "set split to one of them", field=source.uri)
+    files = []
+    for f in sorted(found[source.split]):
+        rel = f.resolve().relative_to(p.resolve())
+        if f.suffix.lower() in SUPPORTED_SUFFIXES and not any(part.startswith((".", "_")) for part in rel.parts):
+            files.append((f"{source.uri.rstrip('/')}/{rel.as_posix()}", f))
+    if not files:
+        raise DataError(f"split {source.split!r} holds no {', '.join(SUPPORTED_SUFFIXES)} files", field=source.uri)
     return files
 
 

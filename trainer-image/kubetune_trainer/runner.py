@@ -80,9 +80,9 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     endpoint = spec.output.endpoint
     cache = settings.cache_dir
 
-    def fetch(uri: str, field: str) -> Source:
+    def fetch(uri: str, field: str, split: Optional[str] = None) -> Source:
         try:
-            return Source(uri, storage.fetch(uri, cache, endpoint=endpoint))
+            return Source(uri, storage.fetch(uri, cache, endpoint=endpoint), split=split)
         except TrainerError as exc:
             raise type(exc)(exc.message, field=field) from None
 
@@ -90,11 +90,11 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     tok_path = model_path
     if spec.model.tokenizer:
         tok_path = fetch(spec.model.tokenizer, "spec.model.tokenizer").path
-    train = [fetch(s.uri, f"spec.dataset.train[{i}].uri") for i, s in enumerate(spec.dataset.train)]
-    evals = [fetch(s.uri, f"spec.dataset.eval[{i}].uri") for i, s in enumerate(spec.dataset.eval)] \
+    train = [fetch(s.uri, f"spec.dataset.train[{i}].uri", s.split) for i, s in enumerate(spec.dataset.train)]
+    evals = [fetch(s.uri, f"spec.dataset.eval[{i}].uri", s.split) for i, s in enumerate(spec.dataset.eval)] \
         if spec.dataset.eval else None
     ref = spec.evaluation.reference if spec.evaluation else None
-    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri") for i, s in enumerate(ref)] if ref else None
+    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri", s.split) for i, s in enumerate(ref)] if ref else None
     return _Fetched(model_path, tok_path, train, evals, reference)
 
 

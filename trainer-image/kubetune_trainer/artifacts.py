@@ -202,6 +202,11 @@ def model_card(record: RunRecord, arts: Artifacts) -> str:
     ]
     if "perplexity" in m:  # language-model stages only: other stages' losses are not token NLLs
         lines.append(f"| eval perplexity (token-weighted) | {_fmt(m.get('perplexity'))} |")
+    for key, label in (("reward_accuracy", "reward accuracy (chosen ranked above rejected)"),
+                       ("reward_margin", "reward margin (chosen minus rejected)"),
+                       ("mean_reward", "mean reward (latest rollouts)"), ("kl", "KL from the reference policy")):
+        if key in m:
+            lines.append(f"| {label} | {_fmt(m[key])} |")
     if f is not None:
         verdict = "exceeded" if f.exceeded else "within"
         lines.append(f"| forgetting (reference perplexity) | {_fmt(f.reference_perplexity_before)} -> "

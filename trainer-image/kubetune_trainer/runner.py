@@ -321,6 +321,9 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
         done = last is not None and last.get("step") == trainer.state.global_step
         eval_metrics = last if done else trainer.evaluate()
     record.metrics = _final_metrics(trainer, train_output, eval_metrics, spec.stage)
+    # The stage's headline figure (reward accuracy/margin, mean reward/KL) for the manifest and the model card.
+    for name, value in monitor.headline().items():
+        record.metrics.setdefault(name, value)
     record.early_stopped = bool(monitor.early_stopped)
 
     # ---- the trained weights, locally (every rank: ZeRO-3 gathers partitioned weights collectively)

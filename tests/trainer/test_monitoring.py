@@ -478,6 +478,17 @@ def test_follow_prints_each_change_and_exits_0_on_success():
     assert "Succeeded" in lines[3] and "100/100 100%" in lines[3] and "ETA -" in lines[3]
 
 
+def test_follow_shows_the_stages_own_headline_instead_of_a_perplexity():
+    import io
+
+    out = io.StringIO()
+    objs = [ftj("Running", 20, loss=0.41, evalLoss=0.52, rewardAccuracy=0.8, rewardMargin=1.5,
+                metric="acc 0.80 margin 1.5")]
+    assert follow_mod.follow_objects(objs, out, tty=False) is not None
+    line = out.getvalue().splitlines()[0]
+    assert "acc 0.80 margin 1.5" in line and "ppl" not in line
+
+
 def test_follow_exits_1_on_failure_with_the_reason_and_draws_a_bar_on_a_tty():
     import io
 

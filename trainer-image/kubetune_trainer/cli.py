@@ -228,6 +228,8 @@ def summary(report, manifest: dict | None) -> str:
         lines.append(f"  eval loss    {_fmt(ev)}{start}")
         if ppl is not None and (manifest is None or "perplexity" in m):  # LM stages only (runner.LM_LOSS_STAGES)
             lines.append(f"  eval PPL     {_fmt(ppl)}")
+    if p is not None and p.metric and p.perplexity is None:  # non-LM stages: reward accuracy, mean reward ...
+        lines.append(f"  headline     {p.metric}")
     f = report.forgetting
     if f is not None and f.reference_perplexity_before is not None:
         change = f"{100 * f.relative_change:+.1f} %" if f.relative_change is not None else "n/a"

@@ -183,7 +183,15 @@ def test_example_runs_as_written(chain, name):
     m, report = chain[name]
     assert report.state == "succeeded", f"{name}: {report.reason} {report.field}: {report.message}"
     out = Path(m["spec"]["output"]["uri"][len("file://"):]) / "default" / m["metadata"]["name"]
-    assert json.loads((out / "manifest.json").read_text())["metrics"]["steps"] == 2
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == 2
+    # Each stage reports its own headline, and a perplexity only where the loss is a token NLL.
+    stage = m["spec"]["stage"]
+    headline = {"cpt": "perplexity", "sft": "perplexity", "dpo": "reward_accuracy", "orpo": "reward_accuracy",
+                "reward": "reward_accuracy", "kto": "reward_margin", "grpo": "mean_reward", "rloo": "mean_reward",
+                "ppo": "mean_reward"}[stage]
+    assert headline in metrics, (name, sorted(metrics))
+    assert ("perplexity" in metrics) == (stage in ("cpt", "sft")), name
     assert (out / "adapter" / "_COMPLETE").exists()
     if m["spec"]["output"].get("mergedModel"):
         assert report.artifacts.merged_model_uri

@@ -263,7 +263,8 @@ def main(argv=None) -> int:
             print(f"{label:22}{_spread(old):>34}{_spread(new):>34}")
         stopped = any(r["aborted"] for r in results["old"] + results["new"])
         for key, label in (("rss_mb", "peak RSS"), ("anon_mb", "peak anonymous memory"), ("wall_s", "wall time")):
-            ratio = statistics.median(r[key] for r in results["old"]) / statistics.median(r[key] for r in results["new"])
+            old_median = statistics.median(r[key] for r in results["old"])
+            ratio = old_median / statistics.median(r[key] for r in results["new"])
             bound = ">= " if stopped and key != "wall_s" else ""
             print(f"old/new {label}: {bound}{ratio:.2f}x" + (" (a stopped run: lower bound)" if bound else ""))
     finally:

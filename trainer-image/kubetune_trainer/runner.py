@@ -94,7 +94,8 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     evals = [fetch(s.uri, f"spec.dataset.eval[{i}].uri", s.split) for i, s in enumerate(spec.dataset.eval)] \
         if spec.dataset.eval else None
     ref = spec.evaluation.reference if spec.evaluation else None
-    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri", s.split) for i, s in enumerate(ref)] if ref else None
+    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri", s.split)
+                 for i, s in enumerate(ref)] if ref else None
     return _Fetched(model_path, tok_path, train, evals, reference)
 
 

@@ -41,9 +41,12 @@ def _metrics(obj: dict) -> str:
     status = obj.get("status") or {}
     p = status.get("progress") or {}
     phase = status.get("phase") or "Pending"
+    # cpt/sft: perplexity; other stages: their own headline (reward accuracy/margin, mean reward/KL).
+    metric = p.get("metric")
+    headline = metric if metric and not metric.startswith("ppl") else f"ppl {_fmt_num(p.get('perplexity'))}"
     return "  ".join([
         f"loss {_fmt_num(p.get('loss'))}", f"eval {_fmt_num(p.get('evalLoss'))}",
-        f"ppl {_fmt_num(p.get('perplexity'))}", f"{_fmt_rate(p.get('tokensPerSecond'))} tok/s",
+        headline, f"{_fmt_rate(p.get('tokensPerSecond'))} tok/s",
         f"ETA {_fmt_duration(p.get('etaSeconds')) if phase == Phase.RUNNING else '-'}"])
 
 

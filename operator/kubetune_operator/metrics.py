@@ -26,6 +26,10 @@ _PROGRESS_GAUGES = {
     "kubetune_job_train_loss": "loss",
     "kubetune_job_eval_loss": "evalLoss",
     "kubetune_job_eval_perplexity": "perplexity",
+    "kubetune_job_reward_accuracy": "rewardAccuracy",
+    "kubetune_job_reward_margin": "rewardMargin",
+    "kubetune_job_mean_reward": "meanReward",
+    "kubetune_job_policy_kl": "kl",
 }
 
 

@@ -123,6 +123,19 @@ def test_qlora_loads_4bit_on_cpu_and_reward_loads_a_one_label_head(tiny_model, m
     assert modeling.resolve_dtype(spec) == torch.float32
 
 
+def test_qlora_counts_parameters_not_packed_4bit_storage(tiny_model, make_job):
+    """The same LoRA on the same base trains the same number of parameters out of the same total, whether the
+    base is 4-bit (two weights per stored byte) or full precision."""
+    counts = {}
+    for kind in ("lora", "qlora"):
+        spec = make_job(adapter={"type": kind, "rank": 8}).spec
+        base = adapters.prepare_base(modeling.load_model(tiny_model, spec), spec)
+        counts[kind] = adapters.trainable_parameters(adapters.wrap(base, adapters.peft_config(spec)))
+    assert counts["qlora"] == counts["lora"]
+    trainable, total = counts["qlora"]
+    assert 0 < trainable < total
+
+
 def test_tokenizer_without_pad_token_pads_with_eos(tiny_model, tmp_path, make_job):
     from transformers import AutoTokenizer
 

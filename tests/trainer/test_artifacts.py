@@ -107,3 +107,34 @@ def test_early_stop_is_recorded(make_job, run_job):
     assert report.state == "succeeded"
     m = json.loads((output_dir(job) / "manifest.json").read_text())
     assert m["earlyStopped"] is True and m["metrics"]["steps"] < 20
+
+
+def test_saved_tokenizers_carry_no_training_truncation(finished, tiny_model):
+    """A server reading tokenizer.json directly (the `tokenizers` library) must encode a long prompt whole, as
+    the base's own tokenizer does, although the run truncated to maxLength 64 while training and measuring."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    job, _, _ = finished
+    out = output_dir(job)
+    prompt = " ".join(f"What is {i % 10} plus {i % 7}? The cat saw the red ball in the park." for i in range(40))
+    n = len(AutoTokenizer.from_pretrained(tiny_model)(prompt, add_special_tokens=False)["input_ids"])
+    assert n > 500 > job.spec.training.max_length
+    for folder in ("adapter", "merged"):
+        data = json.loads((out / folder / "tokenizer.json").read_text())
+        assert data["truncation"] is None and data["padding"] is None, folder
+        assert len(Tokenizer.from_file(str(out / folder / "tokenizer.json")).encode(prompt).ids) == n, folder
+
+
+def test_adapter_and_merged_readmes_are_the_model_card(finished):
+    job, report, _ = finished
+    out = output_dir(job)
+    for folder in ("adapter", "merged"):
+        card = (out / folder / "README.md").read_text()
+        assert "[More Information Needed]" not in card  # PEFT's blank template
+        assert card == (out / "README.md").read_text()
+        assert card.startswith("---\n") and "library_name: peft" in card
+        for needle in (job.spec.model.source, "chat.jsonl", "stage **sft**", "adapter **lora** (rank 8",
+                       "eval perplexity (token-weighted)", "PeftModel.from_pretrained",
+                       f"{report.artifacts.adapter_uri[len('file://'):]}"):
+            assert needle in card, (folder, needle)

@@ -161,3 +161,26 @@ def test_default_job_runs_end_to_end(tmp_path):
     assert m["forgetting"]["exceeded"] is False
     # no TTY: plain progress lines on stderr, no tqdm bars
     assert "train: 80/80" in out.stderr and "it/s]" not in out.stderr
+
+
+def test_rl_progress_prints_reward_and_kl_next_to_the_loss(tmp_path):
+    """A GRPO run's console lines (the non-terminal form of `kubetune run`'s progress) show the mean reward and
+    the KL, which say whether RL learns; its loss alone does not."""
+    import io
+
+    from tests.trainer import stage_helpers as H
+
+    _, _, trainer = H.build("grpo", "lora", tmp_path / "run", n_train=8,
+                            training={"batchSize": 2, "maxSteps": 2, "logEverySteps": 1},
+                            stage_block={"numGenerations": 2, "maxCompletionLength": 6, "beta": 0.1,
+                                         "rewards": [{"name": "length_penalty",
+                                                      "params": {"target": "0", "unit": "chars"}}]})
+    stream = io.StringIO()
+    progress = cli._Progress(stream)
+    trainer.add_callback(progress.callback())
+    trainer.train()
+    lines = [ln for ln in stream.getvalue().splitlines() if ln.startswith("train: ") and "loss" in ln]
+    logged = [e for e in trainer.state.log_history if "reward" in e]
+    assert len(lines) == len(logged) == 2
+    for line, entry in zip(lines, logged):
+        assert f"reward {entry['reward']:.4g}" in line and f"kl {entry['kl']:.4g}" in line, line

@@ -166,3 +166,78 @@ def test_reference_texts(tiny_data):
     again, _ = data.load_reference_texts([src(tiny_data["general"])], max_samples=16, seed=3)
     assert len(texts) == 16 and texts == again and all(isinstance(t, str) and t for t in texts)
     assert files[0]["rows"] == 400
+
+
+def test_files_become_memory_mapped_arrow_that_a_second_rank_reuses(tiny_data, tmp_path):
+    """What the pods rely on: the first process of a node writes Arrow files into the node cache, and every
+    dataset the stage gets is backed by them (memory-mapped, not Python objects); a second process preparing
+    the same job reads those files instead of parsing the JSONL again."""
+    cache = tmp_path / "cache"
+    first = data.prepare(spec("chat"), [src(tiny_data["chat"])], seed=3, cache_dir=cache)
+    assert first.train.cache_files and first.eval.cache_files
+    for ds in (first.train, first.eval):
+        assert all(Path(f["filename"]).is_relative_to(cache) for f in ds.cache_files)
+    written = sorted(p.name for p in cache.rglob("*.arrow"))
+    assert written
+
+    second = data.prepare(spec("chat"), [src(tiny_data["chat"])], seed=3, cache_dir=cache)
+    assert sorted(p.name for p in cache.rglob("*.arrow")) == written  # nothing parsed or shuffled again
+    assert second.train.cache_files == first.train.cache_files
+    assert second.train["messages"] == first.train["messages"]
+
+
+def test_json_object_holding_one_list_and_json_lines_named_json(tmp_path):
+    rows = [{"text": f"t{i}"} for i in range(3)]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": rows}))
+    assert sorted(data.prepare(spec("text", evalFraction=0), [src(tmp_path / "wrapped.json")]).train["text"]) == \
+        ["t0", "t1", "t2"]
+    lines = write_jsonl(tmp_path / "lines.json", rows)
+    assert len(data.prepare(spec("text", evalFraction=0), [src(lines)]).train) == 3
+    (tmp_path / "two.json").write_text(json.dumps({"a": rows, "b": rows}))
+    with pytest.raises(DataError, match="object holding exactly one such list"):
+        data.prepare(spec("text"), [src(tmp_path / "two.json")])
+    (tmp_path / "mixed.json").write_text(json.dumps([{"text": "a"}, {"text": 3}]))
+    with pytest.raises(DataError, match="column 'text' mixes value types: string in row 1, number in row 2"):
+        data.prepare(spec("text"), [src(tmp_path / "mixed.json")])
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        data.prepare(spec("text"), [src(tmp_path / "latin1.jsonl")])
+
+
+def _hub_snapshot(root: Path) -> Path:
+    """A folder laid out like an hf:// dataset snapshot: one parquet/jsonl shard per split under data/."""
+    import pandas as pd
+
+    (root / "data").mkdir(parents=True)
+    for split, n in (("train", 6), ("test", 3), ("validation", 2)):
+        pd.DataFrame({"text": [f"{split} {i}" for i in range(n)]}).to_parquet(
+            root / "data" / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text("# a dataset card without a configs block\n")
+    return root
+
+
+def test_hf_split_reads_only_that_splits_files(tmp_path):
+    snap = _hub_snapshot(tmp_path / "snap")
+    uri = "hf://datasets/acme/stories"
+    train = data.prepare(spec("text", evalFraction=0), [data.Source(uri, snap, split="train")])
+    assert sorted(train.train["text"]) == [f"train {i}" for i in range(6)]  # no test/validation leak
+    assert [f["uri"] for f in train.train_files] == [f"{uri}/data/train-00000-of-00001.parquet"]
+    test = data.prepare(spec("text", evalFraction=0), [data.Source(uri, snap, split="test")])
+    assert sorted(test.train["text"]) == ["test 0", "test 1", "test 2"]
+    whole = data.prepare(spec("text", evalFraction=0), [data.Source(uri, snap)])
+    assert len(whole.train) == 11  # no split: every file, as before
+    with pytest.raises(DataError) as e:
+        data.prepare(spec("text"), [data.Source(uri, snap, split="dev2")])
+    assert e.value.field == uri and "splits found: ['test', 'train', 'validation']" in str(e.value)
+
+
+def test_hf_split_follows_the_dataset_cards_configs(tmp_path):
+    root = tmp_path / "snap"
+    (root / "raw").mkdir(parents=True)
+    write_jsonl(root / "raw" / "a.jsonl", [{"text": "kept"}])
+    write_jsonl(root / "raw" / "b.jsonl", [{"text": "held out"}])
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                    "  - split: train\n    path: raw/a.jsonl\n  - split: test\n    path: raw/b.jsonl\n"
+                                    "---\n# card\n")
+    p = data.prepare(spec("text", evalFraction=0), [data.Source("hf://datasets/acme/x", root, split="train")])
+    assert p.train["text"] == ["kept"]

@@ -30,6 +30,7 @@ from kubetune_api.finetunejob import parse_job  # noqa: E402
 from kubetune_api.report import TrainerReport  # noqa: E402
 from kubetune_trainer.errors import DataError, DivergedError  # noqa: E402
 from kubetune_trainer.monitoring import RunMonitor, plot_curves, read_metrics, reference_perplexity  # noqa: E402
+from kubetune_trainer.monitoring import token_perplexity  # noqa: E402
 
 LABELS = {"namespace": "ml", JOB_LABEL: "demo", "stage": "sft", "adapter": "lora"}
 SEQ, BATCH = 16, 4
@@ -72,6 +73,7 @@ def make_trainer(tmp_path, monitor, *, max_steps, eval_steps=None, logging_steps
         logging_nan_inf_filter=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenDataset(64, 0),
                       eval_dataset=TokenDataset(8, 1), callbacks=[monitor.callback(), *callbacks])
+    token_perplexity.install(trainer)  # as the cpt/sft stages do
     monitor.guard(trainer)
     return trainer
 
@@ -136,7 +138,8 @@ def test_metrics_expose_catalog_names_with_job_labels(sft_run):
     expected = {m.name for m in TRAINER_METRICS} - {
         # RL/preference signals, the forgetting check and checkpoints did not happen in this SFT run
         "kubetune_reward_mean", "kubetune_reward_std", "kubetune_policy_kl", "kubetune_preference_reward_margin",
-        "kubetune_preference_reward_accuracy", "kubetune_reference_perplexity", "kubetune_forgetting_relative_change",
+        "kubetune_preference_reward_accuracy", "kubetune_eval_reward_accuracy", "kubetune_eval_reward_margin",
+        "kubetune_reference_perplexity", "kubetune_forgetting_relative_change",
         "kubetune_checkpoint_last_timestamp_seconds",
         # per reward function, from its first failed call (tests/trainer/test_reward_sandbox.py)
         "kubetune_reward_errors_total"}
@@ -149,7 +152,8 @@ def test_metrics_expose_catalog_names_with_job_labels(sft_run):
     assert value["kubetune_train_tokens_total"] == 6 * BATCH * SEQ
     assert value["kubetune_train_tokens_per_second"] > 0
     assert value["kubetune_train_nonfinite_loss_total"] == 0
-    assert value["kubetune_eval_perplexity"] == pytest.approx(math.exp(value["kubetune_eval_loss"]))
+    # equal-length rows, every token labelled: the token-weighted figure equals exp(mean loss) here
+    assert value["kubetune_eval_perplexity"] == pytest.approx(math.exp(value["kubetune_eval_loss"]), rel=1e-5)
     history = sft_run["trainer"].state.log_history
     assert value["kubetune_train_loss"] == [h for h in history if "loss" in h][-1]["loss"]
     assert value["kubetune_train_learning_rate"] == [h for h in history if "learning_rate" in h][-1]["learning_rate"]
@@ -476,6 +480,17 @@ def test_follow_prints_each_change_and_exits_0_on_success():
     assert "Succeeded" in lines[3] and "100/100 100%" in lines[3] and "ETA -" in lines[3]
 
 
+def test_follow_shows_the_stages_own_headline_instead_of_a_perplexity():
+    import io
+
+    out = io.StringIO()
+    objs = [ftj("Running", 20, loss=0.41, evalLoss=0.52, rewardAccuracy=0.8, rewardMargin=1.5,
+                metric="acc 0.80 margin 1.5")]
+    assert follow_mod.follow_objects(objs, out, tty=False) is not None
+    line = out.getvalue().splitlines()[0]
+    assert "acc 0.80 margin 1.5" in line and "ppl" not in line
+
+
 def test_follow_exits_1_on_failure_with_the_reason_and_draws_a_bar_on_a_tty():
     import io
 
@@ -585,3 +600,37 @@ def test_plot_command_reads_a_file_uri_through_storage(tmp_path):
     assert plot_mod.plot_command(f"file://{out}", str(tmp_path / "uri.png")) == 0
     assert (tmp_path / "uri.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_mod.plot_command(f"file://{tmp_path}/missing", str(tmp_path / "none.png")) == 1
+
+
+# ---------------------------------------------------------------------------------------------- headline per stage
+@pytest.mark.parametrize("stage, logs, fields, metric", [
+    ("sft", [{"eval_loss": 2.0, "eval_perplexity": 7.0}],
+     {"perplexity": 7.0}, "ppl 7"),
+    ("dpo", [{"loss": 0.6, "rewards/accuracies": 0.5, "rewards/margins": 0.1},
+             {"eval_loss": 0.5, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 1.25},
+             {"loss": 0.4, "rewards/accuracies": 1.0, "rewards/margins": 3.0}],  # training batches: eval wins
+     {"reward_accuracy": 0.75, "reward_margin": 1.25}, "acc 0.75 margin 1.25"),
+    ("kto", [{"loss": 0.5, "rewards/margins": 0.5, "kl": 0.2}],
+     {"reward_margin": 0.5}, "margin 0.5"),
+    ("reward", [{"loss": 0.7, "accuracy": 0.5}, {"eval_loss": 0.3, "eval_accuracy": 0.9, "eval_margin": 2.0}],
+     {"reward_accuracy": 0.9, "reward_margin": 2.0}, "acc 0.90 margin 2"),
+    ("grpo", [{"loss": 0.0, "reward": 0.25, "kl": 0.01}, {"loss": 0.0, "reward": 0.5, "kl": 0.02}],
+     {"mean_reward": 0.5, "kl": 0.02}, "reward 0.5 kl 0.02"),
+    ("ppo", [{"objective/scores": 1.5, "objective/kl": 0.125}],
+     {"mean_reward": 1.5, "kl": 0.125}, "reward 1.5 kl 0.125"),
+])
+def test_each_stage_reports_its_own_headline_and_perplexity_only_for_lm_stages(tmp_path, stage, logs, fields,
+                                                                                 metric):
+    monitor = RunMonitor(make_job(stage=stage), tmp_path, port=0)
+    monitor._on_train_begin(_state())
+    for i, entry in enumerate(logs, 1):
+        monitor.callback().on_log(None, _state(step=i), TrainerControl(), logs=dict(entry))
+    progress = monitor.report().progress
+    for name in ("perplexity", "reward_accuracy", "reward_margin", "mean_reward", "kl"):
+        assert getattr(progress, name) == fields.get(name), name
+    assert progress.metric == metric
+    labels = {**LABELS, "stage": stage}
+    ppl = monitor.registry.get_sample_value("kubetune_eval_perplexity", labels)
+    assert ppl == fields.get("perplexity")  # a dpo/reward eval loss never becomes a "perplexity"
+    if "reward_accuracy" in fields:
+        assert monitor.registry.get_sample_value("kubetune_eval_reward_accuracy", labels) == fields["reward_accuracy"]

@@ -162,14 +162,34 @@ def training_args_additions(spec: FineTuneJobSpec) -> dict:
     }
 
 
-def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts. ZeRO-3 partitioned parameters are empty on each rank; their
-    full size is `ds_numel`."""
-    def n(p) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))
+def parameter_count(param) -> int:
+    """Parameters a tensor holds, not its storage elements. ZeRO-3 leaves each rank an empty partition of
+    a parameter whose full size is `ds_numel`; bitsandbytes packs two 4-bit weights per byte
+    (Params4bit.numel() is half the weight count, less with a wider quant_storage), so a QLoRA model counted
+    by numel() looks half its size and its trainable share twice too large."""
+    if hasattr(param, "ds_numel"):
+        return int(param.ds_numel)
+    if type(param).__name__ == "Params4bit":
+        state = getattr(param, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        if shape is not None:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            return n
+        return param.numel() * 2 * param.element_size()  # peft's rule, when the original shape is unknown
+    return param.numel()
 
-    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
-    total = sum(n(p) for p in model.parameters())
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, 4-bit weights counted as the parameters they are and ZeRO-3
+    partitioned parameters (empty on each rank) by their full size `ds_numel`."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = parameter_count(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
     return trainable, total
 
 

@@ -1,10 +1,17 @@
 """What a finished run leaves in the output store, under <spec.output.uri>/<namespace>/<name>/:
 
-    adapter/        PEFT adapter (PeftModel.from_pretrained(base, uri)) + tokenizer; for full/galore the whole model
+    adapter/        PEFT adapter (PeftModel.from_pretrained(base, uri)) + tokenizer + README.md (the model card);
+                    for full/galore the whole model
     merged/         optional (spec.output.mergedModel): adapter merged into a full-precision base, + tokenizer
+                    + README.md
     metrics.jsonl   every logged metric and event of the run (monitoring/)
     curves.png      loss / eval loss / perplexity curves
     README.md       model card: base, stage, adapter, data, metrics, forgetting, how to load
+
+Saved tokenizers are the base's tokenizer as a consumer should get it: training leaves truncation (maxLength,
+sometimes left-sided) and padding settings on the fast tokenizer's backend, and save_pretrained would write
+them into tokenizer.json, where a server that reads tokenizer.json directly (TGI, vLLM, llama.cpp converters,
+the `tokenizers` library) silently truncates every long prompt.
     manifest.json   digests of base model and data, resolved config, library versions, metrics, forgetting,
                     wall time, device-seconds, early-stop flag, artifact URIs. Written LAST.
 
@@ -106,10 +113,26 @@ def save_model_files(trainer, tokenizer, dest: Path, *, initial_adapter: Optiona
     else:
         trainer.save_model(str(dest))
     if is_main:
-        tokenizer.save_pretrained(str(dest))
+        save_tokenizer(tokenizer, dest)
         for name in _DROP_FROM_ADAPTER:
             (dest / name).unlink(missing_ok=True)
     return dest
+
+
+def save_tokenizer(tokenizer, dest: Path) -> None:
+    """save_pretrained, then drop the truncation and padding state training left in tokenizer.json (see the
+    module docstring). The file is edited, not the tokenizer: other ranks and later passes still use it."""
+    dest = Path(dest)
+    tokenizer.save_pretrained(str(dest))
+    path = dest / "tokenizer.json"
+    if not path.is_file():  # slow (sentencepiece-only) tokenizers keep no such state in a file
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("truncation") is None and data.get("padding") is None:
+        return
+    data["truncation"] = None
+    data["padding"] = None
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -127,6 +150,24 @@ def _where(uri: str) -> str:
     return f"<local copy of {uri}>"
 
 
+STAGE_WHAT = {
+    "cpt": "continued pre-training", "sft": "supervised fine-tuning", "dpo": "direct preference optimization",
+    "orpo": "odds-ratio preference optimization", "kto": "Kahneman-Tversky optimization",
+    "reward": "reward model", "grpo": "group relative policy optimization", "rloo": "REINFORCE leave-one-out",
+    "ppo": "proximal policy optimization",
+}
+
+
+def _adapter_detail(spec) -> str:
+    from kubetune_api.defaults import effective_lora
+
+    e = effective_lora(spec.adapter)
+    return (f"rank {e['r']}, alpha {e['lora_alpha']}, dropout {e['lora_dropout']}, "
+            f"target modules {', '.join(e['target_modules'])}"
+            + (", 4-bit base" if spec.adapter.type == "qlora" else "")
+            + (", weight-decomposed" if spec.adapter.type == "dora" else ""))
+
+
 def model_card(record: RunRecord, arts: Artifacts) -> str:
     job = record.job
     spec = job.spec
@@ -134,10 +175,19 @@ def model_card(record: RunRecord, arts: Artifacts) -> str:
     f = record.forgetting
     peft = adapters.uses_peft(spec)
     head = "AutoModelForSequenceClassification" if record.model_kind == "reward" else "AutoModelForCausalLM"
-    lines = [
+    tags = ["kubetune", spec.stage, spec.adapter.type]
+    front = ["---"]
+    if spec.model.source.startswith("hf://"):  # the Hub links base_model only for a Hub repo id
+        front.append(f"base_model: {spec.model.source[len('hf://'):].split('@')[0].rstrip('/')}")
+    if peft:
+        front.append("library_name: peft")
+    front += [f"pipeline_tag: {'text-classification' if record.model_kind == 'reward' else 'text-generation'}",
+              "tags:", *[f"- {t}" for t in tags], "---", ""]
+    lines = front + [
         f"# {job.metadata.namespace}/{job.metadata.name}",
         "",
-        f"Fine-tuned by kubetune: stage **{spec.stage}**, adapter **{spec.adapter.type}**.",
+        f"Fine-tuned by kubetune: stage **{spec.stage}** ({STAGE_WHAT.get(spec.stage, spec.stage)}), "
+        f"adapter **{spec.adapter.type}**" + (f" ({_adapter_detail(spec)})" if peft else "") + ".",
         "",
         "| | |",
         "|---|---|",
@@ -149,15 +199,23 @@ def model_card(record: RunRecord, arts: Artifacts) -> str:
         f"| steps | {_fmt(m.get('steps'))}" + (" (stopped early)" if record.early_stopped else "") + " |",
         f"| train loss | {_fmt(m.get('train_loss'))} |",
         f"| eval loss | {_fmt(m.get('eval_loss'))} |",
-        f"| eval perplexity | {_fmt(m.get('perplexity'))} |",
     ]
+    if "perplexity" in m:  # language-model stages only: other stages' losses are not token NLLs
+        lines.append(f"| eval perplexity (token-weighted) | {_fmt(m.get('perplexity'))} |")
+    for key, label in (("reward_accuracy", "reward accuracy (chosen ranked above rejected)"),
+                       ("reward_margin", "reward margin (chosen minus rejected)"),
+                       ("mean_reward", "mean reward (latest rollouts)"), ("kl", "KL from the reference policy")):
+        if key in m:
+            lines.append(f"| {label} | {_fmt(m[key])} |")
     if f is not None:
         verdict = "exceeded" if f.exceeded else "within"
         lines.append(f"| forgetting (reference perplexity) | {_fmt(f.reference_perplexity_before)} -> "
                      f"{_fmt(f.reference_perplexity_after)} ({_fmt(100 * (f.relative_change or 0), 3)} %; "
                      f"{verdict} threshold {_fmt(100 * (f.threshold or 0), 3)} %) |")
     lines += [
-        f"| trainable parameters | {_fmt(record.trainable_parameters)} of {_fmt(record.total_parameters)} |",
+        f"| trainable parameters | {_fmt(record.trainable_parameters)} of {_fmt(record.total_parameters)}"
+        + (f" ({100 * record.trainable_parameters / record.total_parameters:.2f} %)"
+           if record.trainable_parameters and record.total_parameters else "") + " |",
         f"| wall time | {record.wall_seconds:.1f} s on {record.devices} {record.device_kind} device(s) "
         f"({record.device_seconds:.1f} device-seconds) |",
         "",
@@ -233,19 +291,25 @@ def publish(record: RunRecord, store, local_dir: Path, adapter_dir: Path, tokeni
     job = record.job
     spec = job.spec
     local_dir = Path(local_dir)
-    adapter_uri = store.publish_dir(Path(adapter_dir), "adapter")
-    merged_uri = None
-    if spec.output.merged_model:
-        if adapters.uses_peft(spec):
-            merged_dir = local_dir / "merged"
-            shutil.rmtree(merged_dir, ignore_errors=True)
-            merged = adapters.merge(adapter_dir, record.model_path, spec, record.model_kind)
-            merged.save_pretrained(str(merged_dir))
-            tokenizer.save_pretrained(str(merged_dir))
-            del merged
-            merged_uri = store.publish_dir(merged_dir, "merged")
-        else:
-            merged_uri = adapter_uri  # full/galore: the trained weights already are the whole model
+    merges = bool(spec.output.merged_model) and adapters.uses_peft(spec)
+    # The URIs are known before anything is uploaded, so the model card (which names them) can travel inside
+    # adapter/ and merged/ too, replacing PEFT's blank README template there.
+    adapter_uri = store.uri("adapter")
+    merged_uri = store.uri("merged") if merges else (adapter_uri if spec.output.merged_model else None)
+    arts = Artifacts(output_uri=store.root_uri, adapter_uri=adapter_uri, merged_model_uri=merged_uri,
+                     manifest_uri=store.uri("manifest.json"), latest_checkpoint=latest_checkpoint)
+    card_text = model_card(record, arts)
+    (Path(adapter_dir) / "README.md").write_text(card_text)
+    store.publish_dir(Path(adapter_dir), "adapter")
+    if merges:
+        merged_dir = local_dir / "merged"
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        merged = adapters.merge(adapter_dir, record.model_path, spec, record.model_kind)
+        merged.save_pretrained(str(merged_dir))
+        save_tokenizer(tokenizer, merged_dir)
+        (merged_dir / "README.md").write_text(card_text)
+        del merged
+        store.publish_dir(merged_dir, "merged")
     if metrics_path is not None and Path(metrics_path).exists():
         store.put_file(Path(metrics_path), "metrics.jsonl")
         try:
@@ -255,10 +319,8 @@ def publish(record: RunRecord, store, local_dir: Path, adapter_dir: Path, tokeni
             store.put_file(Path(png), "curves.png")
         except Exception as exc:  # noqa: BLE001 - a missing plot must not fail a finished training run
             log.warning("could not plot the training curves: %s", exc)
-    arts = Artifacts(output_uri=store.root_uri, adapter_uri=adapter_uri, merged_model_uri=merged_uri,
-                     manifest_uri=store.uri("manifest.json"), latest_checkpoint=latest_checkpoint)
     card = local_dir / "README.md"
-    card.write_text(model_card(record, arts))
+    card.write_text(card_text)
     store.put_file(card, "README.md")
     man = local_dir / "manifest.json"
     man.write_text(json.dumps(manifest(record, arts), indent=2, default=str) + "\n")

@@ -98,6 +98,11 @@ def _has_gpu_hint() -> bool:
     return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or Path("/dev/nvidia0").exists()
 
 
+# Log keys of the RL stages' mean reward and policy KL: TRL's GRPO/RLOO, then kubetune's PPO.
+REWARD_KEYS = ("reward", "objective/scores")
+KL_KEYS = ("kl", "objective/kl")
+
+
 class _Progress:
     """Progress for a local run: a rich bar on a terminal, one plain line per log event otherwise."""
 
@@ -109,6 +114,9 @@ class _Progress:
         self.total = None
         self.loss = None
         self.eval_loss = None
+        # RL stages: the loss says little (GRPO's is ~0 by construction); the reward and KL say whether it learns.
+        self.reward = None
+        self.kl = None
         self.started = time.time()
 
     def callback(self):
@@ -135,6 +143,10 @@ class _Progress:
         parts = []
         if self.loss is not None:
             parts.append(f"loss {self.loss:.3f}")
+        if self.reward is not None:
+            parts.append(f"reward {self.reward:.3g}")
+        if self.kl is not None:
+            parts.append(f"kl {self.kl:.3g}")
         if self.eval_loss is not None:
             parts.append(f"eval {self.eval_loss:.3f}")
         return " ".join(parts) or "training"
@@ -161,10 +173,21 @@ class _Progress:
             print(f"\rtrain: {step}/{self.total} {self._desc()}   ", end="", file=self.stream, flush=True)
 
     def log(self, step: int, logs: dict) -> None:
-        if "loss" in logs:
-            self.loss = float(logs["loss"])
+        rl = False
+        for attr, keys in (("reward", REWARD_KEYS), ("kl", KL_KEYS)):
+            value = next((logs[k] for k in keys if isinstance(logs.get(k), (int, float))), None)
+            if value is not None:
+                setattr(self, attr, float(value))
+                rl = True
+        if "loss" in logs or rl:
+            if "loss" in logs:
+                self.loss = float(logs["loss"])
             if self.bar is None and not self.tty:
-                print(f"train: {step}/{self.total} loss {self.loss:.4f}", file=self.stream, flush=True)
+                line = f"train: {step}/{self.total}" + (f" loss {self.loss:.4f}" if "loss" in logs else "")
+                if rl:
+                    line += "".join(f" {name} {v:.4g}" for name, v in (("reward", self.reward), ("kl", self.kl))
+                                    if v is not None)
+                print(line, file=self.stream, flush=True)
         if "eval_loss" in logs:
             self.eval_loss = float(logs["eval_loss"])
             if self.bar is None and not self.tty:
@@ -205,6 +228,8 @@ def summary(report, manifest: dict | None) -> str:
         lines.append(f"  eval loss    {_fmt(ev)}{start}")
         if ppl is not None and (manifest is None or "perplexity" in m):  # LM stages only (runner.LM_LOSS_STAGES)
             lines.append(f"  eval PPL     {_fmt(ppl)}")
+    if p is not None and p.metric and p.perplexity is None:  # non-LM stages: reward accuracy, mean reward ...
+        lines.append(f"  headline     {p.metric}")
     f = report.forgetting
     if f is not None and f.reference_perplexity_before is not None:
         change = f"{100 * f.relative_change:+.1f} %" if f.relative_change is not None else "n/a"

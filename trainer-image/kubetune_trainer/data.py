@@ -4,6 +4,11 @@ Every problem a person can fix in their data becomes a `DataError` (exit 65, fai
 the file (by its URI, not the pod's cache path), the column, and what was found instead, so the condition
 message on the FineTuneJob is enough to fix it without reading pod logs.
 
+Files load through `datasets.load_dataset` into memory-mapped Arrow files in the node's cache: host memory
+stays flat whatever the file size and the number of ranks (bench/data_loading_rss.py). Files are checked
+without reading them into Python: nulls through Arrow's null counts, value types on the first rows; a file the
+builder cannot parse, or a column that mixes value types, gets a streaming pass that names the line.
+
 Order of operations, all deterministic given `training.seed`:
     load each file -> rename columns (dataset.columns) -> check the format's columns -> keep only those
     -> concatenate sources -> shuffle(seed) -> hold out eval (eval sources, or evalFraction of train)
@@ -43,10 +48,12 @@ _TYPE_CHECK_ROWS = 1000
 
 @dataclass
 class Source:
-    """One dataset URI and where storage.fetch put it locally."""
+    """One dataset URI and where storage.fetch put it locally; `split` (spec.dataset.*[i].split) picks one
+    split's files out of a folder laid out like a Hub dataset (an hf:// snapshot)."""
 
     uri: str
     path: Path
+    split: Optional[str] = None
 
 
 @dataclass
@@ -72,6 +79,8 @@ def list_files(source: Source) -> list[tuple[str, Path]]:
     """(display name, local path) of every supported file under a fetched source. Hidden files and the
     storage layer's markers (`_COMPLETE`, `.tmp-*`) are skipped."""
     p = source.path
+    if source.split and p.is_dir():
+        return _split_files(source)
     if p.is_file():
         if p.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise DataError(f"unsupported file type {p.suffix or '(none)'}; supported: "
@@ -93,6 +102,37 @@ def list_files(source: Source) -> list[tuple[str, Path]]:
     return files
 
 
+def _split_files(source: Source) -> list[tuple[str, Path]]:
+    """The files of one split of a Hub-style dataset folder, found the way `datasets` finds them: the README's
+    `configs:` data_files when it has them, else the Hub's naming conventions (data/train-00000-of-00001.parquet,
+    train.jsonl, train/..., test*, validation*/dev*, ...). Without this every file of a snapshot would be read,
+    and test or validation examples would leak into training."""
+    datasets = _datasets()
+    p = source.path
+    try:
+        found = {str(k): [Path(f) for f in v] for k, v in
+                 datasets.load_dataset_builder(str(p)).config.data_files.items()}
+    except Exception:  # noqa: BLE001 - mixed file types or an unusual README: fall back to the naming conventions
+        from datasets.data_files import DataFilesDict, get_data_patterns
+
+        try:
+            found = {str(k): [Path(f) for f in v] for k, v in
+                     DataFilesDict.from_patterns(get_data_patterns(str(p)), base_path=str(p)).items()}
+        except Exception:  # noqa: BLE001 - no recognisable layout at all
+            found = {}
+    if source.split not in found:
+        raise DataError(f"no split {source.split!r} in this dataset (splits found: {sorted(found) or 'none'}); "
+                        "set split to one of them", field=source.uri)
+    files = []
+    for f in sorted(found[source.split]):
+        rel = f.resolve().relative_to(p.resolve())
+        if f.suffix.lower() in SUPPORTED_SUFFIXES and not any(part.startswith((".", "_")) for part in rel.parts):
+            files.append((f"{source.uri.rstrip('/')}/{rel.as_posix()}", f))
+    if not files:
+        raise DataError(f"split {source.split!r} holds no {', '.join(SUPPORTED_SUFFIXES)} files", field=source.uri)
+    return files
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -101,55 +141,106 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_rows(name: str, path: Path, fmt: str):
-    """Returns a datasets.Dataset with the file's own columns."""
-    datasets = _datasets()
-
+def _read_rows(name: str, path: Path, fmt: str, cache_dir: Optional[Path] = None):
+    """The file as a datasets.Dataset with the file's own columns, built by `datasets.load_dataset`: Arrow
+    files written once into `cache_dir` and memory-mapped, so a multi-GB file costs page cache, not Python
+    objects, and other ranks (and re-runs) reuse the cache instead of parsing again. When the builder fails,
+    or infers a column of mixed value types, a streaming pass over the file finds the line and column to name
+    (`_diagnose_json`)."""
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        return _datasets().Dataset.from_dict({})
     try:
-        if suffix == ".jsonl":
-            return _from_rows(name, _jsonl_rows(name, path))
-        if suffix == ".json":
-            try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                # Many ".json" files are really JSON lines.
-                if "Extra data" in exc.msg:
-                    return _from_rows(name, _jsonl_rows(name, path))
-                raise DataError(f"not valid JSON ({exc.msg} at line {exc.lineno})", field=name) from None
-            if isinstance(obj, dict):
-                lists = [v for v in obj.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError("expected a JSON list of objects (or an object holding exactly one such "
-                                    "list)", field=name)
-                obj = lists[0]
-            if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-                raise DataError("expected a JSON list of objects", field=name)
-            return _from_rows(name, obj)
+        if suffix in (".jsonl", ".json"):
+            return _load_json(name, path, cache_dir)
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-            from datasets.table import InMemoryTable
-
-            return datasets.Dataset(InMemoryTable(pq.read_table(path)))
+            return _builder("parquet", path, cache_dir)
         if suffix == ".csv":
-            import pandas as pd
-
-            df = pd.read_csv(path, keep_default_na=False)
-            return datasets.Dataset.from_pandas(df, preserve_index=False)
+            # "NA", "null", "" stay strings, as written: pandas' default would turn them into missing values.
+            return _builder("csv", path, cache_dir, keep_default_na=False)
         if suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
             # format text: one example per line (blank lines skipped); other formats have no columns in a
             # .txt, so the whole file becomes one `text` row and the column check explains what is missing.
-            if fmt == "text":
-                return datasets.Dataset.from_dict({"text": [ln for ln in text.splitlines() if ln.strip()]})
-            return datasets.Dataset.from_dict({"text": [text]})
+            if fmt != "text":
+                return _builder("text", path, cache_dir, sample_by="document")
+            ds = _builder("text", path, cache_dir)
+            return ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True).flatten_indices()
     except DataError:
         raise
-    except UnicodeDecodeError:
-        raise DataError("not UTF-8 text", field=name) from None
-    except Exception as exc:  # pyarrow/pandas parse errors: the file is malformed
-        raise DataError(f"cannot read {suffix} file: {exc}", field=name) from None
+    except Exception as exc:  # builder/pyarrow/pandas parse errors: the file is malformed
+        if _caused_by(exc, UnicodeDecodeError):
+            raise DataError("not UTF-8 text", field=name) from None
+        raise DataError(f"cannot read {suffix} file: {_root_message(exc)}", field=name) from None
     raise DataError(f"unsupported file type {suffix}", field=name)
+
+
+def _builder(kind: str, path: Path, cache_dir: Optional[Path], **kwargs):
+    import logging
+
+    datasets = _datasets()
+    # The json builder logs a full error before raising; the DataError raised from here says it better.
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train",
+                                     cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
+    finally:
+        quiet.setLevel(level)
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _root_message(exc: BaseException) -> str:
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _load_json(name: str, path: Path, cache_dir: Optional[Path]):
+    """JSON lines (.jsonl, and .json files that are really JSON lines), a JSON list of objects, or a JSON
+    object holding exactly one such list."""
+    try:
+        ds = _builder("json", path, cache_dir)
+    except Exception:
+        _diagnose_json(name, path)  # raises the DataError that names the line
+        raise
+    if path.suffix.lower() == ".json" and len(ds) == 1:
+        # One object: the rows are the one list it holds (like {"data": [...]}).
+        lists = [c for c, f in ds.features.items()
+                 if isinstance(f, list) or type(f).__name__ in ("List", "LargeList", "Sequence")]
+        if len(lists) != 1:
+            raise DataError("expected a JSON list of objects (or an object holding exactly one such list)", field=name)
+        ds = _builder("json", path, cache_dir, field=lists[0])
+    if not _first_line_is_object(path) and path.suffix.lower() == ".jsonl":
+        _diagnose_json(name, path)
+    # datasets gives a column whose rows hold different JSON types the catch-all Json feature. Different
+    # nested shapes (messages with and without tool calls) are fine; a column that is a string in one row and a
+    # number in another is a mistake to name.
+    if any(type(f).__name__ == "Json" for f in ds.features.values()):
+        _diagnose_json(name, path)
+    return ds
+
+
+def _first_line_is_object(path: Path) -> bool:
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith(b"{") and _is_json_object(line)
+    return False
+
+
+def _is_json_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _kind(v: Any) -> str:
@@ -160,36 +251,58 @@ def _kind(v: Any) -> str:
     return {str: "string", list: "list", dict: "object"}.get(type(v), type(v).__name__)
 
 
-def _from_rows(name: str, rows: list[dict]):
-    """Dataset.from_list, after checking that no column mixes value types: Arrow would refuse the file with
-    "Expected bytes, got a 'int' object", which names neither the column nor the row."""
-    first: dict[str, tuple[str, int]] = {}
-    for i, row in enumerate(rows, 1):
-        for col, v in row.items():
-            if v is None:
-                continue
-            kind = _kind(v)
-            seen = first.setdefault(col, (kind, i))
-            if seen[0] != kind:
-                raise DataError(f"column '{col}' mixes value types: {seen[0]} in row {seen[1]}, {kind} in row {i}",
-                                field=name)
-    return _datasets().Dataset.from_list(rows)
+def _check_kinds(first: dict, row: dict, i: int, name: str) -> None:
+    """Arrow cannot hold a column that mixes value types ("Expected bytes, got a 'int' object" names neither
+    the column nor the row): name both."""
+    for col, v in row.items():
+        if v is None:
+            continue
+        kind = _kind(v)
+        seen = first.setdefault(col, (kind, i))
+        if seen[0] != kind:
+            raise DataError(f"column '{col}' mixes value types: {seen[0]} in row {seen[1]}, {kind} in row {i}",
+                            field=name)
 
 
-def _jsonl_rows(name: str, path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _diagnose_json(name: str, path: Path) -> None:
+    """Find what makes a JSON file unusable, and raise a DataError naming the line (JSON lines, read one line at
+    a time: constant memory) or the structure (a single JSON document). Returns when nothing is wrong."""
+    try:
+        if path.suffix.lower() == ".json":
             try:
-                row = json.loads(line)
+                obj = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
-                raise DataError(f"line {i} is not valid JSON ({exc.msg})", field=name) from None
-            if not isinstance(row, dict):
-                raise DataError(f"line {i} is a JSON {type(row).__name__}, expected an object", field=name)
-            rows.append(row)
-    return rows
+                if "Extra data" not in exc.msg:  # "Extra data": many ".json" files are really JSON lines
+                    raise DataError(f"not valid JSON ({exc.msg} at line {exc.lineno})", field=name) from None
+            else:
+                if isinstance(obj, dict):
+                    lists = [v for v in obj.values() if isinstance(v, list)]
+                    if len(lists) != 1:
+                        raise DataError("expected a JSON list of objects (or an object holding exactly one such "
+                                        "list)", field=name)
+                    obj = lists[0]
+                if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+                    raise DataError("expected a JSON list of objects", field=name)
+                first: dict = {}
+                for i, row in enumerate(obj, 1):
+                    _check_kinds(first, row, i, name)
+                return
+        first = {}
+        rows = 0
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"line {i} is not valid JSON ({exc.msg})", field=name) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"line {i} is a JSON {type(row).__name__}, expected an object", field=name)
+                rows += 1
+                _check_kinds(first, row, rows, name)
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", field=name) from None
 
 
 # ------------------------------------------------------------------------------------------------ columns
@@ -238,7 +351,9 @@ def _check_values(ds, name: str, fmt: str):
     for col in required:
         nulls = ds.data.column(col).null_count
         if nulls:
-            first = next(i for i, v in enumerate(ds[col]) if v is None)
+            import pyarrow.compute as pc
+
+            first = pc.index(pc.is_null(ds.data.column(col)), True).as_py()
             raise DataError(f"column '{col}' is empty in {nulls} row(s), first at row {first + 1}", field=name)
     sample = ds.select(range(min(len(ds), _TYPE_CHECK_ROWS)))
     if fmt == "chat" and len(sample) and isinstance(sample[0]["messages"], str):
@@ -279,14 +394,15 @@ def _parse_json_cell(v: Any, name: str):
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_sources(sources: Iterable[Source], fmt: str, columns: Optional[ColumnMapping] = None,
-                 what: str = "spec.dataset.train"):
-    """Load, check and concatenate every file of every source. Returns (dataset, file records)."""
+                 what: str = "spec.dataset.train", cache_dir: Optional[Path] = None):
+    """Load, check and concatenate every file of every source. Returns (dataset, file records).
+    cache_dir: where datasets writes its Arrow files (None: datasets' default, HF_DATASETS_CACHE)."""
     datasets = _datasets()
 
     parts, records, names = [], [], []
     for src in sources:
         for name, path in list_files(src):
-            ds = _read_rows(name, path, fmt)
+            ds = _read_rows(name, path, fmt, cache_dir)
             rec = {"uri": name, "sha256": file_digest(path), "bytes": path.stat().st_size, "rows": len(ds)}
             records.append(rec)
             if len(ds) == 0:
@@ -317,14 +433,17 @@ def load_sources(sources: Iterable[Source], fmt: str, columns: Optional[ColumnMa
 
 
 def prepare(spec: DatasetSpec, train: list[Source], eval_sources: Optional[list[Source]] = None,
-            seed: int = 42) -> PreparedData:
-    """The datasets a stage trains and evaluates on (see the module docstring for the order)."""
+            seed: int = 42, cache_dir: Optional[Path] = None) -> PreparedData:
+    """The datasets a stage trains and evaluates on (see the module docstring for the order).
+
+    In a multi-process run call it on the node's first process first (distributed.local_main_first): the
+    others then find every Arrow file, including the shuffled copy, in cache_dir and only memory-map it."""
     fmt = spec.format
-    train_ds, train_files = load_sources(train, fmt, spec.columns, "spec.dataset.train")
+    train_ds, train_files = load_sources(train, fmt, spec.columns, "spec.dataset.train", cache_dir)
     train_ds = train_ds.shuffle(seed=seed).flatten_indices()
     eval_ds, eval_files, eval_source = None, [], "none"
     if eval_sources:
-        eval_ds, eval_files = load_sources(eval_sources, fmt, spec.columns, "spec.dataset.eval")
+        eval_ds, eval_files = load_sources(eval_sources, fmt, spec.columns, "spec.dataset.eval", cache_dir)
         eval_source = "eval"
         if spec.max_samples:
             train_ds = train_ds.select(range(min(len(train_ds), spec.max_samples)))
@@ -347,8 +466,9 @@ def prepare(spec: DatasetSpec, train: list[Source], eval_sources: Optional[list[
                         eval_source=eval_source)
 
 
-def load_reference_texts(sources: list[Source], max_samples: int, seed: int = 42) -> tuple[list[str], list[dict]]:
+def load_reference_texts(sources: list[Source], max_samples: int, seed: int = 42,
+                         cache_dir: Optional[Path] = None) -> tuple[list[str], list[dict]]:
     """General-domain text for the forgetting check (format text). Returns (texts, file records)."""
-    ds, records = load_sources(sources, "text", None, "spec.evaluation.reference")
+    ds, records = load_sources(sources, "text", None, "spec.evaluation.reference", cache_dir)
     ds = ds.shuffle(seed=seed)
     return list(ds.select(range(min(len(ds), max_samples)))["text"]), records

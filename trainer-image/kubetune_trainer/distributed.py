@@ -109,6 +109,26 @@ def barrier() -> None:
     dist.barrier()
 
 
+@contextlib.contextmanager
+def local_main_first(spec=None):
+    """The body runs on this node's first process, then on the others: the pattern of accelerate's
+    PartialState.local_main_process_first, for work whose result the others reuse from the node's disk
+    (datasets' Arrow cache). Unlike accelerate's version the first process reaches the barrier even when the body
+    raises (a DataError in the user's file): the others then run the body, hit the same error and report it,
+    instead of hanging in the barrier until the collective timeout."""
+    if not init_process_group(spec):
+        yield
+        return
+    first = is_local_main_process()
+    if not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if first:
+            barrier()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (one tiny all-reduce; no-op when single-process).
 

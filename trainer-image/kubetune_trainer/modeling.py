@@ -121,8 +121,13 @@ def _load_error(exc: Exception, uri: str, spec: FineTuneJobSpec) -> ConfigError:
 
 
 def load_tokenizer(path: Path, spec: FineTuneJobSpec, *, uri: Optional[str] = None, field: str = SOURCE_FIELD):
-    """AutoTokenizer from the model folder (or spec.model.tokenizer's). Models without a pad token get their
-    eos token as pad: batching needs one, and adding a new token would change the embedding matrix."""
+    """AutoTokenizer from the model folder (or spec.model.tokenizer's).
+
+    Batching needs a pad token. A tokenizer without one gets an existing token, never a new one (a new token
+    would resize the embedding matrix, which an adapter cannot carry): its unk token when it has one distinct
+    from EOS, else EOS itself. Padding with EOS is safe here because every collator kubetune uses masks the
+    padding it adds by position, not by token id, so the real EOS at the end of a document or assistant turn
+    keeps its label and the model learns to stop (tests/trainer/test_eos.py)."""
     from transformers import AutoTokenizer
 
     try:
@@ -133,8 +138,10 @@ def load_tokenizer(path: Path, spec: FineTuneJobSpec, *, uri: Optional[str] = No
     if tok.pad_token is None:
         if tok.eos_token is None and tok.unk_token is None:
             raise ConfigError("the tokenizer has no pad, eos or unk token to pad batches with", field=field)
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-        log.info("tokenizer has no pad token; using %r", tok.pad_token)
+        distinct_unk = tok.unk_token is not None and tok.unk_token != tok.eos_token
+        tok.pad_token = tok.unk_token if distinct_unk or tok.eos_token is None else tok.eos_token
+        log.info("tokenizer has no pad token; padding with %r (padding is masked by position, so EOS labels stay)",
+                 tok.pad_token)
     return tok
 
 

@@ -81,9 +81,9 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     endpoint = spec.output.endpoint
     cache = settings.cache_dir
 
-    def fetch(uri: str, field: str) -> Source:
+    def fetch(uri: str, field: str, split: Optional[str] = None) -> Source:
         try:
-            return Source(uri, storage.fetch(uri, cache, endpoint=endpoint))
+            return Source(uri, storage.fetch(uri, cache, endpoint=endpoint), split=split)
         except TrainerError as exc:
             raise type(exc)(exc.message, field=field) from None
 
@@ -91,11 +91,12 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     tok_path = model_path
     if spec.model.tokenizer:
         tok_path = fetch(spec.model.tokenizer, "spec.model.tokenizer").path
-    train = [fetch(s.uri, f"spec.dataset.train[{i}].uri") for i, s in enumerate(spec.dataset.train)]
-    evals = [fetch(s.uri, f"spec.dataset.eval[{i}].uri") for i, s in enumerate(spec.dataset.eval)] \
+    train = [fetch(s.uri, f"spec.dataset.train[{i}].uri", s.split) for i, s in enumerate(spec.dataset.train)]
+    evals = [fetch(s.uri, f"spec.dataset.eval[{i}].uri", s.split) for i, s in enumerate(spec.dataset.eval)] \
         if spec.dataset.eval else None
     ref = spec.evaluation.reference if spec.evaluation else None
-    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri") for i, s in enumerate(ref)] if ref else None
+    reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri", s.split)
+                 for i, s in enumerate(ref)] if ref else None
     return _Fetched(model_path, tok_path, train, evals, reference)
 
 
@@ -126,9 +127,9 @@ def _final_metrics(trainer, train_output, eval_metrics: dict, stage: str) -> dic
         out["last_loss"] = losses[-1]
     if "eval_loss" in eval_metrics:
         out["eval_loss"] = eval_metrics["eval_loss"]
-        if stage in LM_LOSS_STAGES:
-            loss = eval_metrics["eval_loss"]
-            out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    if stage in LM_LOSS_STAGES and "eval_perplexity" in eval_metrics:
+        # Token-weighted (monitoring/token_perplexity.py), not exp(eval_loss), a mean of per-batch means.
+        out["perplexity"] = eval_metrics["eval_perplexity"]
     first_eval = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
     if first_eval is not None:
         out["first_eval_loss"] = first_eval
@@ -255,7 +256,12 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     digest_future = hasher.submit(artifacts.model_digest, fetched.model_path) if is_main else None
     hasher.shutdown(wait=False)
 
-    prepared = data.prepare(spec.dataset, fetched.train, fetched.eval, seed=spec.training.seed)
+    # The node's first process parses the files into Arrow files in the node cache; the other ranks then
+    # memory-map them (one parse per node, and host memory that does not grow with the number of ranks).
+    data_cache = settings.cache_dir / "datasets"
+    with distributed.local_main_first(spec):
+        prepared = data.prepare(spec.dataset, fetched.train, fetched.eval, seed=spec.training.seed,
+                                cache_dir=data_cache)
     record.train_files, record.eval_files, record.eval_source = prepared.train_files, prepared.eval_files, \
         prepared.eval_source
     record.train_examples = len(prepared.train)
@@ -275,8 +281,9 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     ref_texts = None
     before = None
     if fetched.reference:
-        ref_texts, record.reference_files = data.load_reference_texts(
-            fetched.reference, ev.reference_max_samples, seed=spec.training.seed)
+        with distributed.local_main_first(spec):
+            ref_texts, record.reference_files = data.load_reference_texts(
+                fetched.reference, ev.reference_max_samples, seed=spec.training.seed, cache_dir=data_cache)
         if zero3_load is not None:
             # The loaded model is partitioned (it runs only inside the DeepSpeed engine): rank 0 measures an
             # unpartitioned copy, as it measures the saved model after training.
@@ -342,6 +349,9 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
         done = last is not None and last.get("step") == trainer.state.global_step
         eval_metrics = last if done else trainer.evaluate()
     record.metrics = _final_metrics(trainer, train_output, eval_metrics, spec.stage)
+    # The stage's headline figure (reward accuracy/margin, mean reward/KL) for the manifest and the model card.
+    for name, value in monitor.headline().items():
+        record.metrics.setdefault(name, value)
     record.early_stopped = bool(monitor.early_stopped)
 
     # ---- the trained weights, locally (every rank: ZeRO-3 gathers partitioned weights collectively)

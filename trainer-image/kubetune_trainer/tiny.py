@@ -150,6 +150,9 @@ def build_model(dest: str | Path, *, hidden_size: int = 64, num_layers: int = 2,
         _pretrain(model, tokenizer, pretrain_steps, seed)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest)
+    # Pre-training called the tokenizer with truncation: do not ship that state in tokenizer.json.
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
     tokenizer.save_pretrained(dest)
     return dest
 

@@ -19,7 +19,20 @@ class Progress(Model):
     epoch: Optional[float] = Field(None, description="Epochs done (fractional).")
     loss: Optional[float] = Field(None, description="Latest train loss.")
     eval_loss: Optional[float] = Field(None, description="Latest eval loss.")
-    perplexity: Optional[float] = Field(None, description="Latest eval perplexity (exp of eval loss).")
+    perplexity: Optional[float] = Field(
+        None, description="Latest eval perplexity, token-weighted: exp(total NLL / tokens). Stages cpt and sft only "
+        "(other stages' losses are not language-model losses).")
+    reward_accuracy: Optional[float] = Field(
+        None, description="dpo/orpo: fraction of eval pairs whose chosen answer gets the higher implicit reward; "
+        "reward: pairwise accuracy of the reward model on eval pairs (training batches until an evaluation ran).")
+    reward_margin: Optional[float] = Field(
+        None, description="dpo/orpo/kto: mean chosen-minus-rejected implicit reward; reward: mean score margin "
+        "(eval, else training batches).")
+    mean_reward: Optional[float] = Field(None, description="grpo/rloo/ppo: mean reward of the latest rollouts.")
+    kl: Optional[float] = Field(None, description="grpo/rloo/ppo: KL divergence of the policy from the reference.")
+    metric: Optional[str] = Field(
+        None, description="The stage's headline figure, shown in `kubectl get` (METRIC): ppl for cpt/sft, acc and "
+        "margin for dpo/orpo/reward, margin for kto, reward and kl for grpo/rloo/ppo.")
     learning_rate: Optional[float] = Field(None, description="Latest learning rate.")
     tokens_per_second: Optional[float] = Field(None, description="Training throughput.")
     eta_seconds: Optional[int] = Field(None, description="Estimated seconds to completion.")

@@ -112,3 +112,28 @@ def test_every_counted_handler_is_exported_from_the_start():
     text = generate_latest(OperatorMetrics().registry).decode()
     for handler in RECONCILE_HANDLERS:
         assert f'kubetune_operator_reconcile_errors_total{{handler="{handler}"}} 0.0' in text
+
+
+def test_per_job_headline_series_follow_each_stages_status():
+    """A dpo job exports its reward accuracy and margin, a grpo job its mean reward and KL; neither a
+    perplexity (the trainer reports none for them), and both series go with the FineTuneJob."""
+    m = OperatorMetrics(CollectorRegistry())
+    m.observe_job(ftj("pref", uid="p", status={"phase": Phase.RUNNING, "progress": {
+        "step": 5, "totalSteps": 10, "evalLoss": 0.4, "rewardAccuracy": 0.8, "rewardMargin": 1.5,
+        "metric": "acc 0.80 margin 1.5"}}))
+    m.observe_job(ftj("rl", uid="r", status={"phase": Phase.RUNNING, "progress": {
+        "step": 5, "totalSteps": 10, "meanReward": 0.42, "kl": 0.013, "metric": "reward 0.42 kl 0.013"}}))
+    pref, rl = {"namespace": NS, "finetunejob": "pref"}, {"namespace": NS, "finetunejob": "rl"}
+    assert value(m, "kubetune_job_reward_accuracy", **pref) == 0.8
+    assert value(m, "kubetune_job_reward_margin", **pref) == 1.5
+    assert value(m, "kubetune_job_mean_reward", **rl) == 0.42
+    assert value(m, "kubetune_job_policy_kl", **rl) == 0.013
+    for job in (pref, rl):
+        assert value(m, "kubetune_job_eval_perplexity", **job) is None
+    assert value(m, "kubetune_job_mean_reward", **pref) is None
+    m.forget_job(NS, "pref")
+    m.forget_job(NS, "rl")
+    for name in ("kubetune_job_reward_accuracy", "kubetune_job_reward_margin"):
+        assert value(m, name, **pref) is None, name
+    for name in ("kubetune_job_mean_reward", "kubetune_job_policy_kl"):
+        assert value(m, name, **rl) is None, name

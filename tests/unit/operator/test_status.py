@@ -297,3 +297,13 @@ def test_crash_summary_of_a_trainer_report_names_the_field():
                         field="spec.model.source").to_termination_message()
     text = S.crash_summary(pod(phase="Failed", exit_code=ExitCode.CONFIG_ERROR, message=msg))
     assert text == "InvalidConfig: model not found (field spec.model.source)"
+
+
+def test_progress_dict_carries_the_stages_headline():
+    from kubetune_api.finetunejob import Progress
+    from kubetune_operator.status import progress_dict
+
+    data = progress_dict(Progress(step=3, total_steps=10, reward_accuracy=0.812345, reward_margin=1.23456,
+                                  metric="acc 0.81 margin 1.23"))
+    assert data["rewardAccuracy"] == 0.8123 and data["rewardMargin"] == 1.235
+    assert data["metric"] == "acc 0.81 margin 1.23" and "perplexity" not in data

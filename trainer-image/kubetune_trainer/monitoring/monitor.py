@@ -36,6 +36,7 @@ from ..control.nan_guard import diverged_error, install_nan_guard
 from ..errors import TrainerError
 from .eta import EtaEstimator
 from .exporter import TrainerExporter
+from .headline import Headline
 from .jsonl import MetricsLog
 from .server import ProgressServer
 
@@ -56,10 +57,6 @@ def _finite(x: Any) -> Optional[float]:
 
 def _rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
 
 
 class RunMonitor:
@@ -85,7 +82,8 @@ class RunMonitor:
         self._epoch: Optional[float] = None
         self._loss: Optional[float] = None
         self._eval_loss: Optional[float] = None
-        self._perplexity_value: Optional[float] = None
+        # The stage's own figure (perplexity only for cpt/sft, reward accuracy, mean reward ...): headline.py.
+        self._headline = Headline(str(spec.stage))
         self._lr: Optional[float] = None
         self._tps: Optional[float] = None
         self._last_progress = time.time()
@@ -178,8 +176,8 @@ class RunMonitor:
                 self._loss = _finite(entry["loss"])
             if "eval_loss" in entry and _finite(entry["eval_loss"]) is not None:
                 self._eval_loss = float(entry["eval_loss"])
-                self._perplexity_value = _perplexity(self._eval_loss)
                 self._early_stopping.update(self._eval_loss)
+            self._headline.update(entry)
         self._write({"event": "train_begin", "step": state.global_step, "total_steps": self._total})
 
     def _on_log(self, state, logs: dict) -> None:
@@ -201,9 +199,10 @@ class RunMonitor:
         is_eval = any(k.startswith("eval_") for k in values)
         if "eval_loss" in values:
             self._eval_loss = float(values["eval_loss"])
-            self._perplexity_value = _perplexity(self._eval_loss)
-            self._set("kubetune_eval_perplexity", self._perplexity_value)
-            values["perplexity"] = self._perplexity_value
+        changed = self._headline.update(values)
+        if "perplexity" in changed:  # cpt/sft only: exp(eval_loss) of a preference loss is no perplexity
+            self._set("kubetune_eval_perplexity", changed["perplexity"])
+            values["perplexity"] = changed["perplexity"]
         summary = "train_loss" in values  # the end-of-training summary HF logs once
         if not is_eval and not summary:
             self._log_throughput(state, values, now)
@@ -292,6 +291,10 @@ class RunMonitor:
         self._set("kubetune_checkpoint_last_timestamp_seconds", now)
         self._write({"event": "checkpoint", "step": self._step, "uri": uri})
 
+    def headline(self) -> dict[str, float]:
+        """The stage's headline values so far (perplexity, reward_accuracy, reward_margin, mean_reward, kl)."""
+        return dict(self._headline.values)
+
     def _eta(self) -> Optional[int]:
         return self._eta_estimator.eta(self._total, self._step, self._last_progress)
 
@@ -306,7 +309,8 @@ class RunMonitor:
             summary = str(step)
         progress = Progress(
             step=step, total_steps=total, summary=summary, epoch=self._epoch, loss=_finite(self._loss),
-            eval_loss=_finite(self._eval_loss), perplexity=_finite(self._perplexity_value), learning_rate=self._lr,
+            eval_loss=_finite(self._eval_loss), learning_rate=self._lr, metric=self._headline.summary(),
+            **{name: _finite(v) for name, v in self._headline.values.items()},
             tokens_per_second=_finite(self._tps), eta_seconds=self._eta() if state == "running" else None,
             last_progress_time=_rfc3339(self._last_progress),
         )

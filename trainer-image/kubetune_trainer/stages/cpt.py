@@ -9,12 +9,18 @@ Documents may share a block (attention crosses the EOS boundary), which is the s
 trade-off: no padding, every token trains.
 
 Without `training.packing` each document is its own row, truncated to maxLength and padded per batch.
+
+Every document ends with EOS and that EOS is a training target, so the model learns where documents end.
+transformers' DataCollatorForLanguageModeling would mask every position holding the pad id, and for a tokenizer
+whose pad token is its EOS (modeling.load_tokenizer's fallback) that silently drops every EOS label; TRL's
+collator used here masks only the padding it adds (labels padded with -100).
 """
 
 from __future__ import annotations
 
 from .. import adapters
 from ..errors import DataError
+from ..monitoring import token_perplexity
 from . import register
 from .base import Stage, StageContext
 
@@ -48,12 +54,20 @@ def tokenize_texts(dataset, tokenizer, max_length: int, packing: bool):
     return tokenized.map(pack, batched=True, batch_size=1000)
 
 
+def collator(tokenizer):
+    """Labels = input_ids (the model shifts them); only the padding the collator adds becomes -100, never a
+    real token that happens to share the pad id (EOS, when the tokenizer pads with it)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+
+
 @register
 class CPTStage(Stage):
     name = "cpt"
 
     def build_trainer(self, ctx: StageContext):
-        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+        from transformers import Trainer, TrainingArguments
 
         t = ctx.spec.training
         train = tokenize_texts(ctx.train_dataset, ctx.tokenizer, t.max_length, t.packing)
@@ -61,13 +75,14 @@ class CPTStage(Stage):
             raise DataError("the training text tokenizes to nothing", field="spec.dataset.train")
         evald = tokenize_texts(ctx.eval_dataset, ctx.tokenizer, t.max_length, t.packing) \
             if ctx.eval_dataset is not None and len(ctx.eval_dataset) else None
-        return Trainer(
+        trainer = Trainer(
             model=adapters.wrap(ctx.model, ctx.peft_config),
             args=TrainingArguments(**ctx.training_args),
             train_dataset=train,
             eval_dataset=evald,
-            # mlm=False: causal LM labels = input_ids (the model shifts them); padding is masked to -100.
-            data_collator=DataCollatorForLanguageModeling(ctx.tokenizer, mlm=False),
+            data_collator=collator(ctx.tokenizer),
             processing_class=ctx.tokenizer,
             callbacks=list(ctx.callbacks),
         )
+        token_perplexity.install(trainer)
+        return trainer

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ConfigError
+from ..monitoring import token_perplexity
 from . import register
 from .base import Stage, StageContext
 
@@ -61,8 +62,10 @@ class SFTStage(Stage):
             extra["completion_only_loss"] = True
         else:
             extra["completion_only_loss"] = False
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=ctx.model,
             args=SFTConfig(**ctx.training_args, **extra),
             **ctx.trainer_kwargs(),
         )
+        token_perplexity.install(trainer)  # eval_perplexity over the answer tokens the loss covers
+        return trainer

@@ -29,7 +29,8 @@ from kubetune_api.report import TrainerReport
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
-from .render import TEMPLATE_HASH_ANNOTATION, child_names, render_children, template_hash
+from .render import (TEMPLATE_HASH_ANNOTATION, child_names, iter_children, render_children, spec_field_of,
+                     template_hash)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 
@@ -42,6 +43,46 @@ class ChildConflict(Exception):
     def __init__(self, message: str, delay: float):
         super().__init__(message)
         self.delay = delay
+
+
+class ChildRejected(Exception):
+    """The API server refused a rendered child (400/413/422): the spec can never produce a valid object, so
+    this ends the FineTuneJob (Failed) instead of being retried. `field` is the FineTuneJob field at fault."""
+
+    def __init__(self, reason: str, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.reason = reason
+        self.field = field
+        self.message = message
+
+
+CONFIG_MAP_MAX_BYTES = 1024 * 1024  # what the API server stores in one ConfigMap
+
+
+def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
+    """Translate the API server's refusal of `child` into the FineTuneJob's own words: each cause's field
+    mapped back to the spec field that produced it (render.spec_field_of), its message kept."""
+    kind, name = child["kind"], child["metadata"]["name"]
+    if kind == "ConfigMap":
+        size = sum(len(v.encode()) for v in (child.get("data") or {}).values())
+        return ChildRejected(Reason.INVALID_CONFIG, "spec",
+                             f"the resolved spec is {size} bytes, more than a ConfigMap holds "
+                             f"({CONFIG_MAP_MAX_BYTES} bytes): shrink the largest values (reward params, "
+                             f"affinity, pod annotations); the API server said: {_short(exc.message, 300)}")
+    parts: list[tuple[str, str]] = []
+    for cause in exc.causes:
+        where = spec_field_of(job, child, cause.get("field") or "")
+        parts.append((where, (cause.get("message") or cause.get("reason") or "").strip()))
+    if not parts:
+        parts = [("spec.resources", exc.message)]
+    first = parts[0][0]
+    text = "; ".join(f"{f}: {m}" for f, m in parts)
+    return ChildRejected(Reason.INVALID_POD_TEMPLATE, first,
+                         f"{text} (the API server refused the {kind} {name} rendered from this spec)")
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ChildLookup(Protocol):
@@ -87,7 +128,7 @@ def ftj_path(namespace: str, name: str) -> str:
 # ------------------------------------------------------------------------------------------------ results
 @dataclass
 class Result:
-    state: str  # gone | terminal | invalid | conflict | waiting | ok
+    state: str  # gone | terminal | invalid | rejected | conflict | waiting | ok
     message: str = ""
     delay: float = 0.0
     status: dict = field(default_factory=dict)
@@ -200,6 +241,10 @@ class Reconciler:
                 if ensure_all:
                     await self._ensure_children(ftj, job_model, create_job=False)
                 job = await self._align_job(st, ftj, job_model, job)
+        except ChildRejected as exc:
+            log.info("%s/%s cannot run: %s", namespace, name, exc)
+            await self._write(st, ftj, S.invalid_spec_status(ftj, str(exc), now=self.now(), reason=exc.reason))
+            return Result("rejected", message=str(exc), status=st.status)
         except ChildConflict as exc:
             gen = ftj["metadata"].get("generation")
             conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, Reason.CHILD_CONFLICT,
@@ -216,11 +261,16 @@ class Reconciler:
     async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, *, create_job: bool) -> tuple[dict, bool]:
         children = render_children(job_model, ftj, self.settings)
         uid = ftj["metadata"]["uid"]
+        if create_job:
+            # A server-side dry run of every child first: a spec the API server refuses (a label, toleration or
+            # quantity core/v1 does not accept, a config too large) fails before anything is created.
+            for child in iter_children(children):
+                await self._dry_run(job_model, child)
         # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
         # config it started with.
-        await self._ensure(children.config_map, uid, update_data=create_job)
+        await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
         if children.service is not None:
-            await self._ensure(children.service, uid)
+            await self._ensure(children.service, uid, job_model=job_model)
         elif create_job:
             await self._delete_if_ours(
                 {"apiVersion": "v1", "kind": "Service",
@@ -228,14 +278,26 @@ class Reconciler:
                               "namespace": job_model.metadata.namespace}}, uid)
         if not create_job:
             return {}, False
-        return await self._ensure(children.job, uid)
+        return await self._ensure(children.job, uid, job_model=job_model)
 
-    async def _ensure(self, obj: dict, owner_uid: str, update_data: bool = False) -> tuple[dict, bool]:
+    async def _dry_run(self, job_model: FineTuneJob, child: dict) -> None:
+        try:
+            await self.api.create(child, dry_run=True)
+        except ApiError as exc:
+            if exc.invalid:
+                raise rejection(job_model, child, exc) from None
+            if not exc.conflict:  # exists already: _ensure decides whether it is ours
+                raise
+
+    async def _ensure(self, obj: dict, owner_uid: str, update_data: bool = False,
+                      job_model: Optional[FineTuneJob] = None) -> tuple[dict, bool]:
         """(object, created). See the module docstring for what an existing object means."""
         kind, name = obj["kind"], obj["metadata"]["name"]
         try:
             return await self.api.create(obj), True
         except ApiError as exc:
+            if exc.invalid and job_model is not None:
+                raise rejection(job_model, obj, exc) from None
             if not exc.conflict:
                 raise
         existing = await self.api.get(object_path(obj))
@@ -252,7 +314,12 @@ class Reconciler:
             owner = owner_uid
         if owner == owner_uid:
             if update_data and "data" in obj and existing.get("data") != obj["data"]:
-                existing = await self.api.merge_patch(object_path(obj), {"data": obj["data"]}) or existing
+                try:
+                    existing = await self.api.merge_patch(object_path(obj), {"data": obj["data"]}) or existing
+                except ApiError as exc:
+                    if exc.invalid and job_model is not None:
+                        raise rejection(job_model, obj, exc) from None
+                    raise
             return existing, False
         if owner is not None:
             raise ChildConflict(f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {owner}), "

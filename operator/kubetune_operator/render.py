@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -468,3 +469,96 @@ def iter_children(children: Children) -> Iterable[dict]:
     if children.service is not None:
         yield children.service
     yield children.job
+
+
+# ------------------------------------------------------------------------------------------------ field origin
+_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[([^\]]*)\]")
+
+# Where the rendered pod spec takes each user-controlled field from (pod-spec key -> FineTuneJob field).
+_POD_SPEC_ORIGIN = {
+    "nodeSelector": "spec.resources.nodeSelector",
+    "tolerations": "spec.resources.tolerations",
+    "affinity": "spec.resources.affinity",
+    "priorityClassName": "spec.resources.priorityClassName",
+    "serviceAccountName": "spec.resources.serviceAccountName",
+    "subdomain": "metadata.name",
+}
+_JOB_SPEC_ORIGIN = {"backoffLimit": "spec.retryLimit", "activeDeadlineSeconds": "spec.activeDeadlineSeconds",
+                    "completions": "spec.resources.nodes", "parallelism": "spec.resources.nodes"}
+
+
+def _path_tokens(path: str) -> list[str]:
+    """`spec.template.spec.containers[0].resources.requests[nvidia.com/g pu]` ->
+    ['spec', 'template', 'spec', 'containers', '0', 'resources', 'requests', 'nvidia.com/g pu']"""
+    return [a or b for a, b in _PATH_TOKEN.findall(path or "")]
+
+
+def _at(obj: Any, tokens: list[str]) -> Any:
+    for t in tokens:
+        if isinstance(obj, list) and t.isdigit() and int(t) < len(obj):
+            obj = obj[int(t)]
+        elif isinstance(obj, dict) and t in obj:
+            obj = obj[t]
+        else:
+            return None
+    return obj
+
+
+def _rest(tokens: list[str]) -> str:
+    return "".join(f"[{t}]" if t.isdigit() else f".{t}" for t in tokens)
+
+
+def spec_field_of(job: FineTuneJob, child: dict, path: str) -> str:
+    """The FineTuneJob field that produced `path` of a rendered child, where the API server found a problem
+    (the `field` of a metav1.Status cause). Falls back to `spec` when the path is not user-controlled."""
+    t = _path_tokens(path)
+    kind = child.get("kind")
+    if t[:1] == ["metadata"]:
+        return "metadata.name"
+    if kind == "ConfigMap":
+        return "spec"  # the whole resolved spec is the ConfigMap's one key
+    if kind == "Service":
+        return "metadata.name"
+    if t[:2] != ["spec", "template"]:
+        return _JOB_SPEC_ORIGIN.get(t[1], "spec") if len(t) > 1 else "spec"
+    pod = t[2:]
+    if pod[:2] == ["metadata", "labels"]:
+        return "spec.resources.podLabels" + _rest(pod[2:])
+    if pod[:2] == ["metadata", "annotations"]:
+        return "spec.resources.podAnnotations" + _rest(pod[2:])
+    if pod[:1] != ["spec"] or len(pod) < 2:
+        return "spec.resources"
+    key, rest = pod[1], pod[2:]
+    if key in _POD_SPEC_ORIGIN:
+        return _POD_SPEC_ORIGIN[key] + _rest(rest)
+    if key == "volumes" and rest and rest[0].isdigit():
+        volume = _at(child, t[:5]) or {}
+        if "emptyDir" in volume and volume.get("name") == "dshm":
+            return "spec.resources.sharedMemory"
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        for field, uri, _ in spec_uri_fields(job.spec):
+            if claim and pvc_claim(uri) == claim:
+                return field
+        return "spec.resources"
+    if key == "containers" and len(rest) >= 2:
+        sub = rest[1]
+        if sub == "image":
+            return "spec.resources.image"
+        if sub == "resources" and len(rest) >= 4:
+            resource = rest[3]
+            return {"cpu": "spec.resources.cpu", "memory": "spec.resources.memory"}.get(
+                resource, "spec.resources.gpuResourceName")
+        if sub == "env" and len(rest) >= 3:
+            env = _at(child, t[:4] + rest[:3]) or {}
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is not None:
+                leaf = rest[-1] if rest[-1] in ("name", "key") else "name"
+                if leaf == "name":
+                    return "spec.output.credentials.secretName"
+                return ("spec.output.credentials.accessKeyIdKey" if env.get("name") == "AWS_ACCESS_KEY_ID"
+                        else "spec.output.credentials.secretAccessKeyKey")
+            if env.get("name") in ("AWS_ENDPOINT_URL",):
+                return "spec.output.endpoint"
+            if env.get("name") in ("AWS_REGION",):
+                return "spec.output.region"
+    return "spec.resources"

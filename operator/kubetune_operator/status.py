@@ -31,7 +31,8 @@ OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "compl
                 "restartCount", "progress", "forgetting", "artifacts", "message")
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
-                   Reason.CHILD_CONFLICT}
+                   Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
+                   Reason.TRUST_REMOTE_CODE}
 MESSAGE_MAX = 2048
 
 
@@ -497,13 +498,14 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
     return out
 
 
-def invalid_spec_status(ftj: dict, message: str, now: Optional[str] = None) -> dict:
-    """Status of a FineTuneJob whose spec cannot run (nothing is created for it)."""
+def invalid_spec_status(ftj: dict, message: str, now: Optional[str] = None, reason: str = Reason.INVALID_SPEC) -> dict:
+    """Status of a FineTuneJob whose spec cannot run (nothing is created for it): Failed with `reason`
+    (InvalidSpec; InvalidPodTemplate or ConfigTooLarge when the API server refused a rendered child)."""
     now = now or now_rfc3339()
     old = ftj.get("status") or {}
     gen = (ftj.get("metadata") or {}).get("generation")
     out = base_status(old)
-    conds = set_condition(old.get("conditions"), CT.FAILED, True, Reason.INVALID_SPEC, message, gen, now)
+    conds = set_condition(old.get("conditions"), CT.FAILED, True, reason, message, gen, now)
     out.update({"observedGeneration": gen, "conditions": conds, "phase": derive_phase(conds),
                 "completionTime": old.get("completionTime") or now, "message": _short(message, MESSAGE_MAX)})
     return out

@@ -156,6 +156,7 @@ class Reconciler:
         self.lookup = lookup
         self.now = now
         self._states: dict[tuple[str, str], _KeyState] = {}
+        self._events_denied = False  # RBAC without `list` on events: warned once
 
     def _state(self, namespace: str, name: str) -> _KeyState:
         return self._states.setdefault((namespace, name), _KeyState())
@@ -253,9 +254,52 @@ class Reconciler:
                                         "phase": S.derive_phase(conds), "message": str(exc)})
             return Result("conflict", message=str(exc), delay=exc.delay, status=st.status)
 
-        new = S.derive_status(ftj, job, pods, now=self.now())
+        blocked, since = await self._pods_refused(job, pods, job_model)
+        new = S.derive_status(ftj, job, pods, now=self.now(), blocked=blocked)
+        timeout = self.settings.pods_blocked_timeout_seconds
+        waited = S.seconds_between(since, self.now()) if blocked else None
+        if timeout and waited is not None and waited >= timeout:
+            message = f"{S.blocked_message(blocked)} (for {int(waited)} s; the operator gives up after {int(timeout)} s)"
+            new = S.invalid_spec_status(ftj, message, now=self.now(), reason=Reason.PODS_BLOCKED)
+            await self._write(st, ftj, new)
+            # the Job would otherwise start pods whenever the quota frees up, for a job reported Failed
+            await self.api.delete(object_path({**job, "apiVersion": "batch/v1", "kind": "Job"}))
+            return Result("terminal", status=st.status)
         await self._write(st, ftj, new)
         return Result("ok", status=st.status)
+
+    async def _pods_refused(self, job: dict, pods: list[dict], job_model: FineTuneJob) -> tuple[Optional[str], Optional[str]]:
+        """(message, first seen) of the Job controller's latest FailedCreate event while the Job lacks pods:
+        ResourceQuota, a missing PriorityClass or ServiceAccount, a LimitRange... Those live only in the Job's
+        events; the Job's status does not change. (None, None) when pods are not missing or nothing refused them."""
+        meta, spec = job.get("metadata") or {}, job.get("spec") or {}
+        if not meta.get("uid") or meta.get("deletionTimestamp") or spec.get("suspend") or S.job_finished(job):
+            return None, None
+        live = [p for p in S.pods_of_job(pods, job) if not S.pod_is_finished(p)
+                and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        if len(live) >= job_model.spec.resources.nodes:
+            return None, None
+        try:
+            events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
+                                         fieldSelector=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
+        except ApiError as exc:
+            if exc.status == 403 and not self._events_denied:
+                self._events_denied = True
+                log.warning("cannot list events (%s): pods that Kubernetes refuses to create are reported as "
+                            "pending only; grant `list` on events", exc.message)
+            elif exc.status != 403:
+                raise
+            return None, None
+        started = (job.get("status") or {}).get("startTime") or ""  # reset by the Job controller on resume
+
+        def last(e: dict) -> str:
+            return e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp") or ""
+
+        recent = sorted((e for e in events if last(e) >= started), key=last)
+        if not recent:
+            return None, None
+        first = min((e.get("firstTimestamp") or e.get("eventTime") or last(e)) for e in recent)
+        return recent[-1].get("message") or "pod creation failed", first
 
     # -------------------------------------------------------------------------------------------- children
     async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, *, create_job: bool) -> tuple[dict, bool]:

@@ -389,9 +389,29 @@ def _forgetting_condition(conds: list[dict], forgetting: Optional[dict], gen, no
     return set_condition(conds, CT.FORGETTING_EXCEEDED, False, Reason.WITHIN_THRESHOLD, detail, gen, now)
 
 
-def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None) -> dict:
+def blocked_field(message: str) -> str:
+    """The spec field behind a pod-creation refusal (the Job controller's FailedCreate event message)."""
+    text = message.lower()
+    if "priorityclass" in text:
+        return "spec.resources.priorityClassName"
+    if "serviceaccount" in text or "service account" in text:
+        return "spec.resources.serviceAccountName"
+    if "quota" in text or "limitrange" in text or "maximum" in text or "minimum" in text:
+        return "spec.resources"
+    return "spec.resources"
+
+
+def blocked_message(event_message: str) -> str:
+    return (f"{blocked_field(event_message)}: Kubernetes does not create the trainer pods: "
+            f"{_short(event_message.strip(), 1024)}")
+
+
+def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None,
+                  blocked: Optional[str] = None) -> dict:
     """The operator-owned status fields of `ftj`, given its child Job (None if absent) and the Job's pods.
-    Idempotent: feeding the result back (as ftj.status) with the same job and pods gives the same result."""
+    `blocked`: the Job controller's latest FailedCreate event message while pods are missing (ResourceQuota,
+    missing PriorityClass or ServiceAccount, ...). Idempotent: feeding the result back (as ftj.status) with the
+    same inputs gives the same result."""
     now = now or now_rfc3339()
     meta = ftj.get("metadata") or {}
     spec = ftj.get("spec") or {}
@@ -485,6 +505,9 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
                 msg = f"{failed_pods[-1]['metadata']['name']} failed ({crash_summary(failed_pods[-1])}); " \
                       f"retrying ({len(failed_pods)} failure(s), retryLimit {limit})"
                 conds = set_condition(conds, CT.RUNNING, False, Reason.RESTARTING, msg, gen, now)
+            elif blocked and len(live) < nodes:
+                msg = blocked_message(blocked)
+                conds = set_condition(conds, CT.RUNNING, False, Reason.PODS_BLOCKED, msg, gen, now)
             else:
                 msg = f"{n_running}/{nodes} trainer pod(s) running"
                 detail = waiting_detail(live)

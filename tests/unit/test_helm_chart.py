@@ -244,7 +244,7 @@ NEEDED = [  # (group, resource, verbs) the operator needs in every namespace it 
     ("", "pods", ["get", "list", "watch"]),
     ("", "services", ["get", "list", "watch", "create", "patch", "update", "delete"]),
     ("", "configmaps", ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("", "events", ["create", "patch"]),
+    ("", "events", ["create", "patch", "list"]),
     ("events.k8s.io", "events", ["create", "patch"]),
 ]
 

@@ -138,10 +138,11 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Events on FineTuneJobs (kopf posts core/v1 events; events.k8s.io for newer clients)
+# Events on FineTuneJobs (kopf posts core/v1 events; events.k8s.io for newer clients); list: the Job
+# controller's FailedCreate events explain pods Kubernetes will not create (quota, PriorityClass, ...)
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

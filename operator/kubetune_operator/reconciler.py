@@ -29,7 +29,7 @@ from kubetune_api.report import TrainerReport
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
-from .render import (TEMPLATE_HASH_ANNOTATION, child_names, iter_children, render_children, spec_field_of,
+from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children, render_children, spec_field_of,
                      template_hash)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
@@ -79,6 +79,22 @@ def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
     text = "; ".join(f"{f}: {m}" for f, m in parts)
     return ChildRejected(Reason.INVALID_POD_TEMPLATE, first,
                          f"{text} (the API server refused the {kind} {name} rendered from this spec)")
+
+
+def applied_generation(job: dict, ftj: dict) -> Optional[int]:
+    """status.observedGeneration: the FineTuneJob generation the live Job reflects. A Job being deleted to be
+    re-created reflects nothing new yet (the previous value stays); a finished Job has nothing left to apply."""
+    gen = (ftj.get("metadata") or {}).get("generation")
+    previous = (ftj.get("status") or {}).get("observedGeneration")
+    meta = job.get("metadata") or {}
+    if S.job_finished(job):
+        return gen
+    if meta.get("deletionTimestamp"):
+        return previous if previous is not None else gen
+    try:
+        return int((meta.get("annotations") or {})[GENERATION_ANNOTATION])
+    except (KeyError, ValueError):
+        return gen  # a Job from an operator version without the annotation
 
 
 def _short(text: str, limit: int) -> str:
@@ -256,6 +272,7 @@ class Reconciler:
 
         blocked, since = await self._pods_refused(job, pods, job_model)
         new = S.derive_status(ftj, job, pods, now=self.now(), blocked=blocked)
+        new["observedGeneration"] = applied_generation(job, ftj)
         timeout = self.settings.pods_blocked_timeout_seconds
         waited = S.seconds_between(since, self.now()) if blocked else None
         if timeout and waited is not None and waited >= timeout:
@@ -377,27 +394,65 @@ class Reconciler:
             await self.api.delete(object_path(obj))
 
     async def _align_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, job: dict) -> dict:
-        """Job.spec.suspend follows the FineTuneJob; a suspended Job whose template no longer matches the spec
-        (resources changed while suspended) is deleted and re-created (a Job's pod template is immutable)."""
+        """Bring the live Job in line with the spec, in one step per reconcile:
+
+        - a suspended Job whose pod template no longer matches is deleted and re-created, never resumed first:
+          one update that changes `resources` and sets `suspend: false` together (what Kueue does on
+          admission) must start pods from the NEW template (a Job's template is immutable);
+        - otherwise `suspend` and the fields batch/v1 lets change on a live Job (backoffLimit = retryLimit,
+          activeDeadlineSeconds) are patched in one merge patch, together with the generation annotation that
+          status.observedGeneration reports.
+        A running Job whose template differs (only an older CRD without the resources rule allows it) keeps
+        running; observedGeneration stays at the generation the Job reflects."""
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
-        want = bool(job_model.spec.suspend)
+        desired = render_children(job_model, ftj, self.settings).job
         path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
-        if bool((job.get("spec") or {}).get("suspend")) != want:
-            log.info("%s Job %s", "suspending" if want else "resuming", path)
-            patched = await self.api.merge_patch(path, {"spec": {"suspend": want}})
+        live_spec = job.get("spec") or {}
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        same_template = annotations.get(TEMPLATE_HASH_ANNOTATION) == template_hash(desired["spec"])
+        if not same_template and live_spec.get("suspend"):
+            log.info("re-creating suspended Job %s: the spec changed", path)
+            st.expected_deletion = job["metadata"].get("uid")
+            # Foreground: the Job disappears only after its pods, so new pods never overlap old ones
+            await self.api.delete(path, propagation="Foreground")
             job = copy.deepcopy(job)
-            job.setdefault("spec", {})["suspend"] = want
-            if patched:
-                job["status"] = patched.get("status") or job.get("status") or {}
-        if want:
-            desired = render_children(job_model, ftj, self.settings).job
-            have = ((job.get("metadata") or {}).get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION)
-            if have != template_hash(desired["spec"]):
-                log.info("re-creating suspended Job %s: the spec changed", path)
-                st.expected_deletion = job["metadata"].get("uid")
-                # Foreground: the Job disappears only after its pods, so new pods never overlap old ones
-                await self.api.delete(path, propagation="Foreground")
+            job["metadata"]["deletionTimestamp"] = self.now()
+            return job
+        patch: dict = {}
+        want = bool(job_model.spec.suspend)
+        if bool(live_spec.get("suspend")) != want:
+            log.info("%s Job %s", "suspending" if want else "resuming", path)
+            patch["suspend"] = want
+        for key in MUTABLE_JOB_FIELDS:
+            if live_spec.get(key) != desired["spec"].get(key):
+                patch[key] = desired["spec"].get(key)  # None removes it
+        meta_patch = {}
+        gen = desired["metadata"]["annotations"].get(GENERATION_ANNOTATION)
+        if same_template and gen and annotations.get(GENERATION_ANNOTATION) != gen:
+            meta_patch = {"annotations": {GENERATION_ANNOTATION: gen}}
+        if not patch and not meta_patch:
+            return job
+        body: dict = {}
+        if patch:
+            body["spec"] = patch
+        if meta_patch:
+            body["metadata"] = meta_patch
+        try:
+            patched = await self.api.merge_patch(path, body)
+        except ApiError as exc:
+            if not exc.invalid:
+                raise
+            raise rejection(job_model, desired, exc) from None
+        job = copy.deepcopy(job)
+        job.setdefault("spec", {}).update({k: v for k, v in patch.items() if v is not None})
+        for k, v in patch.items():
+            if v is None:
+                job["spec"].pop(k, None)
+        if meta_patch:
+            job["metadata"].setdefault("annotations", {}).update(meta_patch["annotations"])
+        if patched:
+            job["status"] = patched.get("status") or job.get("status") or {}
         return job
 
     # -------------------------------------------------------------------------------------------- status

@@ -41,6 +41,10 @@ WORK_DIR = "/var/lib/kubetune"
 PVC_ROOT = "/mnt/pvc"
 CONTAINER_NAME = "trainer"
 TEMPLATE_HASH_ANNOTATION = f"{C.GROUP}/template-hash"
+# The FineTuneJob generation the live Job reflects (status.observedGeneration follows it, not the spec).
+GENERATION_ANNOTATION = f"{C.GROUP}/spec-generation"
+# Job fields batch/v1 lets the operator change on a live Job; everything else needs a new Job.
+MUTABLE_JOB_FIELDS = ("backoffLimit", "activeDeadlineSeconds")
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 RUN_AS = 1000  # the trainer image's USER (trainer-image/Dockerfile)
 
@@ -428,8 +432,9 @@ def pod_failure_policy() -> dict:
 
 
 def template_hash(job_spec: dict) -> str:
-    """Digest of everything in the Job spec except `suspend` (the one field the operator patches in place)."""
-    data = {k: v for k, v in job_spec.items() if k != "suspend"}
+    """Digest of everything in the Job spec the operator cannot patch in place (all but `suspend` and
+    MUTABLE_JOB_FIELDS): when it differs, the spec change needs a new Job."""
+    data = {k: v for k, v in job_spec.items() if k != "suspend" and k not in MUTABLE_JOB_FIELDS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -454,6 +459,8 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     meta = _metadata(job, body, names.job, COMPONENT_TRAINER)
     meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(job_spec)}
+    if job.metadata.generation is not None:
+        meta["annotations"][GENERATION_ANNOTATION] = str(job.metadata.generation)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 

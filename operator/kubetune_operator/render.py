@@ -80,7 +80,10 @@ def is_multi_node(spec: FineTuneJobSpec) -> bool:
 
 
 def uses_torchrun(spec: FineTuneJobSpec) -> bool:
-    return spec.resources.nodes > 1 or processes_per_node(spec) > 1
+    """Several processes, or DeepSpeed (which joins a process group even with one process: without torchrun
+    there is none and it fails with "Default process group has not been initialized")."""
+    deepspeed = spec.distributed is not None and spec.distributed.deepspeed is not None
+    return spec.resources.nodes > 1 or processes_per_node(spec) > 1 or deepspeed
 
 
 def spec_uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:

@@ -121,6 +121,13 @@ MAX_EXPANDED_NODES = 100_000
 MAX_MANIFEST_BYTES = 3 * 1024 * 1024  # the API server's request size limit
 
 
+class _YamlProblem(Exception):
+    def __init__(self, node, message: str):
+        super().__init__(message)
+        self.line = node.start_mark.line + 1
+        self.message = message
+
+
 def _strict_loader():
     """A yaml SafeLoader that refuses what the API server refuses or would choke on: duplicate mapping keys
     (YAML says keys are unique; PyYAML silently keeps the last one) and documents whose aliases expand past
@@ -144,9 +151,8 @@ def _strict_loader():
                 except TypeError:
                     continue  # PyYAML reports unhashable keys itself
                 if key in seen:
-                    raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
-                                      f"{seen[key]}); the API server refuses duplicate fields",
-                                      field=f"line {key_node.start_mark.line + 1}")
+                    raise _YamlProblem(key_node, f"duplicate key {key!r} (first at line {seen[key]}); the API "
+                                                 "server refuses duplicate fields")
                 seen[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep=deep)
 
@@ -164,8 +170,7 @@ def _check_expansion(root) -> None:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise ConfigError(f"line {node.start_mark.line + 1}: a YAML alias refers to the node that contains it "
-                              "(recursive alias)", field=f"line {node.start_mark.line + 1}")
+            raise _YamlProblem(node, "a YAML alias refers to the node that contains it (recursive alias)")
         active.add(key)
         if isinstance(node, yaml.MappingNode):
             n = 1 + sum(size(k) + size(v) for k, v in node.value)
@@ -175,9 +180,8 @@ def _check_expansion(root) -> None:
             n = 1
         active.discard(key)
         if n > MAX_EXPANDED_NODES:
-            raise ConfigError(f"line {node.start_mark.line + 1}: YAML aliases expand this document to more than "
-                              f"{MAX_EXPANDED_NODES} nodes (an alias bomb?); write the values out",
-                              field=f"line {node.start_mark.line + 1}")
+            raise _YamlProblem(node, f"YAML aliases expand this document to more than {MAX_EXPANDED_NODES} nodes "
+                                     "(an alias bomb?); write the values out")
         sizes[key] = n
         return n
 
@@ -194,14 +198,14 @@ def parse_yaml(text: str, source: str = "manifest") -> list:
                           f"{MAX_MANIFEST_BYTES}", field=source)
     try:
         return [d for d in yaml.load_all(text, Loader=_strict_loader()) if d is not None]  # noqa: S506 - safe
-    except ConfigError as exc:
-        raise ConfigError(f"{source}, {exc.message}", field=exc.field) from None
+    except _YamlProblem as exc:
+        raise ConfigError(exc.message, field=f"{source} line {exc.line}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source} is not valid YAML: {where + ': ' if where else ''}{problem}",
-                          field=where) from None
+        if mark is None:
+            raise ConfigError(f"not valid YAML: {problem}", field=source) from None
+        raise ConfigError(f"not valid YAML: {problem}", field=f"{source} line {mark.line + 1}") from None
 
 
 def load_job_text(text: str, source: str = "manifest") -> FineTuneJob:

@@ -24,6 +24,8 @@ class ConditionType:
     FAILED = "Failed"
     # Informational: the forgetting check exceeded its threshold (with action: warn the job still succeeds).
     FORGETTING_EXCEEDED = "ForgettingThresholdExceeded"
+    # Informational: spec.model.trustRemoteCode is true, so the trainer runs Python code from the model's repo.
+    TRUSTS_REMOTE_CODE = "TrustsRemoteCode"
 
 
 class Reason:

@@ -406,6 +406,19 @@ def blocked_message(event_message: str) -> str:
             f"{_short(event_message.strip(), 1024)}")
 
 
+def _remote_code_condition(conds: list[dict], spec: dict, gen, now) -> list[dict]:
+    """spec.model.trustRemoteCode runs Python from the model's repository inside the trainer pod: a reviewer
+    must be able to see that on the object (`kubectl describe`, a Warning event), not only in the spec."""
+    model = spec.get("model") or {}
+    if model.get("trustRemoteCode"):
+        return set_condition(conds, CT.TRUSTS_REMOTE_CODE, True, Reason.TRUST_REMOTE_CODE,
+                             f"spec.model.trustRemoteCode is true: the trainer runs Python code from the "
+                             f"repository of {model.get('source', 'the model')}", gen, now)
+    if get_condition(conds, CT.TRUSTS_REMOTE_CODE):
+        return [c for c in conds if c.get("type") != CT.TRUSTS_REMOTE_CODE]
+    return conds
+
+
 def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None,
                   blocked: Optional[str] = None) -> dict:
     """The operator-owned status fields of `ftj`, given its child Job (None if absent) and the Job's pods.
@@ -426,6 +439,7 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
         out["phase"] = derive_phase(conds)
         return out
 
+    conds = _remote_code_condition(conds, spec, gen, now)
     names = child_names(meta.get("name", ""))
     nodes = int((spec.get("resources") or {}).get("nodes", 1) or 1)
 

@@ -214,3 +214,26 @@ def test_observed_generation_stays_while_a_running_job_cannot_take_the_change():
     deleting = {"metadata": {"deletionTimestamp": "x", "annotations": {GENERATION_ANNOTATION: "3"}}}
     assert applied_generation(deleting, body) == 3
     assert applied_generation({"metadata": {}}, body) == 5, "a Job from an older operator: no annotation"
+
+
+def test_trust_remote_code_is_a_condition_and_one_warning_event():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj(model={"source": "hf://org/custom-arch", "trustRemoteCode": True}))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        await rec.reconcile(NS, "demo")
+        c = conds(kube)[CT.TRUSTS_REMOTE_CODE]
+        assert c["status"] == "True" and c["reason"] == Reason.TRUST_REMOTE_CODE and "hf://org/custom-arch" in c["message"]
+        warnings = [e for e in kube.events if e["reason"] == Reason.TRUST_REMOTE_CODE]
+        assert [e["type"] for e in warnings] == ["Warning"]
+        assert stored(kube)["status"]["phase"] == Phase.PENDING, "informational: the phase is unaffected"
+    run(scenario())
+
+
+def test_no_remote_code_condition_by_default():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert CT.TRUSTS_REMOTE_CODE not in conds(kube)
+    run(scenario())

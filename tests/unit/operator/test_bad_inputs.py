@@ -237,3 +237,13 @@ def test_no_remote_code_condition_by_default():
         await rec.reconcile(NS, "demo", ensure_all=True)
         assert CT.TRUSTS_REMOTE_CODE not in conds(kube)
     run(scenario())
+
+
+def test_a_deepspeed_job_always_runs_under_the_launcher():
+    """DeepSpeed joins a process group even with one process; without torchrun there is none ("Default
+    process group has not been initialized", exit 1, retried)."""
+    job = model(ftj(resources={"gpus": 1}, distributed={"deepspeed": {"zeroStage": 2}}))
+    command = render_job(job)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "kubetune_trainer.launch"] and "--nproc-per-node=1" in command
+    plain = render_job(model(ftj(resources={"gpus": 1})))["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert plain[:3] == ["python", "-m", "kubetune_trainer"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kubetune_api.constants import ExitCode
-from kubetune_api.models import DatasetSpec
+from kubetune_api.finetunejob import DatasetSpec
 from kubetune_trainer import data
 from kubetune_trainer.errors import DataError
 

@@ -155,7 +155,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
      "column 'messages' key 'content' mixes value types: string in row 1, number in row 3"),
 ])
 def test_chat_rows_without_an_assistant_turn_are_data_errors(tmp_path, bad, words):
-    from kubetune_api.models import DatasetSpec
+    from kubetune_api.finetunejob import DatasetSpec
 
     spec = DatasetSpec.model_validate({"format": "chat", "train": [{"uri": "s3://bucket/chat.jsonl"}]})
     with pytest.raises(DataError) as e:

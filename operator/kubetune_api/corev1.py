@@ -31,18 +31,26 @@ QUANTITY = {
 QUALIFIED_NAME_MAX = 317  # 253 (DNS subdomain prefix) + "/" + 63
 LABEL_VALUE_MAX = 63
 DNS_SUBDOMAIN_MAX = 253
-ANNOTATION_VALUE_MAX = 4096
-SMALL_LIST = 16
-VALUES_LIST = 64
+ANNOTATION_VALUE_MAX = 2048
+# Affinity nests lists four deep: these keep its largest form near 300 KiB (tests/unit/test_api_bounds.py).
+TERMS_MAX = 3
+EXPRESSIONS_MAX = 4
+VALUES_LIST = 8
+MATCH_LABELS_MAX = 8
+TOLERATIONS_MAX = 32
 
 LabelKey = Annotated[str, StringConstraints(max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME)]
 LabelValue = Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX, pattern=LABEL_VALUE)]
 AnnotationValue = Annotated[str, StringConstraints(max_length=ANNOTATION_VALUE_MAX)]
 
 
+QUALIFIED_NAME_HELP = ("an optional DNS-subdomain prefix and /, then at most 63 characters of letters, digits, -, _ "
+                       "and ., starting and ending with a letter or digit")
+
+
 def map_keys_rule(what: str, target: str = "self") -> dict:
     """CEL for the keys of a string map (OpenAPI cannot constrain property names), with the bad key in the
-    message: `spec.resources.nodeSelector: Invalid value: ...: label key 'bad key!' is not a qualified name`.
+    message: `spec.resources.nodeSelector: Invalid value: ...: node label key 'bad key!' is not a qualified name`.
     `target`: the map, relative to the object the rule sits on (`self`, or `self.matchLabels` with a guard)."""
     bad = f"size(k) > {QUALIFIED_NAME_MAX} || !k.matches('{QUALIFIED_NAME}')"
     rule = f"{target}.all(k, !({bad}))"
@@ -50,11 +58,21 @@ def map_keys_rule(what: str, target: str = "self") -> dict:
         rule = f"!has({target}) || {rule}"
     return {
         "rule": rule,
-        "messageExpression": f"'{what} \\'' + {target}.filter(k, {bad})[0] + '\\' is not a qualified name (an "
-                             "optional DNS-subdomain prefix and /, then at most 63 characters of letters, digits, "
-                             "-, _ and ., starting and ending with a letter or digit)'",
+        "message": f"a {what} is not a qualified name ({QUALIFIED_NAME_HELP})",
+        "messageExpression": f"'{what} \\'' + {target}.filter(k, {bad})[0] + '\\' is not a qualified name "
+                             f"({QUALIFIED_NAME_HELP})'",
         "reason": "FieldValueInvalid",
     }
+
+
+_VALUES_RULE = {
+    "rule": "self.operator in ['Exists', 'DoesNotExist'] ? !has(self.values) || size(self.values) == 0 : "
+            "has(self.values) && size(self.values) > 0",
+    "message": "operators In, NotIn, Gt and Lt need at least one value; Exists and DoesNotExist take no values",
+    "messageExpression": "'operator ' + self.operator + (self.operator in ['Exists', 'DoesNotExist'] ? "
+                         "' takes no values' : ' needs at least one value')",
+    "fieldPath": ".values", "reason": "FieldValueInvalid",
+}
 
 
 class CoreModel(BaseModel):
@@ -72,6 +90,7 @@ class Toleration(CoreModel):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+         "message": "value must be empty when operator is Exists (Exists tolerates every value)",
          "messageExpression": "'value must be empty when operator is Exists (Exists tolerates every value), got ' "
                               "+ self.value",
          "fieldPath": ".value", "reason": "FieldValueInvalid"},
@@ -101,13 +120,7 @@ LABEL_OPERATORS = ["In", "NotIn", "Exists", "DoesNotExist"]
 
 
 class NodeSelectorRequirement(CoreModel):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "self.operator in ['Exists', 'DoesNotExist'] ? !has(self.values) || size(self.values) == 0 : "
-                 "has(self.values) && size(self.values) > 0",
-         "messageExpression": "'operator ' + self.operator + (self.operator in ['Exists', 'DoesNotExist'] ? "
-                              "' takes no values' : ' needs at least one value')",
-         "fieldPath": ".values", "reason": "FieldValueInvalid"},
-    ]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_VALUES_RULE]})
 
     key: str = Field(..., max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME, description="Node label key.")
     operator: str = Field(..., json_schema_extra={"enum": NODE_OPERATORS}, description=", ".join(NODE_OPERATORS))
@@ -116,38 +129,36 @@ class NodeSelectorRequirement(CoreModel):
 
 
 class NodeSelectorTerm(CoreModel):
-    match_expressions: Optional[list[NodeSelectorRequirement]] = Field(None, max_length=SMALL_LIST)
-    match_fields: Optional[list[NodeSelectorRequirement]] = Field(None, max_length=SMALL_LIST)
+    match_expressions: Optional[list[NodeSelectorRequirement]] = Field(
+        None, max_length=EXPRESSIONS_MAX, description="Requirements on node labels, ANDed.")
+    match_fields: Optional[list[NodeSelectorRequirement]] = Field(
+        None, max_length=EXPRESSIONS_MAX, description="Requirements on node fields (metadata.name), ANDed.")
 
 
 class NodeSelector(CoreModel):
-    node_selector_terms: list[NodeSelectorTerm] = Field(..., min_length=1, max_length=SMALL_LIST,
+    node_selector_terms: list[NodeSelectorTerm] = Field(..., min_length=1, max_length=TERMS_MAX,
                                                         description="Terms, ORed.")
 
 
 class PreferredSchedulingTerm(CoreModel):
-    weight: int = Field(..., ge=1, le=100)
-    preference: NodeSelectorTerm
+    weight: int = Field(..., ge=1, le=100, description="Added to a node's score when the term matches (1-100).")
+    preference: NodeSelectorTerm = Field(..., description="The node selector term.")
 
 
 class NodeAffinity(CoreModel):
-    required_during_scheduling_ignored_during_execution: Optional[NodeSelector] = None
+    required_during_scheduling_ignored_during_execution: Optional[NodeSelector] = Field(
+        None, description="Nodes the pods must run on.")
     preferred_during_scheduling_ignored_during_execution: Optional[list[PreferredSchedulingTerm]] = Field(
-        None, max_length=SMALL_LIST)
+        None, max_length=TERMS_MAX, description="Nodes the scheduler prefers, by weight.")
 
 
 class LabelSelectorRequirement(CoreModel):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "self.operator in ['Exists', 'DoesNotExist'] ? !has(self.values) || size(self.values) == 0 : "
-                 "has(self.values) && size(self.values) > 0",
-         "messageExpression": "'operator ' + self.operator + (self.operator in ['Exists', 'DoesNotExist'] ? "
-                              "' takes no values' : ' needs at least one value')",
-         "fieldPath": ".values", "reason": "FieldValueInvalid"},
-    ]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_VALUES_RULE]})
 
-    key: str = Field(..., max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME)
+    key: str = Field(..., max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME, description="Label key.")
     operator: str = Field(..., json_schema_extra={"enum": LABEL_OPERATORS}, description=", ".join(LABEL_OPERATORS))
-    values: Optional[list[LabelValue]] = Field(None, max_length=VALUES_LIST)
+    values: Optional[list[LabelValue]] = Field(None, max_length=VALUES_LIST,
+                                               description="Label values (In/NotIn; none for Exists/DoesNotExist).")
 
 
 class LabelSelector(CoreModel):
@@ -155,36 +166,40 @@ class LabelSelector(CoreModel):
         {**map_keys_rule("label key", "self.matchLabels"), "fieldPath": ".matchLabels"},
     ]})
 
-    match_labels: Optional[dict[str, LabelValue]] = Field(None, json_schema_extra={"maxProperties": SMALL_LIST})
-    match_expressions: Optional[list[LabelSelectorRequirement]] = Field(None, max_length=SMALL_LIST)
+    match_labels: Optional[dict[str, LabelValue]] = Field(
+        None, json_schema_extra={"maxProperties": MATCH_LABELS_MAX}, description="Labels that must all match.")
+    match_expressions: Optional[list[LabelSelectorRequirement]] = Field(
+        None, max_length=EXPRESSIONS_MAX, description="Label requirements, ANDed.")
 
 
 class PodAffinityTerm(CoreModel):
-    label_selector: Optional[LabelSelector] = None
-    namespace_selector: Optional[LabelSelector] = None
+    label_selector: Optional[LabelSelector] = Field(None, description="The pods this term is about.")
+    namespace_selector: Optional[LabelSelector] = Field(None, description="Namespaces to look for those pods in.")
     namespaces: Optional[list[Annotated[str, StringConstraints(max_length=63, pattern=rf"^{DNS_LABEL_RE}$")]]] = \
-        Field(None, max_length=SMALL_LIST)
+        Field(None, max_length=MATCH_LABELS_MAX, description="Namespace names to look for those pods in.")
     topology_key: str = Field(..., min_length=1, max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME,
                               description="Node label that defines co-location, e.g. kubernetes.io/hostname.")
-    match_label_keys: Optional[list[LabelKey]] = Field(None, max_length=SMALL_LIST)
-    mismatch_label_keys: Optional[list[LabelKey]] = Field(None, max_length=SMALL_LIST)
+    match_label_keys: Optional[list[LabelKey]] = Field(
+        None, max_length=EXPRESSIONS_MAX, description="Pod label keys whose values must equal this pod's.")
+    mismatch_label_keys: Optional[list[LabelKey]] = Field(
+        None, max_length=EXPRESSIONS_MAX, description="Pod label keys whose values must differ from this pod's.")
 
 
 class WeightedPodAffinityTerm(CoreModel):
-    weight: int = Field(..., ge=1, le=100)
-    pod_affinity_term: PodAffinityTerm
+    weight: int = Field(..., ge=1, le=100, description="Added to a node's score when the term matches (1-100).")
+    pod_affinity_term: PodAffinityTerm = Field(..., description="The pod affinity term.")
 
 
 class PodAffinity(CoreModel):
     required_during_scheduling_ignored_during_execution: Optional[list[PodAffinityTerm]] = Field(
-        None, max_length=SMALL_LIST)
+        None, max_length=TERMS_MAX, description="Terms the placement must satisfy.")
     preferred_during_scheduling_ignored_during_execution: Optional[list[WeightedPodAffinityTerm]] = Field(
-        None, max_length=SMALL_LIST)
+        None, max_length=TERMS_MAX, description="Terms the scheduler prefers, by weight.")
 
 
 class Affinity(CoreModel):
     """core/v1 Affinity (node affinity, pod affinity and anti-affinity), copied to the trainer pods."""
 
-    node_affinity: Optional[NodeAffinity] = None
-    pod_affinity: Optional[PodAffinity] = None
-    pod_anti_affinity: Optional[PodAffinity] = None
+    node_affinity: Optional[NodeAffinity] = Field(None, description="Which nodes the pods may run on.")
+    pod_affinity: Optional[PodAffinity] = Field(None, description="Run near pods that match (same topology).")
+    pod_anti_affinity: Optional[PodAffinity] = Field(None, description="Run away from pods that match.")

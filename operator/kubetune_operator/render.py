@@ -418,7 +418,7 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if r.affinity:
-        pod_spec["affinity"] = copy.deepcopy(r.affinity)
+        pod_spec["affinity"] = r.affinity.to_k8s()
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
     if r.service_account_name:

@@ -77,17 +77,38 @@ def test_api_version_kind_and_syntax(text, field, words):
 
 # ------------------------------------------------------------------------------------------------ settings
 @pytest.mark.parametrize("training, adapter, field", [
-    ({"seed": 2 ** 32}, {}, "spec.training.seed"),
-    ({"seed": 10 ** 20}, {}, "spec.training.seed"),
-    ({}, {"alpha": 0}, "spec.adapter.alpha"),
-    ({}, {"alpha": -8}, "spec.adapter.alpha"),
-    ({}, {"targetModules": []}, "spec.adapter.targetModules"),
+    ("{seed: 4294967296}", "", "spec.training.seed"),
+    ("{seed: 100000000000000000000}", "", "spec.training.seed"),
+    ("{}", "alpha: 0", "spec.adapter.alpha"),
+    ("{}", "alpha: -8", "spec.adapter.alpha"),
+    ("{}", "targetModules: []", "spec.adapter.targetModules"),
 ])
-def test_invalid_settings_exit_78_before_anything_runs(make_job, run_job, training, adapter, field):
-    job = make_job(training=training, adapter={"type": "lora", **adapter})
-    report = run_job(job)
-    assert report.state == "failed" and report.exit_code == ExitCode.CONFIG_ERROR
-    assert report.field == field and report.reason == "InvalidConfig"
+def test_settings_that_cannot_train_are_config_errors_naming_the_field(training, adapter, field):
+    """Formerly accepted and failed late (a seed numpy refuses: a retriable ValueError, 4 pods) or never (an
+    adapter with alpha 0 changes nothing; [] silently meant all-linear)."""
+    text = HEAD + SPEC.replace("  output:", f"  training: {training}\n  adapter: {{type: lora, {adapter}}}\n  output:")
+    with pytest.raises(ConfigError) as e:
+        config.load_job_text(text, "job.yaml")
+    assert e.value.field == field and e.value.exit_code == ExitCode.CONFIG_ERROR, str(e.value)
+
+
+def test_a_bad_setting_in_the_pod_exits_78_with_the_field(tmp_path):
+    """The pod's entry point: exit 78 (podFailurePolicy fails the Job at once), the field in the report."""
+    import subprocess
+    import sys
+
+    from kubetune_api.report import TrainerReport
+
+    job = tmp_path / "job.yaml"
+    job.write_text(HEAD + SPEC.replace("  output:", "  training: {seed: 4294967296}\n  output:"))
+    log = tmp_path / "termination-log"
+    out = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(job)], capture_output=True,
+                         text=True, env={**__import__("os").environ, "KUBETUNE_TERMINATION_LOG": str(log)},
+                         timeout=120)
+    assert out.returncode == ExitCode.CONFIG_ERROR, out.stderr
+    report = TrainerReport.parse(log.read_text())
+    assert report.field == "spec.training.seed" and report.reason == "InvalidConfig"
+    assert "Traceback" not in out.stderr
 
 
 def test_largest_seed_is_fine():

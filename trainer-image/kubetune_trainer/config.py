@@ -246,33 +246,12 @@ def validate_job(job: FineTuneJob) -> None:
 
     A manifest run locally never went through the apiserver, so its CEL rules are repeated here in the form
     the trainer can check: the stage/format pairing is the one that matters most at run time."""
-    problems = validate_spec(job.spec) + static_problems(job)
+    problems = validate_spec(job.spec)
     if job.spec.dataset.eval and job.spec.dataset.eval_fraction is not None:
         problems.append("spec.dataset.evalFraction: set either dataset.eval or dataset.evalFraction, not both")
     if problems:
         pairs = [tuple(p.split(": ", 1)) if ": " in p else ("spec", p) for p in problems]
         raise _field_error(pairs)
-
-
-SEED_MAX = 2 ** 32 - 1  # numpy's seeding (datasets' shuffle, transformers.set_seed) refuses larger seeds
-
-
-def static_problems(job: FineTuneJob) -> list[str]:
-    """Settings that pass the schema of an older CRD but cannot train: each one fails up front (exit 78)
-    instead of as a retriable ValueError deep inside a library."""
-    spec = job.spec
-    out = []
-    seed = spec.training.seed
-    if not 0 <= seed <= SEED_MAX:
-        out.append(f"spec.training.seed: must be between 0 and {SEED_MAX} (2^32-1), got {seed}")
-    a = spec.adapter
-    if a.alpha is not None and a.alpha <= 0:
-        out.append(f"spec.adapter.alpha: must be greater than 0 (LoRA scales updates by alpha/rank; "
-                   f"{a.alpha} makes the adapter change nothing or invert), got {a.alpha}")
-    if a.target_modules is not None and len(a.target_modules) == 0:
-        out.append("spec.adapter.targetModules: must name at least one module (or omit it for the default; "
-                   "use [all-linear] for every linear layer)")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ preflight

@@ -31,18 +31,18 @@ def invalid(field: str, message: str, kind: str = "Job", name: str = "demo-train
 # ------------------------------------------------------------------------------------------------ field origin
 @pytest.mark.parametrize("path, spec, expected", [
     ("spec.template.spec.tolerations[0].operator", {"resources": {"gpus": 0, "tolerations": [
-        {"key": "a", "operator": "Exists", "value": "x"}]}}, "spec.resources.tolerations[0].operator"),
-    ("spec.template.spec.containers[0].resources.requests[cpu]", {"resources": {"gpus": 0, "cpu": "-1"}},
+        {"key": "a", "operator": "Exists"}]}}, "spec.resources.tolerations[0].operator"),
+    ("spec.template.spec.containers[0].resources.requests[cpu]", {"resources": {"gpus": 0, "cpu": "1"}},
      "spec.resources.cpu"),
-    ("spec.template.spec.containers[0].resources.limits[nvidia.com/g pu]",
-     {"resources": {"gpus": 1, "gpuResourceName": "nvidia.com/g pu"}}, "spec.resources.gpuResourceName"),
-    ("spec.template.spec.nodeSelector", {"resources": {"gpus": 0, "nodeSelector": {"bad key!": "x"}}},
+    ("spec.template.spec.containers[0].resources.limits[amd.com/gpu]",
+     {"resources": {"gpus": 1, "gpuResourceName": "amd.com/gpu"}}, "spec.resources.gpuResourceName"),
+    ("spec.template.spec.nodeSelector", {"resources": {"gpus": 0, "nodeSelector": {"pool": "x"}}},
      "spec.resources.nodeSelector"),
-    ("spec.template.metadata.labels", {"resources": {"gpus": 0, "podLabels": {"team": "a b"}}},
+    ("spec.template.metadata.labels", {"resources": {"gpus": 0, "podLabels": {"team": "a"}}},
      "spec.resources.podLabels"),
-    ("spec.template.spec.affinity.nodeAffinity", {"resources": {"gpus": 0, "affinity": {"nodeAffinity": 3}}},
+    ("spec.template.spec.affinity.nodeAffinity", {"resources": {"gpus": 0, "affinity": {"nodeAffinity": {}}}},
      "spec.resources.affinity.nodeAffinity"),
-    ("spec.template.spec.volumes[3].emptyDir.sizeLimit", {"resources": {"gpus": 0, "sharedMemory": "-1Gi"}},
+    ("spec.template.spec.volumes[3].emptyDir.sizeLimit", {"resources": {"gpus": 0, "sharedMemory": "1Gi"}},
      "spec.resources.sharedMemory"),
     ("spec.activeDeadlineSeconds", {"activeDeadlineSeconds": 5}, "spec.activeDeadlineSeconds"),
     ("spec.backoffLimit", {"retryLimit": 2}, "spec.retryLimit"),
@@ -53,7 +53,7 @@ def test_api_server_paths_map_back_to_the_spec_field(path, spec, expected):
 
 
 def test_secret_env_paths_map_to_the_credentials_fields():
-    job = model(ftj(output={"uri": "s3://b/p", "credentials": {"secretName": "a/b"}}))
+    job = model(ftj(output={"uri": "s3://b/p", "credentials": {"secretName": "creds"}}))
     rendered = render_job(job)
     env = rendered["spec"]["template"]["spec"]["containers"][0]["env"]
     i = next(i for i, e in enumerate(env) if e["name"] == "AWS_SECRET_ACCESS_KEY")
@@ -77,8 +77,8 @@ def test_secret_env_paths_map_to_the_credentials_fields():
 def test_a_refused_child_fails_the_job_once_with_the_field_and_creates_nothing(kind, error, reason, field):
     async def scenario():
         kube, lookup, rec = make()
-        kube.put(ftj(resources={"gpus": 0, "cpu": "-1",
-                                "tolerations": [{"key": "a", "operator": "Exists", "value": "x"}]}))
+        # values core/v1 refuses no longer pass the CRD: the refusal is what the fake server is told to answer
+        kube.put(ftj(resources={"gpus": 0, "cpu": "1", "tolerations": [{"key": "a", "operator": "Exists"}]}))
         kube.refuse(kind, error)
         result = await rec.reconcile(NS, "demo", ensure_all=True)
         assert result.state == "rejected"

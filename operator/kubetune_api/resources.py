@@ -55,6 +55,9 @@ FINETUNEJOB = Resource(
         "rule": "size(self.metadata.name) <= 50",
         "message": "metadata.name must be at most 50 characters (child Job, Service and pod names add suffixes "
         "and must stay within 63)",
+        "messageExpression": "'must be at most 50 characters (child Job, Service and pod names add suffixes and "
+        "must stay within 63), got ' + string(size(self.metadata.name)) + ': ' + self.metadata.name",
+        "fieldPath": ".metadata.name",
         "reason": "FieldValueInvalid",
     }],
     printer_columns=[

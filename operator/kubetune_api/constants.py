@@ -50,6 +50,7 @@ class Reason:
     INVALID_CONFIG = "ConfigTooLarge"  # the ConfigMap holding the resolved spec
     # The Job exists but Kubernetes will not create its pods (ResourceQuota, PriorityClass, ServiceAccount, ...).
     PODS_BLOCKED = "PodsBlocked"
+    CHILD_FORBIDDEN = "ChildCreationForbidden"  # 403 creating a child: quota on object counts, missing RBAC
     TRUST_REMOTE_CODE = "TrustRemoteCode"  # spec.model.trustRemoteCode: true runs code from the model repo
     FORGETTING = "ForgettingThresholdExceeded"
     WITHIN_THRESHOLD = "WithinThreshold"

@@ -38,11 +38,14 @@ log = logging.getLogger(__name__)
 
 
 class ChildConflict(Exception):
-    """A child's name is taken by an object this FineTuneJob does not own; retry after `delay` seconds."""
+    """A child cannot be created yet: its name is taken by an object this FineTuneJob does not own, or the API
+    server forbids it for now (a ResourceQuota on object counts, missing RBAC). Reported as Created=False with
+    `reason`; retried after `delay` seconds (something outside the spec has to change)."""
 
-    def __init__(self, message: str, delay: float):
+    def __init__(self, message: str, delay: float, reason: str = Reason.CHILD_CONFLICT):
         super().__init__(message)
         self.delay = delay
+        self.reason = reason
 
 
 class ChildRejected(Exception):
@@ -79,6 +82,13 @@ def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
     text = "; ".join(f"{f}: {m}" for f, m in parts)
     return ChildRejected(Reason.INVALID_POD_TEMPLATE, first,
                          f"{text} (the API server refused the {kind} {name} rendered from this spec)")
+
+
+def forbidden(child: dict, exc: ApiError) -> ChildConflict:
+    """403 on creating a child: a ResourceQuota on object counts (count/jobs.batch) or missing RBAC. Not the
+    spec's fault and not permanent: shown on the FineTuneJob and retried, without a traceback."""
+    return ChildConflict(f"the API server forbids creating the {child['kind']} {child['metadata']['name']}: "
+                         f"{_short(exc.message, 600)}", delay=30, reason=Reason.CHILD_FORBIDDEN)
 
 
 def applied_generation(job: dict, ftj: dict) -> Optional[int]:
@@ -264,7 +274,7 @@ class Reconciler:
             return Result("rejected", message=str(exc), status=st.status)
         except ChildConflict as exc:
             gen = ftj["metadata"].get("generation")
-            conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, Reason.CHILD_CONFLICT,
+            conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, exc.reason,
                                     str(exc), gen, self.now())
             await self._write(st, ftj, {**S.base_status(old_status), "conditions": conds, "observedGeneration": gen,
                                         "phase": S.derive_phase(conds), "message": str(exc)})
@@ -347,6 +357,8 @@ class Reconciler:
         except ApiError as exc:
             if exc.invalid:
                 raise rejection(job_model, child, exc) from None
+            if exc.status == 403:
+                raise forbidden(child, exc) from None
             if not exc.conflict:  # exists already: _ensure decides whether it is ours
                 raise
 
@@ -359,6 +371,8 @@ class Reconciler:
         except ApiError as exc:
             if exc.invalid and job_model is not None:
                 raise rejection(job_model, obj, exc) from None
+            if exc.status == 403:
+                raise forbidden(obj, exc) from None
             if not exc.conflict:
                 raise
         existing = await self.api.get(object_path(obj))

@@ -130,7 +130,8 @@ def condition_changes(old: Iterable[dict] | None, new: Iterable[dict] | None) ->
         if before is None and c.get("status") == "False" and c["type"] not in (CT.RUNNING, CT.CREATED):
             continue
         warning = (c.get("reason") in WARNING_REASONS and c.get("status") == "True") or \
-            c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT, Reason.PODS_BLOCKED)
+            c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT, Reason.PODS_BLOCKED,
+                                Reason.CHILD_FORBIDDEN)
         if c["type"] == CT.FORGETTING_EXCEEDED:
             warning = c.get("status") == "True"
         out.append(("Warning" if warning else "Normal", c))

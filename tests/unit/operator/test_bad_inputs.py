@@ -247,3 +247,21 @@ def test_a_deepspeed_job_always_runs_under_the_launcher():
     assert command[:3] == ["python", "-m", "kubetune_trainer.launch"] and "--nproc-per-node=1" in command
     plain = render_job(model(ftj(resources={"gpus": 1})))["spec"]["template"]["spec"]["containers"][0]["command"]
     assert plain[:3] == ["python", "-m", "kubetune_trainer"]
+
+
+def test_a_forbidden_child_is_shown_and_retried_not_failed():
+    """403: a ResourceQuota on object counts (count/jobs.batch) or missing RBAC; fixed outside the spec."""
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        kube.refuse("Job", ApiError(403, "Forbidden", 'jobs.batch "demo-trainer" is forbidden: exceeded quota: '
+                                                      "jobs, requested: count/jobs.batch=1, used: 1, limited: 1"))
+        result = await rec.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "conflict" and result.delay > 0
+        created = conds(kube)[CT.CREATED]
+        assert created["status"] == "False" and created["reason"] == Reason.CHILD_FORBIDDEN
+        assert "exceeded quota" in created["message"] and CT.FAILED not in conds(kube)
+        del kube.refusals["Job"]
+        assert (await rec.reconcile(NS, "demo", ensure_all=True)).state == "ok"
+        assert conds(kube)[CT.CREATED]["status"] == "True"
+    run(scenario())

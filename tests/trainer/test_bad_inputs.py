@@ -183,3 +183,51 @@ def test_chat_rows_without_an_assistant_turn_are_data_errors(tmp_path, bad, word
         data.prepare(spec, [_chat(tmp_path, [GOOD, GOOD, bad, GOOD])])
     assert words in str(e.value) and e.value.field == "s3://bucket/chat.jsonl"
     assert e.value.exit_code == ExitCode.DATA_ERROR
+
+
+# ------------------------------------------------------------------------------------------------ kubetune run
+def _kubetune(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+
+    exe = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kubetune"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KUBETUNE_METRICS_FINAL_SCRAPE_TIMEOUT": "0"}
+    env.pop("KUBETUNE_WORK_DIR", None)
+    return subprocess.run([str(exe), "run", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_kubetune_run_bad_manifest_last_line_names_the_line(tmp_path):
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(HEAD + SPEC + "  stage: dpo\n")
+    out = _kubetune(str(bad), "--output", f"file://{tmp_path}/out", cwd=tmp_path)
+    assert out.returncode == ExitCode.CONFIG_ERROR
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"{bad} line 9" in last and "duplicate key 'stage'" in last and "Traceback" not in out.stderr
+
+
+def test_kubetune_run_unwritable_output_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = _kubetune(str(tmp_path / "missing.yaml"), "--output", str(blocker / "sub"), cwd=tmp_path)
+    assert out.returncode == ExitCode.CONFIG_ERROR and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("kubetune: --output: cannot write to")
+
+
+def test_summary_puts_the_failure_with_its_field_last():
+    from kubetune_api.report import TrainerReport
+    from kubetune_trainer.cli import summary
+
+    report = TrainerReport(state="failed", reason="InvalidDataset", exit_code=65,
+                           message="row 3 has no assistant turn", field="file:///d/chat.jsonl")
+    last = summary(report, None).splitlines()[-1]
+    assert last == ("kubetune: failed (InvalidDataset, exit 65): file:///d/chat.jsonl: row 3 has no assistant "
+                    "turn")
+
+
+@pytest.mark.slow
+def test_kubetune_run_output_file_uri_writes_to_that_folder(tmp_path):
+    """`--output file:///abs/dir` writes into /abs/dir, not into a folder named `file:` here."""
+    dest = tmp_path / "results"
+    out = _kubetune("--output", f"file://{dest}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (dest / "default").is_dir() and not (tmp_path / "file:").exists()

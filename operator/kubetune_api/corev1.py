@@ -61,7 +61,7 @@ def map_keys_rule(what: str, target: str = "self") -> dict:
         "message": f"a {what} is not a qualified name ({QUALIFIED_NAME_HELP})",
         "messageExpression": f"'{what} \\'' + {target}.filter(k, {bad})[0] + '\\' is not a qualified name "
                              f"({QUALIFIED_NAME_HELP})'",
-        "reason": "FieldValueInvalid",
+        "reason": "FieldValueForbidden",
     }
 
 
@@ -71,7 +71,7 @@ _VALUES_RULE = {
     "message": "operators In, NotIn, Gt and Lt need at least one value; Exists and DoesNotExist take no values",
     "messageExpression": "'operator ' + self.operator + (self.operator in ['Exists', 'DoesNotExist'] ? "
                          "' takes no values' : ' needs at least one value')",
-    "fieldPath": ".values", "reason": "FieldValueInvalid",
+    "fieldPath": ".values", "reason": "FieldValueForbidden",
 }
 
 
@@ -93,14 +93,14 @@ class Toleration(CoreModel):
          "message": "value must be empty when operator is Exists (Exists tolerates every value)",
          "messageExpression": "'value must be empty when operator is Exists (Exists tolerates every value), got ' "
                               "+ self.value",
-         "fieldPath": ".value", "reason": "FieldValueInvalid"},
+         "fieldPath": ".value", "reason": "FieldValueForbidden"},
         {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
          "message": "tolerationSeconds applies only to effect NoExecute (how long a pod stays on a node tainted "
                     "NoExecute); remove it or set effect: NoExecute",
-         "fieldPath": ".tolerationSeconds", "reason": "FieldValueInvalid"},
+         "fieldPath": ".tolerationSeconds", "reason": "FieldValueForbidden"},
         {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
          "message": "a toleration without a key must use operator Exists (it then tolerates every taint)",
-         "fieldPath": ".operator", "reason": "FieldValueInvalid"},
+         "fieldPath": ".operator", "reason": "FieldValueForbidden"},
     ]})
 
     key: Optional[str] = Field(None, max_length=QUALIFIED_NAME_MAX, pattern=rf"^$|{QUALIFIED_NAME}",

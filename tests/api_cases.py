@@ -98,6 +98,16 @@ CEL_ONLY = [
              {"matchExpressions": [{"key": "pool", "operator": "In"}]}]}}}}},
          "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
          ".matchExpressions[0].values", "at least one value"),
+    Case("node-affinity-gt-not-a-number",
+         {"resources": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+             "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu-mem", "operator": "Gt", "values": ["lots"]}]}]}}}}},
+         "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+         ".matchExpressions[0].values", "exactly one value, an integer"),
+    Case("node-affinity-match-fields-label",
+         {"resources": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+             "nodeSelectorTerms": [{"matchFields": [{"key": "pool", "operator": "In", "values": ["a"]}]}]}}}}},
+         "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+         ".matchFields[0].key", "can only select metadata.name"),
     Case("pod-affinity-bad-match-labels-key",
          {"resources": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
              {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"bad key!": "x"}}}]}}}},

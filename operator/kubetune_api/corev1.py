@@ -20,6 +20,8 @@ DNS_LABEL_RE = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DNS_SUBDOMAIN = rf"^{DNS_LABEL_RE}([.]{DNS_LABEL_RE})*$"
 QUALIFIED_NAME = rf"^({DNS_LABEL_RE}([.]{DNS_LABEL_RE})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+# an extended resource (GPUs): a qualified name WITH a domain prefix, outside kubernetes.io (core/v1)
+EXTENDED_RESOURCE = rf"^{DNS_LABEL_RE}([.]{DNS_LABEL_RE})+/[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # a key inside a Secret or ConfigMap
 NO_EDGE_SPACE = r"^\S(.*\S)?$"  # core/v1: an image reference must not start or end with whitespace
 # resource.Quantity, non-negative (a negative request or size limit is refused by core/v1)
@@ -65,6 +67,17 @@ def map_keys_rule(what: str, target: str = "self") -> dict:
     }
 
 
+_NUMBER_RULE = {
+    "rule": "!(self.operator in ['Gt', 'Lt']) || (has(self.values) && size(self.values) == 1 && "
+            "self.values[0].matches('^-?[0-9]+$'))",
+    "message": "operators Gt and Lt take exactly one value, an integer",
+    "fieldPath": ".values", "reason": "FieldValueForbidden",
+}
+_FIELD_RULE = {
+    "rule": "self.key == 'metadata.name'",
+    "message": "matchFields can only select metadata.name (node labels go in matchExpressions)",
+    "fieldPath": ".key", "reason": "FieldValueForbidden",
+}
 _VALUES_RULE = {
     "rule": "self.operator in ['Exists', 'DoesNotExist'] ? !has(self.values) || size(self.values) == 0 : "
             "has(self.values) && size(self.values) > 0",
@@ -120,7 +133,7 @@ LABEL_OPERATORS = ["In", "NotIn", "Exists", "DoesNotExist"]
 
 
 class NodeSelectorRequirement(CoreModel):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_VALUES_RULE]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_VALUES_RULE, _NUMBER_RULE]})
 
     key: str = Field(..., max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME, description="Node label key.")
     operator: str = Field(..., json_schema_extra={"enum": NODE_OPERATORS}, description=", ".join(NODE_OPERATORS))
@@ -128,10 +141,17 @@ class NodeSelectorRequirement(CoreModel):
         None, max_length=VALUES_LIST, description="Values (In/NotIn: any of; Gt/Lt: one integer).")
 
 
+class NodeFieldRequirement(NodeSelectorRequirement):
+    """A matchFields entry: like a label requirement, on the one node field core/v1 supports."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_VALUES_RULE, _NUMBER_RULE,
+                                                                               _FIELD_RULE]})
+
+
 class NodeSelectorTerm(CoreModel):
     match_expressions: Optional[list[NodeSelectorRequirement]] = Field(
         None, max_length=EXPRESSIONS_MAX, description="Requirements on node labels, ANDed.")
-    match_fields: Optional[list[NodeSelectorRequirement]] = Field(
+    match_fields: Optional[list[NodeFieldRequirement]] = Field(
         None, max_length=EXPRESSIONS_MAX, description="Requirements on node fields (metadata.name), ANDed.")
 
 

@@ -53,7 +53,7 @@ class ChildRejected(Exception):
     this ends the FineTuneJob (Failed) instead of being retried. `field` is the FineTuneJob field at fault."""
 
     def __init__(self, reason: str, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+        super().__init__(message if message.startswith(f"{field}: ") else f"{field}: {message}")
         self.reason = reason
         self.field = field
         self.message = message
@@ -74,10 +74,11 @@ def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
                              f"affinity, pod annotations); the API server said: {_short(exc.message, 300)}")
     parts: list[tuple[str, str]] = []
     for cause in exc.causes:
-        where = spec_field_of(job, child, cause.get("field") or "")
+        where = spec_field_of(job, child, cause["field"]) if cause.get("field") else ""
         parts.append((where, (cause.get("message") or cause.get("reason") or "").strip()))
-    if not parts:
-        parts = [("spec.resources", exc.message)]
+    if not any(f for f, _ in parts):
+        # no field named (an admission policy of the cluster): the whole spec is the only honest answer
+        parts = [("spec", exc.message)]
     first = parts[0][0]
     text = "; ".join(f"{f}: {m}" for f, m in parts)
     return ChildRejected(Reason.INVALID_POD_TEMPLATE, first,

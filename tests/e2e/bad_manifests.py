@@ -113,6 +113,13 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("affinity-bad-operator", {"resources.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "Is", "values": ["a"]}]}]}}}},
      "spec.resources.affinity"),
+    ("gpu-name-without-domain", {"resources.gpuResourceName": "gpu"}, "spec.resources.gpuResourceName"),
+    ("affinity-gt-not-number", {"resources.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "mem", "operator": "Gt", "values": ["lots"]}]}]}}}},
+     "spec.resources.affinity"),
+    ("affinity-match-fields-label", {"resources.affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "pool", "operator": "In", "values": ["a"]}]}]}}}}, "spec.resources.affinity"),
     ("priority-class-invalid", {"resources.priorityClassName": "Urgent!"}, "spec.resources.priorityClassName"),
     ("service-account-invalid", {"resources.serviceAccountName": "SA_1"}, "spec.resources.serviceAccountName"),
     ("image-whitespace", {"resources.image": " trainer:1"}, "spec.resources.image"),

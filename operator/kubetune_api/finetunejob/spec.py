@@ -369,8 +369,8 @@ class ResourcesSpec(Model):
 
     gpus: int = Field(1, ge=0, le=64, description="GPUs per node (requests = limits of gpuResourceName).")
     gpu_resource_name: str = Field(
-        "nvidia.com/gpu", max_length=corev1.QUALIFIED_NAME_MAX, pattern=corev1.QUALIFIED_NAME,
-        description="Extended resource name for GPUs (e.g. amd.com/gpu).",
+        "nvidia.com/gpu", max_length=corev1.QUALIFIED_NAME_MAX, pattern=corev1.EXTENDED_RESOURCE,
+        description="Extended resource name for GPUs, with its domain (e.g. nvidia.com/gpu, amd.com/gpu).",
     )
     cpu: Optional[Union[str, int]] = Field(None, json_schema_extra=QUANTITY,
                                            description="CPU request per node pod, e.g. '8' (non-negative).")

@@ -70,6 +70,9 @@ def test_secret_env_paths_map_to_the_credentials_fields():
     ("Job", invalid("spec.template.spec.containers[0].resources.requests[cpu]",
                     'Invalid value: "-1": must be greater than or equal to 0'),
      Reason.INVALID_POD_TEMPLATE, "spec.resources.cpu"),
+    ("Job", ApiError(422, "Invalid", "ValidatingAdmissionPolicy 'registry' with binding 'registry' denied request: "
+                                     "images must come from registry.internal/"),
+     Reason.INVALID_POD_TEMPLATE, "spec"),
     ("ConfigMap", ApiError(422, "Invalid", 'ConfigMap "demo-config" is invalid: []: Too long: may not be more '
                                            "than 1048576 bytes", [{"field": "[]", "message": "Too long"}]),
      Reason.INVALID_CONFIG, "spec"),

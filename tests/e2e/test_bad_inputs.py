@@ -122,7 +122,7 @@ def job_policy(cluster, namespace):
 def test_a_child_the_api_server_refuses_fails_once_naming_the_field(cluster, namespace, operator, job_policy,
                                                                      name, resources, field, words):
     apply(cluster, namespace, ftj(name, resources=resources))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=30s", f"ftj/{name}")
+    cluster.wait_job(namespace, name, "Failed", timeout=30)
     obj = get(cluster, namespace, "ftj", name)
     failed = condition(obj, "Failed")
     assert failed["reason"] == "InvalidPodTemplate"
@@ -168,7 +168,7 @@ def test_pods_blocked_past_the_configured_time_fail_the_job(cluster, crd, namesp
                          extra_env={"KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS": "3"}).start()
     try:
         apply(cluster, namespace, ftj("gives-up", resources={"gpus": 1, "priorityClassName": "nope"}))
-        cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=45s", "ftj/gives-up")
+        cluster.wait_job(namespace, "gives-up", "Failed", timeout=45)
         failed = condition(get(cluster, namespace, "ftj", "gives-up"), "Failed")
         assert failed["reason"] == "PodsBlocked" and "priorityClassName" in failed["message"]
         wait_for(lambda: get(cluster, namespace, "job", "gives-up-trainer") is None, 30, message="Job removed")
@@ -182,7 +182,7 @@ def test_resources_and_unsuspend_in_one_update_start_the_new_template(cluster, n
     """What Kueue does on admission: one update writes the admitted resources and suspend: false."""
     res = {"gpus": 1, "memory": "8Gi", "podAnnotations": HOLD}
     apply(cluster, namespace, ftj("kueued", suspend=True, resources=res))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Suspended", "--timeout=30s", "ftj/kueued")
+    cluster.wait_job(namespace, "kueued", "Suspended", timeout=30)
     old_uid = get(cluster, namespace, "job", "kueued-trainer")["metadata"]["uid"]
     apply(cluster, namespace, ftj("kueued", suspend=False, resources={**res, "gpus": 2, "memory": "16Gi"}))
     pods = wait_for(lambda: items(cluster, namespace, "pods", "-l", "kubetune.dev/job-name=kueued"), 60,
@@ -191,7 +191,7 @@ def test_resources_and_unsuspend_in_one_update_start_the_new_template(cluster, n
     assert limits["nvidia.com/gpu"] == "2" and limits["memory"] == "16Gi", "started from the NEW template"
     job = get(cluster, namespace, "job", "kueued-trainer")
     assert job["metadata"]["uid"] != old_uid
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Running", "--timeout=60s", "ftj/kueued")
+    cluster.wait_job(namespace, "kueued", "Running", timeout=60)
     obj = get(cluster, namespace, "ftj", "kueued")
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     assert_clean_log(operator)
@@ -200,7 +200,7 @@ def test_resources_and_unsuspend_in_one_update_start_the_new_template(cluster, n
 def test_retry_limit_and_deadline_reach_the_running_job(cluster, namespace, operator):
     apply(cluster, namespace, ftj("mutable", activeDeadlineSeconds=3600, retryLimit=1,
                                   resources={"gpus": 1, "podAnnotations": HOLD}))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Running", "--timeout=60s", "ftj/mutable")
+    cluster.wait_job(namespace, "mutable", "Running", timeout=60)
     uid = get(cluster, namespace, "job", "mutable-trainer")["metadata"]["uid"]
     cluster.kubectl("patch", "ftj", "mutable", "-n", namespace, "--type", "merge",
                     "-p", json.dumps({"spec": {"retryLimit": 4, "activeDeadlineSeconds": 1800}}))
@@ -217,7 +217,7 @@ def test_retry_limit_and_deadline_reach_the_running_job(cluster, namespace, oper
     # lowering the deadline below the time already run ends the job, as the Job controller decides
     cluster.kubectl("patch", "ftj", "mutable", "-n", namespace, "--type", "merge",
                     "-p", json.dumps({"spec": {"activeDeadlineSeconds": 1}}))
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=60s", "ftj/mutable")
+    cluster.wait_job(namespace, "mutable", "Failed", timeout=60)
     assert condition(get(cluster, namespace, "ftj", "mutable"), "Failed")["reason"] == "DeadlineExceeded"
     assert_clean_log(operator)
 
@@ -331,10 +331,7 @@ def test_data_errors_in_real_trainer_pods_name_file_and_row(cluster, crd, tmp_pa
             apply(cluster, ns, obj)
         expected = {"no-assistant": "row 3 has no assistant turn", "bad-line": "line 2 is not valid JSON"}
         for key, words in expected.items():
-            r = cluster.kubectl("wait", "-n", ns, "--for=condition=Failed", "--timeout=300s", f"ftj/{key}",
-                                check=False)
-            obj = get(cluster, ns, "ftj", key)
-            assert r.returncode == 0, json.dumps(obj.get("status"), indent=1)
+            obj = cluster.wait_job(ns, key, "Failed", timeout=300, context=lambda: op.logs()[-3000:])
             failed = condition(obj, "Failed")
             assert failed["reason"] == "TrainerError", failed
             assert f"s3://kubetune/data/{run}/{key}.jsonl" in failed["message"] and words in failed["message"]

@@ -268,3 +268,14 @@ def test_a_forbidden_child_is_shown_and_retried_not_failed():
         assert (await rec.reconcile(NS, "demo", ensure_all=True)).state == "ok"
         assert conds(kube)[CT.CREATED]["status"] == "True"
     run(scenario())
+
+
+def test_follow_ends_with_the_failure_naming_the_field():
+    """`kubetune follow`'s last line is the failure, and the operator's messages start with the field."""
+    from kubetune_cli.follow import summary
+
+    obj = {"status": {"phase": "Failed", "artifacts": {"adapterUri": "s3://b/a"},
+                      "conditions": [{"type": "Failed", "status": "True", "reason": "InvalidPodTemplate",
+                                      "message": "spec.resources.image: images must come from registry.internal/"}]}}
+    assert summary(obj).splitlines()[-1] == \
+        "Failed: InvalidPodTemplate: spec.resources.image: images must come from registry.internal/"

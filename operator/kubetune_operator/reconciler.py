@@ -10,6 +10,13 @@ Idempotent children: deterministic names; create, and on 409 read the existing o
 owner reference with this FineTuneJob's uid): use it. Labelled ours but without an owner (e.g. a manifest
 restored from a backup): adopt it. Owned by an older FineTuneJob of the same name (being garbage-collected):
 wait. Anything else: a name conflict, reported on the FineTuneJob, retried until the object is gone.
+
+Bad inputs end in a condition, never in a retry loop: before creating anything, every child is sent as a
+server-side dry run; a 400/413/422 fails the FineTuneJob (InvalidPodTemplate, ConfigTooLarge) with the API
+server's causes mapped back to spec fields (render.spec_field_of); a 403 (quota on object counts, RBAC) is
+Created=False and retried. Pods the Job controller cannot create (quota, missing PriorityClass/ServiceAccount)
+show only as FailedCreate events on the Job: they become Running=False/PodsBlocked. Spec edits reach the live
+Job in one step (_align_job); status.observedGeneration is the generation the live Job reflects.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from kubetune_api.report import TrainerReport
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
-from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children, render_children, spec_field_of,
-                     template_hash)
+from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children,
+                     render_children, spec_field_of, template_hash)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 

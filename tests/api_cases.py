@@ -63,6 +63,11 @@ BOTH = [
          "spec.evaluation.reference", "stage reward trains a classifier", python="spec.evaluation.reference"),
 ]
 
+BOTH += [
+    Case("nccl-without-gpus", {"resources": {"gpus": 0}, "distributed": {"backend": "nccl"}},
+         "spec.distributed.backend", "backend nccl needs GPUs", python="spec.distributed.backend"),
+]
+
 CEL_ONLY = [
     Case("eval-and-eval-fraction",
          {"dataset": {"format": "chat", "train": [{"uri": "s3://d/t.jsonl"}], "eval": [{"uri": "s3://d/e.jsonl"}],
@@ -72,8 +77,46 @@ CEL_ONLY = [
          "spec.distributed.deepspeed.zeroStage", "use zeroStage 2"),
     Case("offload-params-below-zero3", {"distributed": {"deepspeed": {"zeroStage": 2, "offloadParams": True}}},
          "spec.distributed.deepspeed.offloadParams", "needs zeroStage 3"),
-    Case("negative-alpha", {"adapter": {"type": "lora", "rank": 8, "alpha": -1}}, "spec.adapter.alpha",
-         "must be positive"),
+    # core/v1's rules on what the pods get (kubetune_api.corev1): refused at apply instead of when the operator
+    # creates the Job. validate_spec() does not repeat them: a local run has no pods.
+    Case("toleration-exists-with-value", {"resources": {"tolerations": [{"key": "a", "operator": "Exists",
+                                                                         "value": "v"}]}},
+         "spec.resources.tolerations[0].value", "value must be empty when operator is Exists"),
+    Case("toleration-seconds-without-noexecute",
+         {"resources": {"tolerations": [{"key": "a", "operator": "Exists", "effect": "NoSchedule",
+                                         "tolerationSeconds": 30}]}},
+         "spec.resources.tolerations[0].tolerationSeconds", "applies only to effect NoExecute"),
+    Case("toleration-without-key-equal", {"resources": {"tolerations": [{"operator": "Equal", "value": "v"}]}},
+         "spec.resources.tolerations[0].operator", "without a key must use operator Exists"),
+    Case("node-selector-bad-key", {"resources": {"nodeSelector": {"bad key!": "x"}}},
+         "spec.resources.nodeSelector", "is not a qualified name"),
+    Case("pod-label-bad-key", {"resources": {"podLabels": {"-team": "a"}}},
+         "spec.resources.podLabels", "is not a qualified name"),
+    Case("pod-annotation-bad-key", {"resources": {"podAnnotations": {"my annotation": "a"}}},
+         "spec.resources.podAnnotations", "is not a qualified name"),
+    Case("node-affinity-in-without-values", {"resources": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+             {"matchExpressions": [{"key": "pool", "operator": "In"}]}]}}}}},
+         "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+         ".matchExpressions[0].values", "at least one value"),
+    Case("node-affinity-gt-not-a-number",
+         {"resources": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+             "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu-mem", "operator": "Gt", "values": ["lots"]}]}]}}}}},
+         "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+         ".matchExpressions[0].values", "exactly one value, an integer"),
+    Case("node-affinity-match-fields-label",
+         {"resources": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+             "nodeSelectorTerms": [{"matchFields": [{"key": "pool", "operator": "In", "values": ["a"]}]}]}}}}},
+         "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+         ".matchFields[0].key", "can only select metadata.name"),
+    Case("pod-affinity-bad-match-labels-key",
+         {"resources": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+             {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"bad key!": "x"}}}]}}}},
+         "spec.resources.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].labelSelector"
+         ".matchLabels", "is not a qualified name"),
+    Case("reward-param-name-too-long",
+         {"stage": "grpo", "dataset": _PROMPTS,
+          "training": {"grpo": {"rewards": [{"name": "regex_match", "params": {"p" * 64: "x"}}]}}},
+         "spec.training.grpo.rewards[0].params", "at most 63 characters"),
 ]
 
 ALL = BOTH + CEL_ONLY

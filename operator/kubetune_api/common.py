@@ -10,6 +10,8 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from . import corev1
+
 # CEL cost estimation needs bounded strings and lists: every string and list carries a max.
 NAME_MAX = 253
 URI_MAX = 2048
@@ -35,8 +37,9 @@ class StrEnum(str, enum.Enum):
 
 
 class SecretKeyRef(Model):
-    name: str = Field(..., max_length=NAME_MAX, description="Name of a Secret in the FineTuneJob's namespace.")
-    key: str = Field(..., max_length=NAME_MAX, description="Key inside the Secret.")
+    name: str = Field(..., max_length=NAME_MAX, pattern=corev1.DNS_SUBDOMAIN,
+                      description="Name of a Secret in the FineTuneJob's namespace.")
+    key: str = Field(..., max_length=NAME_MAX, pattern=corev1.CONFIG_KEY, description="Key inside the Secret.")
 
 
 class StorageCredentials(Model):
@@ -44,34 +47,22 @@ class StorageCredentials(Model):
     secretKeyRef and never reads them."""
 
     secret_name: str = Field(
-        ..., max_length=NAME_MAX,
+        ..., max_length=NAME_MAX, pattern=corev1.DNS_SUBDOMAIN,
         description="Secret in the job's namespace holding the S3 access key pair (never copied into status, "
         "events or logs).",
     )
     access_key_id_key: str = Field(
-        "AWS_ACCESS_KEY_ID", max_length=NAME_MAX, description="Key in the Secret holding the access key id."
+        "AWS_ACCESS_KEY_ID", max_length=NAME_MAX, pattern=corev1.CONFIG_KEY, description="Key in the Secret holding the access key id."
     )
     secret_access_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX, description="Key in the Secret holding the secret key."
+        "AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX, pattern=corev1.CONFIG_KEY, description="Key in the Secret holding the secret key."
     )
 
 
 
-class Toleration(Model):
-    key: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint key.")
-    operator: Optional[str] = Field(None, json_schema_extra={"enum": ["Exists", "Equal"]}, description="Exists or Equal.")
-    value: Optional[str] = Field(None, max_length=NAME_MAX, description="Taint value (operator Equal).")
-    effect: Optional[str] = Field(
-        None, json_schema_extra={"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]}, description="Taint effect."
-    )
-    toleration_seconds: Optional[int] = Field(None, description="For NoExecute: how long the pod stays bound.")
-
-
-QUANTITY = {
-    "x-kubernetes-int-or-string": True,
-    "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
-}
-
+# core/v1 types with core/v1's own rules (corev1.py); re-exported here, where the resources look for them.
+Toleration = corev1.Toleration
+QUANTITY = corev1.QUANTITY
 
 
 class Condition(Model):

@@ -24,6 +24,8 @@ class ConditionType:
     FAILED = "Failed"
     # Informational: the forgetting check exceeded its threshold (with action: warn the job still succeeds).
     FORGETTING_EXCEEDED = "ForgettingThresholdExceeded"
+    # Informational: spec.model.trustRemoteCode is true, so the trainer runs Python code from the model's repo.
+    TRUSTS_REMOTE_CODE = "TrustsRemoteCode"
 
 
 class Reason:
@@ -43,6 +45,13 @@ class Reason:
     RESTARTING = "Restarting"
     JOB_MISSING = "JobMissing"
     CHILD_CONFLICT = "ChildNameConflict"  # a Job/Service/ConfigMap with the child's name exists and is not ours
+    # The API server refused a rendered child (400/422/413): permanent, the message names the spec field.
+    INVALID_POD_TEMPLATE = "InvalidPodTemplate"  # the Job or Service
+    INVALID_CONFIG = "ConfigTooLarge"  # the ConfigMap holding the resolved spec
+    # The Job exists but Kubernetes will not create its pods (ResourceQuota, PriorityClass, ServiceAccount, ...).
+    PODS_BLOCKED = "PodsBlocked"
+    CHILD_FORBIDDEN = "ChildCreationForbidden"  # 403 creating a child: quota on object counts, missing RBAC
+    TRUST_REMOTE_CODE = "TrustRemoteCode"  # spec.model.trustRemoteCode: true runs code from the model repo
     FORGETTING = "ForgettingThresholdExceeded"
     WITHIN_THRESHOLD = "WithinThreshold"
 

@@ -75,8 +75,6 @@ def summary(obj: dict) -> str:
     status = obj.get("status") or {}
     lines = []
     failed = _condition(obj, ConditionType.FAILED)
-    if failed:
-        lines.append(f"Failed: {failed.get('reason')}: {failed.get('message', '')}".rstrip(": "))
     forgetting = status.get("forgetting") or {}
     if forgetting.get("relativeChange") is not None:
         lines.append(f"forgetting: reference perplexity {_fmt_num(forgetting.get('referencePerplexityBefore'))} -> "
@@ -89,6 +87,9 @@ def summary(obj: dict) -> str:
         lines.append(f"adapter: {artifacts['adapterUri']}")
     if status.get("message") and not failed:
         lines.append(status["message"])
+    if failed:
+        # last: the line a person (or `tail -1`) sees; the operator's messages start with the field at fault
+        lines.append(f"Failed: {failed.get('reason')}: {failed.get('message', '')}".rstrip(": "))
     return "\n".join(lines)
 
 

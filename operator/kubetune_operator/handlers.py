@@ -93,6 +93,8 @@ def raise_for(result: Result) -> None:
     """Turn a reconcile result into kopf's retry semantics."""
     if result.state == "invalid":
         raise kopf.PermanentError(f"invalid spec: {result.message}")
+    if result.state == "rejected":
+        raise kopf.PermanentError(f"the API server refused a child: {result.message}")
     if result.state == "conflict":
         raise kopf.TemporaryError(result.message, delay=result.delay)
     if result.state == "waiting":

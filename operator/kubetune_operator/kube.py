@@ -30,11 +30,21 @@ COMPONENT = "kubetune-operator"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str = "", message: str = ""):
+    """A non-2xx answer. `causes` are the metav1.Status details' causes ({field, reason, message}), which name
+    the offending field of the object sent (e.g. `spec.template.spec.tolerations[0].operator`)."""
+
+    def __init__(self, status: int, reason: str = "", message: str = "", causes: list[dict] | None = None):
         super().__init__(f"{status} {reason}: {message}".strip())
         self.status = status
         self.reason = reason
         self.message = message
+        self.causes = list(causes or [])
+
+    @property
+    def invalid(self) -> bool:
+        """The object itself was refused (400 BadRequest, 413 too large, 422 Invalid): sending it again can
+        never succeed, so the caller must not retry."""
+        return self.status in (400, 413, 422)
 
     @property
     def not_found(self) -> bool:
@@ -95,8 +105,11 @@ class KubeApi:
         if not 200 <= resp.status < 300:
             try:
                 status = json.loads(data)
-                raise ApiError(resp.status, status.get("reason", ""), status.get("message", ""))
             except ValueError:
+                status = None
+            if isinstance(status, dict):
+                raise ApiError(resp.status, status.get("reason", ""), status.get("message", ""),
+                               (status.get("details") or {}).get("causes"))
                 raise ApiError(resp.status, "", data[:200].decode(errors="replace")) from None
         return json.loads(data) if data else None
 
@@ -114,9 +127,15 @@ class KubeApi:
                 return None
             raise
 
-    async def create(self, obj: dict) -> dict:
+    async def create(self, obj: dict, dry_run: bool = False) -> dict:
+        """POST the object; dry_run: the server validates and admits it (schema, quota on the object's own
+        kind, admission webhooks) without storing anything."""
         path = object_path(obj).rsplit("/", 1)[0]
-        return await self.request("POST", path, obj)
+        return await self.request("POST", path, obj, query={"dryRun": "All"} if dry_run else None)
+
+    async def list(self, path: str, **query: str) -> list[dict]:
+        """The items of a collection (one page; callers narrow with fieldSelector/labelSelector)."""
+        return list(((await self.request("GET", path, query=query or None)) or {}).get("items") or [])
 
     async def merge_patch(self, path: str, patch: dict) -> Optional[dict]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")

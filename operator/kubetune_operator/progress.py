@@ -21,7 +21,8 @@ trainer's termination message when the pod ends (status.py). Why this way:
 This is one loop started by the startup handler, not kopf timers: a kopf timer or daemon puts a finalizer on
 every FineTuneJob, which would block `kubectl delete` (and namespace deletion) whenever the operator is not
 running. The loop follows kopf peering (peering.py), so a standby replica stays quiet. The same loop deletes
-FineTuneJobs whose ttlSecondsAfterFinished has passed and, every `resync_interval_seconds`, reconciles every
+FineTuneJobs whose ttlSecondsAfterFinished has passed, reconciles Pending jobs without a running pod (pods the
+Job controller cannot create show only in events) and, every `resync_interval_seconds`, reconciles every
 unfinished job (a safety net for missed watch events).
 """
 
@@ -147,14 +148,19 @@ class ProgressLoop:
         for v in views:
             if ttl_due(v, now) and (v.namespace, v.name) not in self._ttl_denied:
                 await self._expire(v)
-        if now - self._last_resync >= self.settings.resync_interval_seconds:
+        resync = now - self._last_resync >= self.settings.resync_interval_seconds
+        if resync:
             self._last_resync = now
-            for v in views:
-                if not v.terminal:
-                    try:
-                        await self.reconciler.reconcile(v.namespace, v.name)
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("resync of %s/%s failed: %s", v.namespace, v.name, exc)
+        for v in views:
+            # A Pending job whose pods Kubernetes refuses to create changes nothing the operator watches (the
+            # refusal is only an event on the Job): look again every tick so PodsBlocked shows within one.
+            waiting = v.phase in (None, Phase.PENDING) and not any(
+                S.pod_is_running(p) for p in self.pods(v.namespace, v.name))
+            if not v.terminal and (resync or waiting):
+                try:
+                    await self.reconciler.reconcile(v.namespace, v.name)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("resync of %s/%s failed: %s", v.namespace, v.name, exc)
 
     async def _expire(self, v: JobView) -> None:
         try:

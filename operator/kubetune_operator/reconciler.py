@@ -10,6 +10,13 @@ Idempotent children: deterministic names; create, and on 409 read the existing o
 owner reference with this FineTuneJob's uid): use it. Labelled ours but without an owner (e.g. a manifest
 restored from a backup): adopt it. Owned by an older FineTuneJob of the same name (being garbage-collected):
 wait. Anything else: a name conflict, reported on the FineTuneJob, retried until the object is gone.
+
+Bad inputs end in a condition, never in a retry loop: before creating anything, every child is sent as a
+server-side dry run; a 400/413/422 fails the FineTuneJob (InvalidPodTemplate, ConfigTooLarge) with the API
+server's causes mapped back to spec fields (render.spec_field_of); a 403 (quota on object counts, RBAC) is
+Created=False and retried. Pods the Job controller cannot create (quota, missing PriorityClass/ServiceAccount)
+show only as FailedCreate events on the Job: they become Running=False/PodsBlocked. Spec edits reach the live
+Job in one step (_align_job); status.observedGeneration is the generation the live Job reflects.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from kubetune_api.report import TrainerReport
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
-from .render import TEMPLATE_HASH_ANNOTATION, child_names, render_children, template_hash
+from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children,
+                     render_children, spec_field_of, template_hash)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 
@@ -37,11 +45,78 @@ log = logging.getLogger(__name__)
 
 
 class ChildConflict(Exception):
-    """A child's name is taken by an object this FineTuneJob does not own; retry after `delay` seconds."""
+    """A child cannot be created yet: its name is taken by an object this FineTuneJob does not own, or the API
+    server forbids it for now (a ResourceQuota on object counts, missing RBAC). Reported as Created=False with
+    `reason`; retried after `delay` seconds (something outside the spec has to change)."""
 
-    def __init__(self, message: str, delay: float):
+    def __init__(self, message: str, delay: float, reason: str = Reason.CHILD_CONFLICT):
         super().__init__(message)
         self.delay = delay
+        self.reason = reason
+
+
+class ChildRejected(Exception):
+    """The API server refused a rendered child (400/413/422): the spec can never produce a valid object, so
+    this ends the FineTuneJob (Failed) instead of being retried. `field` is the FineTuneJob field at fault."""
+
+    def __init__(self, reason: str, field: str, message: str):
+        super().__init__(message if message.startswith(f"{field}: ") else f"{field}: {message}")
+        self.reason = reason
+        self.field = field
+        self.message = message
+
+
+CONFIG_MAP_MAX_BYTES = 1024 * 1024  # what the API server stores in one ConfigMap
+
+
+def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
+    """Translate the API server's refusal of `child` into the FineTuneJob's own words: each cause's field
+    mapped back to the spec field that produced it (render.spec_field_of), its message kept."""
+    kind, name = child["kind"], child["metadata"]["name"]
+    if kind == "ConfigMap":
+        size = sum(len(v.encode()) for v in (child.get("data") or {}).values())
+        return ChildRejected(Reason.INVALID_CONFIG, "spec",
+                             f"the resolved spec is {size} bytes, more than a ConfigMap holds "
+                             f"({CONFIG_MAP_MAX_BYTES} bytes): shrink the largest values (reward params, "
+                             f"affinity, pod annotations); the API server said: {_short(exc.message, 300)}")
+    parts: list[tuple[str, str]] = []
+    for cause in exc.causes:
+        where = spec_field_of(job, child, cause["field"]) if cause.get("field") else ""
+        parts.append((where, (cause.get("message") or cause.get("reason") or "").strip()))
+    if not any(f for f, _ in parts):
+        # no field named (an admission policy of the cluster): the whole spec is the only honest answer
+        parts = [("spec", exc.message)]
+    first = parts[0][0]
+    text = "; ".join(f"{f}: {m}" for f, m in parts)
+    return ChildRejected(Reason.INVALID_POD_TEMPLATE, first,
+                         f"{text} (the API server refused the {kind} {name} rendered from this spec)")
+
+
+def forbidden(child: dict, exc: ApiError) -> ChildConflict:
+    """403 on creating a child: a ResourceQuota on object counts (count/jobs.batch) or missing RBAC. Not the
+    spec's fault and not permanent: shown on the FineTuneJob and retried, without a traceback."""
+    return ChildConflict(f"the API server forbids creating the {child['kind']} {child['metadata']['name']}: "
+                         f"{_short(exc.message, 600)}", delay=30, reason=Reason.CHILD_FORBIDDEN)
+
+
+def applied_generation(job: dict, ftj: dict) -> Optional[int]:
+    """status.observedGeneration: the FineTuneJob generation the live Job reflects. A Job being deleted to be
+    re-created reflects nothing new yet (the previous value stays); a finished Job has nothing left to apply."""
+    gen = (ftj.get("metadata") or {}).get("generation")
+    previous = (ftj.get("status") or {}).get("observedGeneration")
+    meta = job.get("metadata") or {}
+    if S.job_finished(job):
+        return gen
+    if meta.get("deletionTimestamp"):
+        return previous if previous is not None else gen
+    try:
+        return int((meta.get("annotations") or {})[GENERATION_ANNOTATION])
+    except (KeyError, ValueError):
+        return gen  # a Job from an operator version without the annotation
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ChildLookup(Protocol):
@@ -87,7 +162,7 @@ def ftj_path(namespace: str, name: str) -> str:
 # ------------------------------------------------------------------------------------------------ results
 @dataclass
 class Result:
-    state: str  # gone | terminal | invalid | conflict | waiting | ok
+    state: str  # gone | terminal | invalid | rejected | conflict | waiting | ok
     message: str = ""
     delay: float = 0.0
     status: dict = field(default_factory=dict)
@@ -115,6 +190,7 @@ class Reconciler:
         self.lookup = lookup
         self.now = now
         self._states: dict[tuple[str, str], _KeyState] = {}
+        self._events_denied = False  # RBAC without `list` on events: warned once
 
     def _state(self, namespace: str, name: str) -> _KeyState:
         return self._states.setdefault((namespace, name), _KeyState())
@@ -200,27 +276,80 @@ class Reconciler:
                 if ensure_all:
                     await self._ensure_children(ftj, job_model, create_job=False)
                 job = await self._align_job(st, ftj, job_model, job)
+        except ChildRejected as exc:
+            log.info("%s/%s cannot run: %s", namespace, name, exc)
+            await self._write(st, ftj, S.invalid_spec_status(ftj, str(exc), now=self.now(), reason=exc.reason))
+            return Result("rejected", message=str(exc), status=st.status)
         except ChildConflict as exc:
             gen = ftj["metadata"].get("generation")
-            conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, Reason.CHILD_CONFLICT,
+            conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, exc.reason,
                                     str(exc), gen, self.now())
             await self._write(st, ftj, {**S.base_status(old_status), "conditions": conds, "observedGeneration": gen,
                                         "phase": S.derive_phase(conds), "message": str(exc)})
             return Result("conflict", message=str(exc), delay=exc.delay, status=st.status)
 
-        new = S.derive_status(ftj, job, pods, now=self.now())
+        blocked, since = await self._pods_refused(job, pods, job_model)
+        new = S.derive_status(ftj, job, pods, now=self.now(), blocked=blocked)
+        new["observedGeneration"] = applied_generation(job, ftj)
+        timeout = self.settings.pods_blocked_timeout_seconds
+        waited = S.seconds_between(since, self.now()) if blocked else None
+        if timeout and waited is not None and waited >= timeout:
+            message = f"{S.blocked_message(blocked)} (for {int(waited)} s; the operator gives up after {int(timeout)} s)"
+            new = S.invalid_spec_status(ftj, message, now=self.now(), reason=Reason.PODS_BLOCKED)
+            await self._write(st, ftj, new)
+            # the Job would otherwise start pods whenever the quota frees up, for a job reported Failed
+            await self.api.delete(object_path({**job, "apiVersion": "batch/v1", "kind": "Job"}))
+            return Result("terminal", status=st.status)
         await self._write(st, ftj, new)
         return Result("ok", status=st.status)
+
+    async def _pods_refused(self, job: dict, pods: list[dict], job_model: FineTuneJob) -> tuple[Optional[str], Optional[str]]:
+        """(message, first seen) of the Job controller's latest FailedCreate event while the Job lacks pods:
+        ResourceQuota, a missing PriorityClass or ServiceAccount, a LimitRange... Those live only in the Job's
+        events; the Job's status does not change. (None, None) when pods are not missing or nothing refused them."""
+        meta, spec = job.get("metadata") or {}, job.get("spec") or {}
+        if not meta.get("uid") or meta.get("deletionTimestamp") or spec.get("suspend") or S.job_finished(job):
+            return None, None
+        live = [p for p in S.pods_of_job(pods, job) if not S.pod_is_finished(p)
+                and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        if len(live) >= job_model.spec.resources.nodes:
+            return None, None
+        try:
+            events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
+                                         fieldSelector=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
+        except ApiError as exc:
+            if exc.status == 403 and not self._events_denied:
+                self._events_denied = True
+                log.warning("cannot list events (%s): pods that Kubernetes refuses to create are reported as "
+                            "pending only; grant `list` on events", exc.message)
+            elif exc.status != 403:
+                raise
+            return None, None
+        started = (job.get("status") or {}).get("startTime") or ""  # reset by the Job controller on resume
+
+        def last(e: dict) -> str:
+            return e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp") or ""
+
+        recent = sorted((e for e in events if last(e) >= started), key=last)
+        if not recent:
+            return None, None
+        first = min((e.get("firstTimestamp") or e.get("eventTime") or last(e)) for e in recent)
+        return recent[-1].get("message") or "pod creation failed", first
 
     # -------------------------------------------------------------------------------------------- children
     async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, *, create_job: bool) -> tuple[dict, bool]:
         children = render_children(job_model, ftj, self.settings)
         uid = ftj["metadata"]["uid"]
+        if create_job:
+            # A server-side dry run of every child first: a spec the API server refuses (a label, toleration or
+            # quantity core/v1 does not accept, a config too large) fails before anything is created.
+            for child in iter_children(children):
+                await self._dry_run(job_model, child)
         # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
         # config it started with.
-        await self._ensure(children.config_map, uid, update_data=create_job)
+        await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
         if children.service is not None:
-            await self._ensure(children.service, uid)
+            await self._ensure(children.service, uid, job_model=job_model)
         elif create_job:
             await self._delete_if_ours(
                 {"apiVersion": "v1", "kind": "Service",
@@ -228,14 +357,30 @@ class Reconciler:
                               "namespace": job_model.metadata.namespace}}, uid)
         if not create_job:
             return {}, False
-        return await self._ensure(children.job, uid)
+        return await self._ensure(children.job, uid, job_model=job_model)
 
-    async def _ensure(self, obj: dict, owner_uid: str, update_data: bool = False) -> tuple[dict, bool]:
+    async def _dry_run(self, job_model: FineTuneJob, child: dict) -> None:
+        try:
+            await self.api.create(child, dry_run=True)
+        except ApiError as exc:
+            if exc.invalid:
+                raise rejection(job_model, child, exc) from None
+            if exc.status == 403:
+                raise forbidden(child, exc) from None
+            if not exc.conflict:  # exists already: _ensure decides whether it is ours
+                raise
+
+    async def _ensure(self, obj: dict, owner_uid: str, update_data: bool = False,
+                      job_model: Optional[FineTuneJob] = None) -> tuple[dict, bool]:
         """(object, created). See the module docstring for what an existing object means."""
         kind, name = obj["kind"], obj["metadata"]["name"]
         try:
             return await self.api.create(obj), True
         except ApiError as exc:
+            if exc.invalid and job_model is not None:
+                raise rejection(job_model, obj, exc) from None
+            if exc.status == 403:
+                raise forbidden(obj, exc) from None
             if not exc.conflict:
                 raise
         existing = await self.api.get(object_path(obj))
@@ -252,7 +397,12 @@ class Reconciler:
             owner = owner_uid
         if owner == owner_uid:
             if update_data and "data" in obj and existing.get("data") != obj["data"]:
-                existing = await self.api.merge_patch(object_path(obj), {"data": obj["data"]}) or existing
+                try:
+                    existing = await self.api.merge_patch(object_path(obj), {"data": obj["data"]}) or existing
+                except ApiError as exc:
+                    if exc.invalid and job_model is not None:
+                        raise rejection(job_model, obj, exc) from None
+                    raise
             return existing, False
         if owner is not None:
             raise ChildConflict(f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {owner}), "
@@ -266,27 +416,65 @@ class Reconciler:
             await self.api.delete(object_path(obj))
 
     async def _align_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, job: dict) -> dict:
-        """Job.spec.suspend follows the FineTuneJob; a suspended Job whose template no longer matches the spec
-        (resources changed while suspended) is deleted and re-created (a Job's pod template is immutable)."""
+        """Bring the live Job in line with the spec, in one step per reconcile:
+
+        - a suspended Job whose pod template no longer matches is deleted and re-created, never resumed first:
+          one update that changes `resources` and sets `suspend: false` together (what Kueue does on
+          admission) must start pods from the NEW template (a Job's template is immutable);
+        - otherwise `suspend` and the fields batch/v1 lets change on a live Job (backoffLimit = retryLimit,
+          activeDeadlineSeconds) are patched in one merge patch, together with the generation annotation that
+          status.observedGeneration reports.
+        A running Job whose template differs (only an older CRD without the resources rule allows it) keeps
+        running; observedGeneration stays at the generation the Job reflects."""
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
-        want = bool(job_model.spec.suspend)
+        desired = render_children(job_model, ftj, self.settings).job
         path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
-        if bool((job.get("spec") or {}).get("suspend")) != want:
-            log.info("%s Job %s", "suspending" if want else "resuming", path)
-            patched = await self.api.merge_patch(path, {"spec": {"suspend": want}})
+        live_spec = job.get("spec") or {}
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        same_template = annotations.get(TEMPLATE_HASH_ANNOTATION) == template_hash(desired["spec"])
+        if not same_template and live_spec.get("suspend"):
+            log.info("re-creating suspended Job %s: the spec changed", path)
+            st.expected_deletion = job["metadata"].get("uid")
+            # Foreground: the Job disappears only after its pods, so new pods never overlap old ones
+            await self.api.delete(path, propagation="Foreground")
             job = copy.deepcopy(job)
-            job.setdefault("spec", {})["suspend"] = want
-            if patched:
-                job["status"] = patched.get("status") or job.get("status") or {}
-        if want:
-            desired = render_children(job_model, ftj, self.settings).job
-            have = ((job.get("metadata") or {}).get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION)
-            if have != template_hash(desired["spec"]):
-                log.info("re-creating suspended Job %s: the spec changed", path)
-                st.expected_deletion = job["metadata"].get("uid")
-                # Foreground: the Job disappears only after its pods, so new pods never overlap old ones
-                await self.api.delete(path, propagation="Foreground")
+            job["metadata"]["deletionTimestamp"] = self.now()
+            return job
+        patch: dict = {}
+        want = bool(job_model.spec.suspend)
+        if bool(live_spec.get("suspend")) != want:
+            log.info("%s Job %s", "suspending" if want else "resuming", path)
+            patch["suspend"] = want
+        for key in MUTABLE_JOB_FIELDS:
+            if live_spec.get(key) != desired["spec"].get(key):
+                patch[key] = desired["spec"].get(key)  # None removes it
+        meta_patch = {}
+        gen = desired["metadata"]["annotations"].get(GENERATION_ANNOTATION)
+        if same_template and gen and annotations.get(GENERATION_ANNOTATION) != gen:
+            meta_patch = {"annotations": {GENERATION_ANNOTATION: gen}}
+        if not patch and not meta_patch:
+            return job
+        body: dict = {}
+        if patch:
+            body["spec"] = patch
+        if meta_patch:
+            body["metadata"] = meta_patch
+        try:
+            patched = await self.api.merge_patch(path, body)
+        except ApiError as exc:
+            if not exc.invalid:
+                raise
+            raise rejection(job_model, desired, exc) from None
+        job = copy.deepcopy(job)
+        job.setdefault("spec", {}).update({k: v for k, v in patch.items() if v is not None})
+        for k, v in patch.items():
+            if v is None:
+                job["spec"].pop(k, None)
+        if meta_patch:
+            job["metadata"].setdefault("annotations", {}).update(meta_patch["annotations"])
+        if patched:
+            job["status"] = patched.get("status") or job.get("status") or {}
         return job
 
     # -------------------------------------------------------------------------------------------- status

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -40,6 +41,10 @@ WORK_DIR = "/var/lib/kubetune"
 PVC_ROOT = "/mnt/pvc"
 CONTAINER_NAME = "trainer"
 TEMPLATE_HASH_ANNOTATION = f"{C.GROUP}/template-hash"
+# The FineTuneJob generation the live Job reflects (status.observedGeneration follows it, not the spec).
+GENERATION_ANNOTATION = f"{C.GROUP}/spec-generation"
+# Job fields batch/v1 lets the operator change on a live Job; everything else needs a new Job.
+MUTABLE_JOB_FIELDS = ("backoffLimit", "activeDeadlineSeconds")
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 RUN_AS = 1000  # the trainer image's USER (trainer-image/Dockerfile)
 
@@ -75,7 +80,10 @@ def is_multi_node(spec: FineTuneJobSpec) -> bool:
 
 
 def uses_torchrun(spec: FineTuneJobSpec) -> bool:
-    return spec.resources.nodes > 1 or processes_per_node(spec) > 1
+    """Several processes, or DeepSpeed (which joins a process group even with one process: without torchrun
+    there is none and it fails with "Default process group has not been initialized")."""
+    deepspeed = spec.distributed is not None and spec.distributed.deepspeed is not None
+    return spec.resources.nodes > 1 or processes_per_node(spec) > 1 or deepspeed
 
 
 def spec_uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
@@ -413,7 +421,7 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if r.affinity:
-        pod_spec["affinity"] = copy.deepcopy(r.affinity)
+        pod_spec["affinity"] = r.affinity.to_k8s()
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
     if r.service_account_name:
@@ -430,8 +438,9 @@ def pod_failure_policy() -> dict:
 
 
 def template_hash(job_spec: dict) -> str:
-    """Digest of everything in the Job spec except `suspend` (the one field the operator patches in place)."""
-    data = {k: v for k, v in job_spec.items() if k != "suspend"}
+    """Digest of everything in the Job spec the operator cannot patch in place (all but `suspend` and
+    MUTABLE_JOB_FIELDS): when it differs, the spec change needs a new Job."""
+    data = {k: v for k, v in job_spec.items() if k != "suspend" and k not in MUTABLE_JOB_FIELDS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -456,6 +465,8 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     meta = _metadata(job, body, names.job, COMPONENT_TRAINER)
     meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(job_spec)}
+    if job.metadata.generation is not None:
+        meta["annotations"][GENERATION_ANNOTATION] = str(job.metadata.generation)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
@@ -471,3 +482,96 @@ def iter_children(children: Children) -> Iterable[dict]:
     if children.service is not None:
         yield children.service
     yield children.job
+
+
+# ------------------------------------------------------------------------------------------------ field origin
+_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[([^\]]*)\]")
+
+# Where the rendered pod spec takes each user-controlled field from (pod-spec key -> FineTuneJob field).
+_POD_SPEC_ORIGIN = {
+    "nodeSelector": "spec.resources.nodeSelector",
+    "tolerations": "spec.resources.tolerations",
+    "affinity": "spec.resources.affinity",
+    "priorityClassName": "spec.resources.priorityClassName",
+    "serviceAccountName": "spec.resources.serviceAccountName",
+    "subdomain": "metadata.name",
+}
+_JOB_SPEC_ORIGIN = {"backoffLimit": "spec.retryLimit", "activeDeadlineSeconds": "spec.activeDeadlineSeconds",
+                    "completions": "spec.resources.nodes", "parallelism": "spec.resources.nodes"}
+
+
+def _path_tokens(path: str) -> list[str]:
+    """`spec.template.spec.containers[0].resources.requests[nvidia.com/g pu]` ->
+    ['spec', 'template', 'spec', 'containers', '0', 'resources', 'requests', 'nvidia.com/g pu']"""
+    return [a or b for a, b in _PATH_TOKEN.findall(path or "")]
+
+
+def _at(obj: Any, tokens: list[str]) -> Any:
+    for t in tokens:
+        if isinstance(obj, list) and t.isdigit() and int(t) < len(obj):
+            obj = obj[int(t)]
+        elif isinstance(obj, dict) and t in obj:
+            obj = obj[t]
+        else:
+            return None
+    return obj
+
+
+def _rest(tokens: list[str]) -> str:
+    return "".join(f"[{t}]" if t.isdigit() else f".{t}" for t in tokens)
+
+
+def spec_field_of(job: FineTuneJob, child: dict, path: str) -> str:
+    """The FineTuneJob field that produced `path` of a rendered child, where the API server found a problem
+    (the `field` of a metav1.Status cause). Falls back to `spec` when the path is not user-controlled."""
+    t = _path_tokens(path)
+    kind = child.get("kind")
+    if t[:1] == ["metadata"]:
+        return "metadata.name"
+    if kind == "ConfigMap":
+        return "spec"  # the whole resolved spec is the ConfigMap's one key
+    if kind == "Service":
+        return "metadata.name"
+    if t[:2] != ["spec", "template"]:
+        return _JOB_SPEC_ORIGIN.get(t[1], "spec") if len(t) > 1 else "spec"
+    pod = t[2:]
+    if pod[:2] == ["metadata", "labels"]:
+        return "spec.resources.podLabels" + _rest(pod[2:])
+    if pod[:2] == ["metadata", "annotations"]:
+        return "spec.resources.podAnnotations" + _rest(pod[2:])
+    if pod[:1] != ["spec"] or len(pod) < 2:
+        return "spec.resources"
+    key, rest = pod[1], pod[2:]
+    if key in _POD_SPEC_ORIGIN:
+        return _POD_SPEC_ORIGIN[key] + _rest(rest)
+    if key == "volumes" and rest and rest[0].isdigit():
+        volume = _at(child, t[:5]) or {}
+        if "emptyDir" in volume and volume.get("name") == "dshm":
+            return "spec.resources.sharedMemory"
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        for field, uri, _ in spec_uri_fields(job.spec):
+            if claim and pvc_claim(uri) == claim:
+                return field
+        return "spec.resources"
+    if key == "containers" and len(rest) >= 2:
+        sub = rest[1]
+        if sub == "image":
+            return "spec.resources.image"
+        if sub == "resources" and len(rest) >= 4:
+            resource = rest[3]
+            return {"cpu": "spec.resources.cpu", "memory": "spec.resources.memory"}.get(
+                resource, "spec.resources.gpuResourceName")
+        if sub == "env" and len(rest) >= 3:
+            env = _at(child, t[:4] + rest[:3]) or {}
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is not None:
+                leaf = rest[-1] if rest[-1] in ("name", "key") else "name"
+                if leaf == "name":
+                    return "spec.output.credentials.secretName"
+                return ("spec.output.credentials.accessKeyIdKey" if env.get("name") == "AWS_ACCESS_KEY_ID"
+                        else "spec.output.credentials.secretAccessKeyKey")
+            if env.get("name") in ("AWS_ENDPOINT_URL",):
+                return "spec.output.endpoint"
+            if env.get("name") in ("AWS_REGION",):
+                return "spec.output.region"
+    return "spec.resources"

@@ -21,6 +21,7 @@ override the matching variables.
 | KUBETUNE_PROGRESS_WARNING_INTERVAL_SECONDS | 600 | at most one "progress unreachable" event per job per this many seconds |
 | KUBETUNE_RESYNC_INTERVAL_SECONDS | 300 | full re-reconcile of every unfinished job (safety net for missed watch events) |
 | KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS | 300 | trainer pods' terminationGracePeriodSeconds (time to checkpoint on SIGTERM) |
+| KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
 """
 
@@ -55,6 +56,7 @@ ENV_VARS: dict[str, str] = {
     "progress_max_concurrency": "KUBETUNE_PROGRESS_MAX_CONCURRENCY",
     "progress_warning_interval_seconds": "KUBETUNE_PROGRESS_WARNING_INTERVAL_SECONDS",
     "resync_interval_seconds": "KUBETUNE_RESYNC_INTERVAL_SECONDS",
+    "pods_blocked_timeout_seconds": "KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS",
     "trainer_termination_grace_seconds": "KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS",
     "trainer_metrics_port": "KUBETUNE_TRAINER_METRICS_PORT",
 }
@@ -83,6 +85,7 @@ class OperatorSettings(BaseModel):
     progress_max_concurrency: int = Field(32, ge=1)
     progress_warning_interval_seconds: float = Field(600.0, ge=0)
     resync_interval_seconds: float = Field(300.0, gt=0)
+    pods_blocked_timeout_seconds: float = Field(0.0, ge=0)
     trainer_termination_grace_seconds: int = Field(300, ge=0)
     trainer_metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=1, le=65535)
 

@@ -31,7 +31,8 @@ OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "compl
                 "restartCount", "progress", "forgetting", "artifacts", "message")
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
-                   Reason.CHILD_CONFLICT}
+                   Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
+                   Reason.TRUST_REMOTE_CODE}
 MESSAGE_MAX = 2048
 
 
@@ -129,7 +130,8 @@ def condition_changes(old: Iterable[dict] | None, new: Iterable[dict] | None) ->
         if before is None and c.get("status") == "False" and c["type"] not in (CT.RUNNING, CT.CREATED):
             continue
         warning = (c.get("reason") in WARNING_REASONS and c.get("status") == "True") or \
-            c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT)
+            c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT, Reason.PODS_BLOCKED,
+                                Reason.CHILD_FORBIDDEN)
         if c["type"] == CT.FORGETTING_EXCEEDED:
             warning = c.get("status") == "True"
         out.append(("Warning" if warning else "Normal", c))
@@ -388,9 +390,42 @@ def _forgetting_condition(conds: list[dict], forgetting: Optional[dict], gen, no
     return set_condition(conds, CT.FORGETTING_EXCEEDED, False, Reason.WITHIN_THRESHOLD, detail, gen, now)
 
 
-def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None) -> dict:
+def blocked_field(message: str) -> str:
+    """The spec field behind a pod-creation refusal (the Job controller's FailedCreate event message)."""
+    text = message.lower()
+    if "priorityclass" in text:
+        return "spec.resources.priorityClassName"
+    if "serviceaccount" in text or "service account" in text:
+        return "spec.resources.serviceAccountName"
+    if "quota" in text or "limitrange" in text or "maximum" in text or "minimum" in text:
+        return "spec.resources"
+    return "spec.resources"
+
+
+def blocked_message(event_message: str) -> str:
+    return (f"{blocked_field(event_message)}: Kubernetes does not create the trainer pods: "
+            f"{_short(event_message.strip(), 1024)}")
+
+
+def _remote_code_condition(conds: list[dict], spec: dict, gen, now) -> list[dict]:
+    """spec.model.trustRemoteCode runs Python from the model's repository inside the trainer pod: a reviewer
+    must be able to see that on the object (`kubectl describe`, a Warning event), not only in the spec."""
+    model = spec.get("model") or {}
+    if model.get("trustRemoteCode"):
+        return set_condition(conds, CT.TRUSTS_REMOTE_CODE, True, Reason.TRUST_REMOTE_CODE,
+                             f"spec.model.trustRemoteCode is true: the trainer runs Python code from the "
+                             f"repository of {model.get('source', 'the model')}", gen, now)
+    if get_condition(conds, CT.TRUSTS_REMOTE_CODE):
+        return [c for c in conds if c.get("type") != CT.TRUSTS_REMOTE_CODE]
+    return conds
+
+
+def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None,
+                  blocked: Optional[str] = None) -> dict:
     """The operator-owned status fields of `ftj`, given its child Job (None if absent) and the Job's pods.
-    Idempotent: feeding the result back (as ftj.status) with the same job and pods gives the same result."""
+    `blocked`: the Job controller's latest FailedCreate event message while pods are missing (ResourceQuota,
+    missing PriorityClass or ServiceAccount, ...). Idempotent: feeding the result back (as ftj.status) with the
+    same inputs gives the same result."""
     now = now or now_rfc3339()
     meta = ftj.get("metadata") or {}
     spec = ftj.get("spec") or {}
@@ -405,6 +440,7 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
         out["phase"] = derive_phase(conds)
         return out
 
+    conds = _remote_code_condition(conds, spec, gen, now)
     names = child_names(meta.get("name", ""))
     nodes = int((spec.get("resources") or {}).get("nodes", 1) or 1)
 
@@ -484,6 +520,9 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
                 msg = f"{failed_pods[-1]['metadata']['name']} failed ({crash_summary(failed_pods[-1])}); " \
                       f"retrying ({len(failed_pods)} failure(s), retryLimit {limit})"
                 conds = set_condition(conds, CT.RUNNING, False, Reason.RESTARTING, msg, gen, now)
+            elif blocked and len(live) < nodes:
+                msg = blocked_message(blocked)
+                conds = set_condition(conds, CT.RUNNING, False, Reason.PODS_BLOCKED, msg, gen, now)
             else:
                 msg = f"{n_running}/{nodes} trainer pod(s) running"
                 detail = waiting_detail(live)
@@ -497,13 +536,14 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
     return out
 
 
-def invalid_spec_status(ftj: dict, message: str, now: Optional[str] = None) -> dict:
-    """Status of a FineTuneJob whose spec cannot run (nothing is created for it)."""
+def invalid_spec_status(ftj: dict, message: str, now: Optional[str] = None, reason: str = Reason.INVALID_SPEC) -> dict:
+    """Status of a FineTuneJob whose spec cannot run (nothing is created for it): Failed with `reason`
+    (InvalidSpec; InvalidPodTemplate or ConfigTooLarge when the API server refused a rendered child)."""
     now = now or now_rfc3339()
     old = ftj.get("status") or {}
     gen = (ftj.get("metadata") or {}).get("generation")
     out = base_status(old)
-    conds = set_condition(old.get("conditions"), CT.FAILED, True, Reason.INVALID_SPEC, message, gen, now)
+    conds = set_condition(old.get("conditions"), CT.FAILED, True, reason, message, gen, now)
     out.update({"observedGeneration": gen, "conditions": conds, "phase": derive_phase(conds),
                 "completionTime": old.get("completionTime") or now, "message": _short(message, MESSAGE_MAX)})
     return out

@@ -249,7 +249,7 @@ NEEDED = [  # (group, resource, verbs) the operator needs in every namespace it 
     ("", "pods", ["get", "list", "watch"]),
     ("", "services", ["get", "create", "patch", "delete"]),
     ("", "configmaps", ["get", "create", "patch", "delete"]),
-    ("", "events", ["create"]),
+    ("", "events", ["create", "list"]),
 ]
 # Verbs the operator does not use (it merge-patches, never PUTs; it never lists its ConfigMaps and Services): the
 # chart must not grant them.

@@ -214,8 +214,6 @@ def summary(report, manifest: dict | None) -> str:
     p = report.progress
     if report.state == "succeeded":
         lines.append(f"kubetune: succeeded in {_fmt((manifest or {}).get('wallSeconds'), '.1f')} s")
-    else:
-        lines.append(f"kubetune: {report.state} ({report.reason}, exit {report.exit_code}): {report.message}")
     if p is not None and p.step is not None:
         lines.append(f"  steps        {p.step}/{p.total_steps}")
     loss = m.get("last_loss", p.loss if p else None)
@@ -244,6 +242,12 @@ def summary(report, manifest: dict | None) -> str:
             lines.append(f"  merged model {_local(a.merged_model_uri)}")
         if a.manifest_uri:
             lines.append(f"  manifest     {_local(a.manifest_uri)}")
+    if report.state != "succeeded":
+        # last, so it is the line a person (or a script's `tail -1`) sees: what failed and which field or file
+        what = report.message or ""
+        if report.field and report.field not in what:
+            what = f"{report.field}: {what}"
+        lines.append(f"kubetune: {report.state} ({report.reason}, exit {report.exit_code}): {what}")
     return "\n".join(lines)
 
 
@@ -275,8 +279,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import config
     from .errors import TrainerError
 
-    output = Path(args.output or DEFAULT_OUTPUT).resolve()
     try:
+        # --output takes a folder or file:///abs/dir (the spelling spec.output.uri uses)
+        output = config.local_output(args.output) if args.output else Path(DEFAULT_OUTPUT).resolve()
+        config.check_writable(output, "--output" if args.output else DEFAULT_OUTPUT)
         if args.manifest:
             try:
                 text = Path(args.manifest).read_text()
@@ -285,7 +291,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             source = args.manifest
         else:
             text, source = DEFAULT_JOB, "the built-in default job"
-        output.mkdir(parents=True, exist_ok=True)
         job = config.load_job_text(expand_local_vars(text, output), source)
         if args.output or not args.manifest:
             # --output (or the default job) decides where results go, whatever the manifest said.

@@ -4,6 +4,11 @@ The operator mounts the resolved FineTuneJob at /etc/kubetune/job.yaml; `kubetun
 person wrote. Either way a mistake must come back as a `ConfigError` that names the manifest field in the
 spelling the person typed (camelCase, e.g. `spec.training.learningRate`), not as a pydantic traceback.
 
+A local manifest never went through the API server, so it is parsed the way the API server would: duplicate
+keys, alias bombs and recursive aliases are refused with the line named, apiVersion and kind are checked.
+`preflight` checks what only the machine that runs the job can know (output folder writable, a process group
+for DeepSpeed, GPUs for nccl) before anything is downloaded.
+
 Import-light on purpose (no torch): `kubetune --help` and the CLI's argument handling go through here.
 """
 
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from kubetune_api.constants import KIND
+from kubetune_api.constants import API_VERSION, KIND
 from kubetune_api.finetunejob import FineTuneJob, parse_job, validate_spec
 
 from .errors import ConfigError
@@ -98,6 +103,10 @@ def job_from_dict(obj: Any, source: str = "manifest") -> FineTuneJob:
     kind = obj.get("kind")
     if kind not in (None, KIND):
         raise ConfigError(f"{source}: kind is {kind!r}, expected {KIND}", field="kind")
+    api_version = obj.get("apiVersion")
+    if kind is not None and api_version != API_VERSION:
+        # the API server would answer "no matches for kind FineTuneJob in version ..."
+        raise ConfigError(f"{source}: apiVersion is {api_version!r}, expected {API_VERSION}", field="apiVersion")
     if "spec" not in obj:
         raise ConfigError(f"{source}: a FineTuneJob needs a spec", field="spec")
     try:
@@ -106,14 +115,102 @@ def job_from_dict(obj: Any, source: str = "manifest") -> FineTuneJob:
         raise _field_error(_pydantic_problems(exc)) from None
 
 
-def load_job_text(text: str, source: str = "manifest") -> FineTuneJob:
-    """A YAML (or JSON) string, possibly several documents: the FineTuneJob among them is used."""
+# At most this many nodes after expanding aliases: a FineTuneJob has a few hundred; a "billion laughs" document
+# (a few lines of nested aliases) expands to hundreds of millions and would exhaust memory.
+MAX_EXPANDED_NODES = 100_000
+MAX_MANIFEST_BYTES = 3 * 1024 * 1024  # the API server's request size limit
+
+
+class _YamlProblem(Exception):
+    def __init__(self, node, message: str):
+        super().__init__(message)
+        self.line = node.start_mark.line + 1
+        self.message = message
+
+
+def _strict_loader():
+    """A yaml SafeLoader that refuses what the API server refuses or would choke on: duplicate mapping keys
+    (YAML says keys are unique; PyYAML silently keeps the last one) and documents whose aliases expand past
+    MAX_EXPANDED_NODES or refer to themselves."""
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            _check_expansion(node)
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # PyYAML reports unhashable keys itself
+                if key in seen:
+                    raise _YamlProblem(key_node, f"duplicate key {key!r} (first at line {seen[key]}); the API "
+                                                 "server refuses duplicate fields")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def _check_expansion(root) -> None:
+    import yaml
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YamlProblem(node, "a YAML alias refers to the node that contains it (recursive alias)")
+        active.add(key)
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v) for v in node.value)
+        else:
+            n = 1
+        active.discard(key)
+        if n > MAX_EXPANDED_NODES:
+            raise _YamlProblem(node, f"YAML aliases expand this document to more than {MAX_EXPANDED_NODES} nodes "
+                                     "(an alias bomb?); write the values out")
+        sizes[key] = n
+        return n
+
+    if root is not None:
+        size(root)
+
+
+def parse_yaml(text: str, source: str = "manifest") -> list:
+    """Every document of a YAML (or JSON) text, parsed strictly (see _strict_loader)."""
+    import yaml
+
+    if len(text.encode()) > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"{source} is {len(text.encode())} bytes; the API server accepts at most "
+                          f"{MAX_MANIFEST_BYTES}", field=source)
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.load_all(text, Loader=_strict_loader()) if d is not None]  # noqa: S506 - safe
+    except _YamlProblem as exc:
+        raise ConfigError(exc.message, field=f"{source} line {exc.line}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        if mark is None:
+            raise ConfigError(f"not valid YAML: {problem}", field=source) from None
+        raise ConfigError(f"not valid YAML: {problem}", field=f"{source} line {mark.line + 1}") from None
+
+
+def load_job_text(text: str, source: str = "manifest") -> FineTuneJob:
+    """A YAML (or JSON) string, possibly several documents: the FineTuneJob among them is used."""
+    docs = parse_yaml(text, source)
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if not jobs:
         # A bare spec-only mapping (no kind) is accepted too: handy for hand-written local files.
@@ -155,3 +252,55 @@ def validate_job(job: FineTuneJob) -> None:
     if problems:
         pairs = [tuple(p.split(": ", 1)) if ": " in p else ("spec", p) for p in problems]
         raise _field_error(pairs)
+
+
+# ------------------------------------------------------------------------------------------------ preflight
+def output_dir(uri: str) -> Path | None:
+    """The local folder an output URI writes to (file:// and, in a pod, pvc:// under KUBETUNE_PVC_ROOT)."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if uri.startswith("pvc://") and os.environ.get("KUBETUNE_PVC_ROOT"):
+        return Path(os.environ["KUBETUNE_PVC_ROOT"]) / uri[len("pvc://"):]
+    return None
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Create `folder` and write a probe file in it; ConfigError naming `field` if either fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kubetune-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {folder}: {exc.strerror or exc}", field=field) from None
+
+
+def local_output(arg: str) -> Path:
+    """`kubetune run --output X`: a folder, or a file:///abs/dir URI (the spec.output.uri spelling)."""
+    if arg.startswith("file://"):
+        arg = arg[len("file://"):]
+    elif "://" in arg:
+        raise ConfigError(f"--output takes a local folder or file:///abs/dir, got {arg!r} (set spec.output.uri "
+                          "in the manifest for s3:// or pvc://)", field="--output")
+    return Path(arg).expanduser().resolve()
+
+
+def preflight(job: FineTuneJob, settings: RunSettings) -> None:
+    """What only this machine can tell, checked before anything is downloaded: the output folder can be
+    written, DeepSpeed has a process group to join (torchrun), nccl has GPUs."""
+    spec = job.spec
+    out = output_dir(spec.output.uri)
+    if out is not None:
+        check_writable(out, "spec.output.uri")
+    d = spec.distributed
+    launched = "LOCAL_RANK" in os.environ  # torchrun (and the operator's launcher) set it for every worker
+    if d is not None and d.deepspeed is not None and not launched:
+        raise ConfigError("DeepSpeed needs a process group: run the trainer under torchrun (`torchrun "
+                          "--nproc-per-node 1 -m kubetune_trainer --config job.yaml`) or remove "
+                          "spec.distributed.deepspeed for a plain local run", field="spec.distributed.deepspeed")
+    if d is not None and d.backend == "nccl":
+        from . import distributed
+
+        if not distributed.has_cuda():
+            raise ConfigError("nccl needs NVIDIA GPUs and this machine has none: use backend gloo (or auto)",
+                              field="spec.distributed.backend")

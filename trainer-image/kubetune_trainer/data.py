@@ -253,15 +253,23 @@ def _kind(v: Any) -> str:
 
 def _check_kinds(first: dict, row: dict, i: int, name: str) -> None:
     """Arrow cannot hold a column that mixes value types ("Expected bytes, got a 'int' object" names neither
-    the column nor the row): name both."""
+    the column nor the row): name both. The same holds per key of a list's objects (e.g. chat messages)."""
+    def check(where: str, v: Any) -> None:
+        kind = _kind(v)
+        seen = first.setdefault(where, (kind, i))
+        if seen[0] != kind:
+            raise DataError(f"{where} mixes value types: {seen[0]} in row {seen[1]}, {kind} in row {i}", field=name)
+
     for col, v in row.items():
         if v is None:
             continue
-        kind = _kind(v)
-        seen = first.setdefault(col, (kind, i))
-        if seen[0] != kind:
-            raise DataError(f"column '{col}' mixes value types: {seen[0]} in row {seen[1]}, {kind} in row {i}",
-                            field=name)
+        check(f"column '{col}'", v)
+        if isinstance(v, list):
+            for item in v:
+                if isinstance(item, dict):
+                    for key, x in item.items():
+                        if x is not None:
+                            check(f"column '{col}' key '{key}'", x)
 
 
 def _diagnose_json(name: str, path: Path) -> None:
@@ -372,10 +380,33 @@ def _check_values(ds, name: str, fmt: str):
                 want = "a non-empty string"
             if not ok:
                 raise DataError(f"column '{col}' row {i + 1} should be {want}, got {str(v)[:60]!r}", field=name)
+    if fmt == "chat":
+        _check_conversations(ds, name)
     if fmt == "unpaired_preference" and ds.features["label"].dtype != "bool":
         ds = ds.map(lambda r: {"label": r["label"] in (True, 1) or str(r["label"]).lower() == "true"})
         ds = ds.cast_column("label", _bool_feature())
     return ds
+
+
+def _check_conversations(ds, name: str) -> None:
+    """Every conversation (all rows, not a sample: one bad row anywhere fails the run) has string roles and
+    contents and at least one assistant turn: SFT learns the assistant's turns, and without one TRL fails deep
+    in tokenization with an error about chat templates that names neither the file nor the row."""
+    row = 0
+    for batch in ds.iter(batch_size=1000):
+        for messages in batch["messages"]:
+            row += 1
+            if not _is_messages(messages) or not messages:
+                raise DataError(f"column 'messages' row {row} should be a non-empty list of {{role, content}} "
+                                f"messages, got {str(messages)[:60]!r}", field=name)
+            for turn, m in enumerate(messages):
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise DataError(f"row {row}, message {turn + 1}: role and content must be strings, got "
+                                    f"{str(m)[:80]!r}", field=name)
+            if not any(m["role"] == "assistant" for m in messages):
+                roles = [m["role"] for m in messages]
+                raise DataError(f"row {row} has no assistant turn (roles: {roles}); each conversation needs at "
+                                "least one message with role 'assistant' to learn from", field=name)
 
 
 def _bool_feature():

@@ -183,6 +183,7 @@ def run(job: FineTuneJob, settings: Optional[config.RunSettings] = None, *,
     try:
         job = config.apply_settings(job, settings)
         config.validate_job(job)
+        config.preflight(job, settings)
         from . import distributed
         from .monitoring import RunMonitor
 

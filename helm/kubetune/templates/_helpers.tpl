@@ -149,10 +149,11 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Events on FineTuneJobs (kopf and the operator POST core/v1 events)
+# Events on FineTuneJobs (kopf and the operator POST core/v1 events); list: the Job controller's FailedCreate
+# events explain pods Kubernetes will not create (quota, PriorityClass, ...)
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}
 
 {{/*

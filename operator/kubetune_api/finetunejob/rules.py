@@ -72,6 +72,8 @@ SPEC_CREATE_RULES = [
         "evaluation.reference", field_path=".evaluation.reference", reason="FieldValueForbidden"),
     cel("!has(self.dataset.eval) || !has(self.dataset.evalFraction)",
         "set either dataset.eval or dataset.evalFraction, not both", field_path=".dataset.evalFraction"),
+    cel("!has(self.distributed) || self.distributed.backend != 'nccl' || self.resources.gpus > 0",
+        "backend nccl needs GPUs (resources.gpus >= 1); use gloo or auto", field_path=".distributed.backend"),
     cel("!has(self.distributed) || !has(self.distributed.deepspeed) || self.adapter.type != 'qlora' || "
         "self.distributed.deepspeed.zeroStage != 3",
         "qlora cannot be combined with DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); use zeroStage 2",
@@ -82,9 +84,9 @@ SPEC_CREATE_RULES = [
 # --------------------------------------------------------------------------------------------------------
 # The Python side: called by the operator (PermanentError) and by the trainer before training. It repeats the
 # CEL rules above that `kubetune run` must also enforce (no apiserver there) and adds what CEL cannot do (or
-# should not, for cost): custom rewards need a source, nccl needs GPUs. CEL-only (the apiserver is the only
+# should not, for cost): custom rewards need a source. CEL-only (the apiserver is the only
 # gate; not repeated here): immutability, eval vs evalFraction, qlora with ZeRO-3, offloadParams below ZeRO-3,
-# adapter alpha > 0.
+# core/v1's rules on pod fields (a local run has no pods).
 # --------------------------------------------------------------------------------------------------------
 def validate_spec(spec: FineTuneJobSpec) -> list[str]:
     """The cross-field problems of `spec` as "field: problem; fix" strings (empty when valid)."""
@@ -124,6 +126,6 @@ def validate_spec(spec: FineTuneJobSpec) -> list[str]:
         custom = ":" in r.name
         if custom and not r.source:
             errors.append(f"rewards[{i}].source: custom reward '{r.name}' needs source (a .py file or folder URI)")
-    if spec.resources.nodes > 1 and spec.distributed and spec.distributed.backend == "nccl" and spec.resources.gpus == 0:
-        errors.append("spec.distributed.backend: nccl needs GPUs (resources.gpus >= 1); use gloo or auto")
+    if spec.distributed and spec.distributed.backend == "nccl" and spec.resources.gpus == 0:
+        errors.append("spec.distributed.backend: backend nccl needs GPUs (resources.gpus >= 1); use gloo or auto")
     return errors

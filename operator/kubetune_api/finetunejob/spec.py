@@ -7,17 +7,28 @@ Rules that involve one model sit on that model (CEL); rules that span the spec a
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Annotated, Optional, Union
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
+from .. import corev1
 from ..cel import cel, validations
 from ..common import (
     LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, Model, ObjectMeta, StorageCredentials, StrEnum, Toleration,
 )
 from .rules import SPEC_CREATE_RULES, SPEC_RULES
 from .status import FineTuneJobStatus
+
+
+# Bounds that keep the resolved spec (stored in a ConfigMap, at most 1 MiB) small whatever the manifest says:
+# tests/unit/test_api_bounds.py renders the largest spec the CRD accepts.
+REWARD_PARAM_MAX = 1024
+REWARD_PARAMS_MAX = 8
+REWARD_PARAM_NAME_MAX = 63
+REWARDS_MAX = 8
+MODULE_NAME_MAX = 256  # a module name or regex (targetModules)
+SOURCES_MAX = 32  # files or folders per dataset list (a folder holds any number of files)
 
 
 class Stage(StrEnum):
@@ -103,10 +114,10 @@ class DatasetSpec(Model):
         "or prompt_only. Each stage accepts only some formats (e.g. dpo needs preference).",
     )
     train: list[DatasetSource] = Field(
-        ..., min_length=1, max_length=LIST_MAX, description="Training data; several sources are concatenated."
+        ..., min_length=1, max_length=SOURCES_MAX, description="Training data; several sources are concatenated."
     )
     eval: Optional[list[DatasetSource]] = Field(
-        None, max_length=LIST_MAX, description="Held-out evaluation data. When absent, evalFraction of train is held out."
+        None, max_length=SOURCES_MAX, description="Held-out evaluation data. When absent, evalFraction of train is held out."
     )
     eval_fraction: Optional[float] = Field(
         None, ge=0.0, le=0.5,
@@ -122,6 +133,13 @@ class DatasetSpec(Model):
 class RewardFunction(Model):
     """One reward for RL stages: a built-in by name, or your own `module:function` shipped with `source`."""
 
+    model_config = ConfigDict(json_schema_extra=validations({
+        **cel(f"!has(self.params) || self.params.all(k, size(k) <= {REWARD_PARAM_NAME_MAX})",
+              f"reward parameter names are at most {REWARD_PARAM_NAME_MAX} characters", field_path=".params"),
+        "messageExpression": f"'reward parameter names are at most {REWARD_PARAM_NAME_MAX} characters, got ' + "
+                             f"self.params.filter(k, size(k) > {REWARD_PARAM_NAME_MAX})[0]",
+    }))
+
     name: str = Field(
         ..., max_length=NAME_MAX,
         description="A built-in reward (exact_match, normalized_match, numeric_match, regex_match, "
@@ -129,9 +147,10 @@ class RewardFunction(Model):
         "`source`. Custom functions and code_execution run in the trainer's reward sandbox, where allowed.",
     )
     weight: float = Field(1.0, description="Weight of this reward in the weighted sum.")
-    params: Optional[dict[str, str]] = Field(
-        None, json_schema_extra={"maxProperties": 32},
-        description="Parameters for the reward, as strings (e.g. tolerance: '0.01', pattern: '^<think>').",
+    params: Optional[dict[str, Annotated[str, StringConstraints(max_length=REWARD_PARAM_MAX)]]] = Field(
+        None, json_schema_extra={"maxProperties": REWARD_PARAMS_MAX},
+        description=f"Parameters for the reward, as strings of at most {REWARD_PARAM_MAX} characters (e.g. "
+        "tolerance: '0.01', pattern: '^<think>').",
     )
     source: Optional[str] = Field(
         None, max_length=URI_MAX, pattern=URI_PATTERN,
@@ -165,7 +184,7 @@ class GRPOParams(Model):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
     beta: float = Field(0.0, ge=0, description="KL penalty against the reference model (0 disables it).")
     rewards: list[RewardFunction] = Field(
-        ..., min_length=1, max_length=16, description="Reward functions; the reward is their weighted sum."
+        ..., min_length=1, max_length=REWARDS_MAX, description="Reward functions; the reward is their weighted sum."
     )
 
 
@@ -179,7 +198,7 @@ class RLOOParams(Model):
         description="A sequence-classification reward model (e.g. the output of a `reward` stage job).",
     )
     rewards: Optional[list[RewardFunction]] = Field(
-        None, max_length=16, description="Reward functions, alone or added to the reward model's score."
+        None, max_length=REWARDS_MAX, description="Reward functions, alone or added to the reward model's score."
     )
 
 
@@ -220,7 +239,8 @@ class TrainingSpec(Model):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     max_length: int = Field(1024, ge=8, le=1048576, description="Maximum tokens per example (or per packed row).")
     packing: bool = Field(False, description="Pack several examples into each row (cpt, sft) for throughput.")
-    seed: int = Field(42, ge=0, description="Seed for data order, initialisation and sampling.")
+    seed: int = Field(42, ge=0, le=2 ** 32 - 1,
+                      description="Seed for data order, initialisation and sampling (0 to 2^32-1, numpy's range).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     precision: str = Field(
@@ -256,7 +276,7 @@ class GaLoreSpec(Model):
     rank: int = Field(128, ge=1, le=8192, description="Rank of the gradient projection.")
     update_proj_gap: int = Field(200, ge=1, description="Steps between recomputing the projection (SVD).")
     scale: float = Field(0.25, gt=0, description="Scale applied to the projected update.")
-    target_modules: list[str] = Field(
+    target_modules: list[Annotated[str, StringConstraints(max_length=MODULE_NAME_MAX)]] = Field(
         default_factory=lambda: ["attn", "mlp"], max_length=LIST_MAX,
         description="Name fragments of the linear layers whose gradients are projected.",
     )
@@ -283,8 +303,6 @@ class AdapterSpec(Model):
                 reason="FieldValueForbidden"),
             cel("self.type == 'galore' || !has(self.galore)",
                 "adapter.galore is only for type galore", field_path=".galore", reason="FieldValueForbidden"),
-            cel("!has(self.alpha) || !has(self.rank) || self.alpha > 0",
-                "adapter.alpha must be positive", field_path=".alpha"),
         )
     )
 
@@ -293,11 +311,14 @@ class AdapterSpec(Model):
         "(full weights, low-rank projected optimizer) or full.",
     )
     rank: Optional[int] = Field(None, ge=1, le=4096, description="LoRA rank r (lora/qlora/dora). Default 16.")
-    alpha: Optional[float] = Field(None, description="LoRA alpha (scaling = alpha/r). Default 2*rank.")
+    alpha: Optional[float] = Field(
+        None, gt=0, description="LoRA alpha (scaling = alpha/r), greater than 0 (0 makes an adapter that changes "
+        "nothing). Default 2*rank.")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="LoRA dropout. Default 0.05.")
-    target_modules: Optional[list[str]] = Field(
-        None, max_length=LIST_MAX,
-        description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear']. Default all-linear. "
+    target_modules: Optional[list[Annotated[str, StringConstraints(max_length=MODULE_NAME_MAX)]]] = Field(
+        None, min_length=1, max_length=LIST_MAX,
+        description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear']; omit it for the default, "
+        "all-linear (an empty list is refused rather than silently meaning all). "
         "Names that match no module fail the job before training.",
     )
     use_rslora: Optional[bool] = Field(None, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
@@ -316,7 +337,7 @@ class EarlyStoppingSpec(Model):
 
 class EvaluationSpec(Model):
     reference: Optional[list[DatasetSource]] = Field(
-        None, max_length=LIST_MAX,
+        None, max_length=SOURCES_MAX,
         description="General-domain text (format text) for the forgetting check: perplexity is measured on it "
         "before and after training.",
     )
@@ -336,11 +357,24 @@ class EvaluationSpec(Model):
 
 
 class ResourcesSpec(Model):
+    """Where and how the trainer pods run. Every field here is copied into the pod template, so each carries
+    core/v1's rule for it (kubetune_api.corev1): the API server refuses a bad value at `kubectl apply`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {**corev1.map_keys_rule("node label key", "self.nodeSelector"), "fieldPath": ".nodeSelector"},
+            {**corev1.map_keys_rule("pod label key", "self.podLabels"), "fieldPath": ".podLabels"},
+            {**corev1.map_keys_rule("pod annotation key", "self.podAnnotations"), "fieldPath": ".podAnnotations"},
+        )
+    )
+
     gpus: int = Field(1, ge=0, le=64, description="GPUs per node (requests = limits of gpuResourceName).")
     gpu_resource_name: str = Field(
-        "nvidia.com/gpu", max_length=NAME_MAX, description="Extended resource name for GPUs (e.g. amd.com/gpu)."
+        "nvidia.com/gpu", max_length=corev1.QUALIFIED_NAME_MAX, pattern=corev1.EXTENDED_RESOURCE,
+        description="Extended resource name for GPUs, with its domain (e.g. nvidia.com/gpu, amd.com/gpu).",
     )
-    cpu: Optional[Union[str, int]] = Field(None, json_schema_extra=QUANTITY, description="CPU request per node pod, e.g. '8'.")
+    cpu: Optional[Union[str, int]] = Field(None, json_schema_extra=QUANTITY,
+                                           description="CPU request per node pod, e.g. '8' (non-negative).")
     memory: Optional[Union[str, int]] = Field(
         None, json_schema_extra=QUANTITY, description="Memory request and limit per node pod, e.g. 64Gi."
     )
@@ -349,27 +383,28 @@ class ResourcesSpec(Model):
         description="Size of /dev/shm (a memory-backed emptyDir); data loaders and NCCL need more than the 64Mi default.",
     )
     nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods); >1 runs torchrun across an indexed Job.")
-    node_selector: Optional[dict[str, str]] = Field(
+    node_selector: Optional[dict[str, corev1.LabelValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Node labels the pods must match."
     )
     tolerations: Optional[list[Toleration]] = Field(
-        None, max_length=LIST_MAX,
+        None, max_length=corev1.TOLERATIONS_MAX,
         description="Tolerations for the pods. A toleration for the GPU resource taint is added automatically.",
     )
-    affinity: Optional[dict[str, Any]] = Field(
-        None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-        description="A core/v1 Affinity, copied to the pods unchanged.",
+    affinity: Optional[corev1.Affinity] = Field(
+        None, description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), copied to the pods.",
     )
-    priority_class_name: Optional[str] = Field(None, max_length=NAME_MAX, description="PriorityClass of the pods.")
-    image: Optional[str] = Field(None, max_length=URI_MAX, description="Trainer image override.")
-    pod_labels: Optional[dict[str, str]] = Field(
+    priority_class_name: Optional[str] = Field(None, max_length=corev1.DNS_SUBDOMAIN_MAX,
+                                               pattern=corev1.DNS_SUBDOMAIN, description="PriorityClass of the pods.")
+    image: Optional[str] = Field(None, max_length=URI_MAX, pattern=corev1.NO_EDGE_SPACE,
+                                 description="Trainer image override.")
+    pod_labels: Optional[dict[str, corev1.LabelValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Extra labels on the pods."
     )
-    pod_annotations: Optional[dict[str, str]] = Field(
+    pod_annotations: Optional[dict[str, corev1.AnnotationValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Extra annotations on the pods."
     )
     service_account_name: Optional[str] = Field(
-        None, max_length=NAME_MAX,
+        None, max_length=corev1.DNS_SUBDOMAIN_MAX, pattern=corev1.DNS_SUBDOMAIN,
         description="ServiceAccount for the trainer pods (default: the namespace's default; the trainer needs no "
         "Kubernetes API access).",
     )

@@ -111,8 +111,14 @@ def merge(target: Any, patch: Any) -> Any:
 
 
 class FakeKube:
+    """An in-memory API server. `refuse(kind, error)` makes creating objects of that kind fail with `error`
+    (an ApiError, as the real server answers a child core/v1 does not accept); `core_events` are the events
+    other controllers posted (the Job controller's FailedCreate), listed by involvedObject.uid."""
+
     def __init__(self):
         self.objects: dict[str, dict] = {}
+        self.refusals: dict[str, ApiError] = {}
+        self.core_events: list[dict] = []
         self.events: list[dict] = []
         self.calls: list[tuple[str, str]] = []
         self._uids = itertools.count(1)
@@ -135,12 +141,19 @@ class FakeKube:
         obj = self.objects.get(path)
         return copy.deepcopy(obj) if obj else None
 
-    async def create(self, obj: dict) -> dict:
+    def refuse(self, kind: str, error: ApiError) -> None:
+        self.refusals[kind] = error
+
+    async def create(self, obj: dict, dry_run: bool = False) -> dict:
         path = object_path(obj)
-        self.calls.append(("POST", path))
+        self.calls.append(("DRYRUN" if dry_run else "POST", path))
         await asyncio.sleep(0)  # a real call yields to other tasks
         if path in self.objects:
             raise ApiError(409, "AlreadyExists", f"{path} already exists")
+        if obj["kind"] in self.refusals:
+            raise self.refusals[obj["kind"]]
+        if dry_run:
+            return copy.deepcopy(obj)
         obj = copy.deepcopy(obj)
         obj["metadata"]["creationTimestamp"] = "2026-01-01T00:00:01Z"
         return copy.deepcopy(self.put(obj))
@@ -167,11 +180,20 @@ class FakeKube:
         await asyncio.sleep(0)  # a real call yields to other tasks
         return self.objects.pop(path, None) is not None
 
-    async def request(self, method: str, path: str, body: Any = None, **_: Any) -> Optional[dict]:
+    async def list(self, path: str, **query: str) -> list[dict]:
+        return list((await self.request("GET", path, query=query) or {}).get("items") or [])
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> Optional[dict]:
         self.calls.append((method, path))
         if method == "POST" and path.endswith("/events"):
             self.events.append(copy.deepcopy(body))
             return body
+        if method == "GET" and path.endswith("/events"):
+            selector = dict(p.split("=", 1) for p in ((kw.get("query") or {}).get("fieldSelector") or "").split(",")
+                            if p)
+            items = [e for e in self.core_events
+                     if all(str(_dig(e, k)) == v for k, v in selector.items())]
+            return {"items": copy.deepcopy(items)}
         raise NotImplementedError(f"{method} {path}")
 
     def dump(self) -> str:
@@ -179,6 +201,12 @@ class FakeKube:
 
     def mutations(self) -> list[tuple[str, str]]:
         return [c for c in self.calls if c[0] in ("POST", "PATCH", "DELETE") and not c[1].endswith("/events")]
+
+
+def _dig(obj: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = (obj or {}).get(part) if isinstance(obj, dict) else None
+    return obj
 
 
 class FakeLookup:

@@ -30,6 +30,7 @@ class RunSettings:
     termination_log: Path | None = None
     job_name: str | None = None
     namespace: str | None = None
+    run_id: str | None = None  # KUBETUNE_RUN_ID: the operator sets the FineTuneJob's uid, the CLI a fresh id
 
     @property
     def cache_dir(self) -> Path:
@@ -52,6 +53,7 @@ class RunSettings:
             "termination_log": Path(term) if term else None,
             "job_name": env.get("KUBETUNE_JOB_NAME") or None,
             "namespace": env.get("KUBETUNE_NAMESPACE") or None,
+            "run_id": env.get("KUBETUNE_RUN_ID") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["work_dir"] = Path(values["work_dir"]).resolve()

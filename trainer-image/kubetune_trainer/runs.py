@@ -222,6 +222,29 @@ def latest_result(store: OutputStore) -> Optional[tuple[dict, dict]]:
     return entry, man
 
 
+def resumable(store: OutputStore, run_id: Optional[str] = None) -> str:
+    """The run `kubetune run --resume [RUN_ID]` continues: RUN_ID (it must exist and be unfinished) or the
+    newest unfinished run of the job (run.json but no manifest.json). ConfigError naming what exists otherwise."""
+    ids = store.list_dirs(RUNS)
+    finished = {i for i in ids if store.exists(f"{RUNS}/{i}/{MANIFEST}")}
+    if run_id:
+        check_run_id(run_id, "--resume")
+        if run_id not in ids:
+            raise ConfigError(f"--resume {run_id}: no such run under {store.uri(RUNS)}/ (runs: {ids or 'none'})",
+                              field="--resume")
+        if run_id in finished:
+            raise ConfigError(f"--resume {run_id}: that run already finished; its result is at "
+                              f"{store.uri(f'{RUNS}/{run_id}/')}", field="--resume")
+        return run_id
+    created = {i: (read_json(store, f"{RUNS}/{i}/{RUN_RECORD}") or {}).get("createdAt") or "" for i in ids
+               if i not in finished}
+    if not created:
+        raise ConfigError(f"--resume: no interrupted run of this job under {store.root_uri} (finished: "
+                          f"{sorted(finished) or 'none'}); run without --resume to start a fresh one",
+                          field="--resume")
+    return max(created, key=lambda i: (created[i], i))
+
+
 # ------------------------------------------------------------------------------------------------ retention
 def apply_retention(store: OutputStore, keep_runs: int, current: str) -> list[str]:
     """Delete the runs beyond the newest `keep_runs` (spec.output.keepRuns), never `current`. Only an explicit

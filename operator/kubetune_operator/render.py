@@ -250,6 +250,9 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
     env: list[dict] = [
         {"name": "KUBETUNE_JOB_NAME", "value": job.metadata.name},
         {"name": "KUBETUNE_NAMESPACE", "value": job.metadata.namespace},
+        # The run id: this FineTuneJob's uid. Restarted, preempted and resumed pods keep it (they resume the run's
+        # own checkpoints); a re-created job of the same name gets a new one and starts fresh beside the old run.
+        *([{"name": "KUBETUNE_RUN_ID", "value": job.metadata.uid}] if job.metadata.uid else []),
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         # $(POD_IP) expands only because POD_IP is defined above it.

@@ -142,6 +142,9 @@ def test_env_contract():
     env = env_of(job)
     values = {k: v.get("value") for k, v in env.items()}
     assert values["KUBETUNE_JOB_NAME"] == "demo" and values["KUBETUNE_NAMESPACE"] == NS
+    # the run id is the FineTuneJob's uid: a re-created job (new uid) never resumes the old run's checkpoints
+    body = ftj()
+    assert values["KUBETUNE_RUN_ID"] == body["metadata"]["uid"]
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     names = [e["name"] for e in container(job)["env"]]

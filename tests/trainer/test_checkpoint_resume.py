@@ -352,7 +352,7 @@ def test_pod_entrypoint_sigterm_then_resume(s3, tmp_path, monkeypatch):  # noqa:
     cfg.write_text(yaml.safe_dump(job))
     # No uid and no KUBETUNE_RUN_ID: the run id derives from the spec, so the second pod finds the first's run.
     from kubetune_trainer import runs
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     store = runs.run_store(parse_job(job), runs.identify(parse_job(job)).run_id)
     assert store.root_uri.startswith(f"s3://{bucket}/runs/t/cpt-term/runs/spec-")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.models import parse_job
+from kubetune_api.finetunejob import parse_job
 from kubetune_trainer import artifacts, runs
 from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from kubetune_api.models import parse_job
+from kubetune_api.finetunejob import parse_job
 from kubetune_trainer import checkpointing, runs, storage
 from kubetune_trainer.errors import ConfigError
 from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)

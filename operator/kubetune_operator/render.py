@@ -32,7 +32,7 @@ import yaml
 
 from kubetune_api import constants as C
 from kubetune_api.defaults import processes_per_node
-from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec
+from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec, uri_fields
 
 from .settings import OperatorSettings
 
@@ -80,25 +80,7 @@ def uses_torchrun(spec: FineTuneJobSpec) -> bool:
 
 def spec_uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
     """Every URI the job reads or writes, as (field path in the manifest, uri, writable)."""
-    out: list[tuple[str, str, bool]] = [("spec.model.source", spec.model.source, False)]
-    if spec.model.tokenizer:
-        out.append(("spec.model.tokenizer", spec.model.tokenizer, False))
-    out += [(f"spec.dataset.train[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.train)]
-    out += [(f"spec.dataset.eval[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.eval or [])]
-    if spec.evaluation and spec.evaluation.reference:
-        out += [(f"spec.evaluation.reference[{i}].uri", s.uri, False)
-                for i, s in enumerate(spec.evaluation.reference)]
-    t = spec.training
-    for stage, block in (("grpo", t.grpo), ("rloo", t.rloo)):
-        for i, reward in enumerate((getattr(block, "rewards", None) or []) if block else []):
-            if reward.source:
-                out.append((f"spec.training.{stage}.rewards[{i}].source", reward.source, False))
-    if t.rloo and t.rloo.reward_model:
-        out.append(("spec.training.rloo.rewardModel", t.rloo.reward_model, False))
-    if t.ppo:
-        out.append(("spec.training.ppo.rewardModel", t.ppo.reward_model, False))
-    out.append(("spec.output.uri", spec.output.uri, True))
-    return out
+    return uri_fields(spec)
 
 
 def spec_uris(spec: FineTuneJobSpec) -> list[tuple[str, bool]]:

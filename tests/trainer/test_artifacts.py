@@ -48,7 +48,8 @@ def test_layout_and_reported_uris(finished):
     assert (out / "merged" / "model.safetensors").exists()
     assert not list(out.glob("*.tmp-*"))  # no staging leftovers
     a = report.artifacts
-    assert a.output_uri == f"file://{out}/"
+    assert a.output_uri == f"file://{out}/" and a.run_id == out.name
+    assert a.index_uri == f"file://{job_dir(job)}/runs.json"
     assert (a.adapter_uri, a.merged_model_uri, a.manifest_uri) == (
         f"file://{out}/adapter", f"file://{out}/merged", f"file://{out}/manifest.json")
     assert a.latest_checkpoint == f"file://{out}/checkpoints/checkpoint-4"

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from kubetune_api.finetunejob import Artifacts, FineTuneJob, Forgetting
 
-from . import adapters
+from . import adapters, runs
 from .data import file_digest
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,9 @@ def publish(record: RunRecord, store, local_dir: Path, adapter_dir: Path, tokeni
             plot_curves(local_dir / "metrics.jsonl", local_dir / "curves.png")
         except Exception as exc:  # noqa: BLE001 - a missing plot must not fail a finished training run
             log.warning("could not plot the training curves: %s", exc)
-    arts = Artifacts(output_uri=store.root_uri, adapter_uri=store.uri("adapter"), merged_model_uri=merged_uri,
-                     manifest_uri=store.uri(MANIFEST), latest_checkpoint=latest_checkpoint)
+    arts = Artifacts(output_uri=store.root_uri, run_id=record.run.get("id"), adapter_uri=store.uri("adapter"),
+                     merged_model_uri=merged_uri, manifest_uri=store.uri(MANIFEST), latest_checkpoint=latest_checkpoint,
+                     index_uri=job_store.uri(runs.INDEX) if job_store is not None else None)
     (local_dir / "README.md").write_text(model_card(record, arts))
     (local_dir / MANIFEST).write_text(json.dumps(manifest(record, arts), indent=2, default=str) + "\n")
     upload_result(store, local_dir, job_store=job_store)
@@ -290,8 +291,6 @@ def upload_result(store, local_dir: Path, *, job_store=None) -> None:
     Storage calls only, no torch: the fault-injection test kills it after each call. Files of an earlier attempt
     of the SAME run (a pod that died mid-publish) are replaced; nothing outside the run's prefix is touched but
     runs.json, which is one object written whole."""
-    from . import runs
-
     local_dir = Path(local_dir)
     for folder in RESULT_FOLDERS:
         if (local_dir / folder).is_dir():

@@ -254,7 +254,7 @@ def _resume_point(job: FineTuneJob, store, work: Path, record, digest_future) ->
     if resume:
         record.resumed_from = store.uri(f"{checkpointing.CHECKPOINTS}/{resume.name}")
         return resume
-    ref = getattr(job.spec, "resume_from", None)
+    ref = job.spec.resume_from
     if not ref:
         return None
     src = runs.resolve_resume_from(job, ref)
@@ -432,7 +432,7 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
         latest = sync.last_uri or (store.uri(rel) if (rel := checkpointing.latest_checkpoint(store)) else None)
         arts = artifacts.publish(record, store, local, adapter_dir, tokenizer, monitor.metrics_path,
                                  latest_checkpoint=latest, job_store=job_store)
-        keep_runs = getattr(spec.output, "keep_runs", None)
+        keep_runs = spec.output.keep_runs
         if keep_runs:
             runs.apply_retention(job_store, keep_runs, current=ident.run_id)
         state["artifacts"] = arts

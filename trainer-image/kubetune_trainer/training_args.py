@@ -55,7 +55,7 @@ BEST_METRIC: dict[str, tuple[str, bool]] = {
 
 def publish_policy(job: FineTuneJob) -> str:
     """spec.output.publish: "best" (default) or "last"."""
-    return getattr(job.spec.output, "publish", None) or "best"
+    return job.spec.output.publish
 
 
 def best_model(job: FineTuneJob, *, has_eval: bool) -> tuple[tuple[str, bool] | None, str]:

@@ -91,3 +91,14 @@ def test_best_survives_a_restart(make_job, run_job, tiny_data):
     assert resumed in (7, 8) and best < resumed, (resumed, evals)  # the SIGTERM checkpoint, after the best step
     assert (m["published"]["step"], m["published"]["reason"]) == (best, "best")
     assert _same(_weights(out / "adapter"), _weights(out / "checkpoints" / f"checkpoint-{best}"))
+
+
+def test_publish_last_when_the_manifest_asks(make_job, run_job, tiny_data):
+    job = _job(make_job, tiny_data, checkpointEverySteps=6)
+    job.spec.output.publish = "last"
+    report = run_job(job)
+    assert report.state == "succeeded", report.message
+    out = output_dir(job)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["published"] == {"step": STEPS, "reason": "last", "why": "output.publish: last"}
+    assert _same(_weights(out / "adapter"), _weights(out / "checkpoints" / f"checkpoint-{STEPS}"))

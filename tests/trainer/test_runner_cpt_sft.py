@@ -258,3 +258,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(make_job, run_job):
     assert (output_dir(job) / "checkpoints" / f"checkpoint-{step}" / "_COMPLETE").exists()
     assert report.artifacts.latest_checkpoint.endswith(f"checkpoint-{step}")
     assert not (output_dir(job) / "manifest.json").exists()  # no result for an unfinished run
+
+
+def test_resume_from_continues_another_run_only_when_compatible(make_job, run_job):
+    """spec.resumeFrom: the explicit way to continue an old run's weights, optimizer and step; another adapter
+    configuration is refused with the field named, before any training."""
+    old = make_job(training={"maxSteps": 4, "checkpointEverySteps": 2})
+    old.metadata.uid = "uid-old"
+    assert run_job(old).state == "succeeded"
+    refused = make_job(training={"maxSteps": 6, "checkpointEverySteps": 2}, adapter={"rank": 4},
+                       resumeFrom="uid-old")
+    refused.metadata.uid = "uid-refused"
+    report = run_job(refused, work="work-refused")
+    assert report.state == "failed" and report.exit_code == 78 and report.field == "spec.resumeFrom"
+    assert "adapter settings differ (rank)" in report.message
+    new = make_job(training={"maxSteps": 6, "checkpointEverySteps": 2}, resumeFrom="uid-old")
+    new.metadata.uid = "uid-new"
+    report = run_job(new, work="work-2")
+    assert report.state == "succeeded" and report.progress.step == 6
+    m = manifest(new)
+    assert m["resumedFrom"] == f"file://{output_dir(old)}/checkpoints/checkpoint-4" and m["run"]["id"] == "uid-new"
+    assert (output_dir(new) / "checkpoints" / "checkpoint-6" / "_COMPLETE").exists()
+    assert not (output_dir(old) / "checkpoints" / "checkpoint-6").exists()  # the old run is only read

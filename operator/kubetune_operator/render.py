@@ -37,6 +37,7 @@ from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec, uri_fields
 from .settings import OperatorSettings
 
 WORK_DIR = "/var/lib/kubetune"
+CACHE_DIR = "/var/cache/kubetune"  # spec.resources.cacheClaim, when set (downloads that outlive the pod)
 PVC_ROOT = "/mnt/pvc"
 CONTAINER_NAME = "trainer"
 TEMPLATE_HASH_ANNOTATION = f"{C.GROUP}/template-hash"
@@ -243,6 +244,7 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
         {"name": "KUBETUNE_TERMINATION_LOG", "value": C.TERMINATION_LOG},
         {"name": "KUBETUNE_WORK_DIR", "value": WORK_DIR},
         {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        *([{"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR}] if spec.resources.cache_claim else []),
         {"name": "HOME", "value": "/tmp"},  # caches (HF, torch, matplotlib) need a writable home
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},  # read-only root filesystem
@@ -328,6 +330,9 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory",
                                                      "sizeLimit": str(spec.resources.shared_memory)}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if spec.resources.cache_claim:
+        volumes.append({"name": "download-cache", "persistentVolumeClaim": {"claimName": spec.resources.cache_claim}})
+        mounts.append({"name": "download-cache", "mountPath": CACHE_DIR})
     for claim, writable in pvc_claims(spec).items():
         vol = _pvc_volume_name(claim)
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})

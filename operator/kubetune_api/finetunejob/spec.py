@@ -347,6 +347,12 @@ class ResourcesSpec(Model):
         None, json_schema_extra=QUANTITY,
         description="Size of /dev/shm (a memory-backed emptyDir); data loaders and NCCL need more than the 64Mi default.",
     )
+    cache_claim: Optional[str] = Field(
+        None, max_length=NAME_MAX, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A PersistentVolumeClaim (ReadWriteMany for several nodes) for downloaded models and data. "
+        "Without it each pod downloads into its own emptyDir, and a retried pod (a new pod) downloads it all "
+        "again; with it, files whose ETag and size match are reused.",
+    )
     nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods); >1 runs torchrun across an indexed Job.")
     node_selector: Optional[dict[str, str]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Node labels the pods must match."

@@ -407,3 +407,14 @@ def test_every_example_renders(path):
     # the hostname of the highest-index pod must be a DNS label
     host = f"{children.job['metadata']['name']}-{children.job['spec']['completions'] - 1}"
     assert DNS_LABEL.match(host) and len(host) <= 63
+
+
+def test_cache_claim_mounts_a_download_cache_that_outlives_the_pod():
+    plain = render_job(ftj())
+    assert "KUBETUNE_CACHE_DIR" not in env_of(plain)
+    job = render_job(ftj(resources={"gpus": 1, "cacheClaim": "model-cache"}))
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["download-cache"]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+    mounts = {m["name"]: m["mountPath"] for m in container(job)["volumeMounts"]}
+    assert mounts["download-cache"] == R.CACHE_DIR
+    assert env_of(job)["KUBETUNE_CACHE_DIR"]["value"] == R.CACHE_DIR

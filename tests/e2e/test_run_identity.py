@@ -93,16 +93,7 @@ def _ftj(cluster, ns: str) -> dict:
 
 
 def _succeeded(cluster, env) -> dict:
-    """Wait for Succeeded, stopping early on Failed with the job's message (no 15-minute hang)."""
-    def done():
-        obj = _ftj(cluster, env["ns"])
-        conds = {c["type"]: c for c in obj.get("status", {}).get("conditions") or [] if c["status"] == "True"}
-        if "Failed" in conds:
-            pods = cluster.kubectl("get", "pods", "-n", env["ns"], "-o", "wide", check=False).stdout
-            raise AssertionError(f"job failed: {conds['Failed'].get('message')}\n{pods}\n"
-                                 f"{env['operator'].logs()[-3000:]}")
-        return obj if "Succeeded" in conds else None
-    return wait_for(done, 600, interval=2, message="FineTuneJob Succeeded")
+    return cluster.wait_job(env["ns"], NAME, timeout=600, context=lambda: env["operator"].logs()[-3000:])
 
 
 def _train_steps(s3, run_prefix: str) -> list[int]:

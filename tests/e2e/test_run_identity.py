@@ -23,7 +23,7 @@ from tests.e2e.kubetune_fixtures import OperatorProcess, crd, wait_for  # noqa: 
 from tests.e2e.test_sft_lora_end_to_end import BUCKET, s3_client, upload_dir
 
 NAME = "again"
-STEPS = 300
+STEPS = 60
 
 
 def _bucket(s3) -> None:
@@ -60,7 +60,7 @@ def env(cluster, crd, tmp_path_factory):
                         "evalFraction": 0.05},
             "adapter": {"type": "lora", "rank": 8},
             "training": {"maxSteps": STEPS, "batchSize": 2, "learningRate": 0.005, "maxLength": 48,
-                         "logEverySteps": 5, "evalEverySteps": 100, "checkpointEverySteps": 20,
+                         "logEverySteps": 5, "evalEverySteps": 30, "checkpointEverySteps": 10,
                          "keepCheckpoints": 2},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
                           "nodeSelector": {"kubetune.dev/local-runner": "true"}},
@@ -137,7 +137,7 @@ def test_pod_kill_resumes_the_same_run_and_a_recreated_job_starts_fresh_beside_i
     assert m2["run"]["id"] == uid2 and m2["resumedFrom"] is None
     assert m2["config"]["spec"]["training"]["learningRate"] == 0.002
     steps = _train_steps(s3, run2)
-    assert min(steps) == 1 and max(steps) == STEPS  # from step 0: a new loss curve, not the old run's 301/300
+    assert min(steps) == 1 and max(steps) == STEPS  # from step 0: a new loss curve, not the old run's 61/60
     arts = obj2["status"]["artifacts"]
     assert arts["runId"] == uid2 and arts["outputUri"] == f"s3://{BUCKET}/{run2}/"
     assert arts["adapterUri"] == f"s3://{BUCKET}/{run2}/adapter" and arts["indexUri"] == f"s3://{BUCKET}/{prefix}/runs.json"

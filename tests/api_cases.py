@@ -68,6 +68,33 @@ BOTH += [
          "spec.distributed.backend", "backend nccl needs GPUs", python="spec.distributed.backend"),
 ]
 
+# Path safety (common.URI_SAFETY_RULES on every URI field, uri_problem in validate_spec): one case per rule and
+# field, so nothing may climb out of its claim, bucket or folder anywhere a URI is accepted.
+_URI_FIELDS = {  # apiserver field -> spec override holding the URI X
+    "spec.model.source": lambda x: {"model": {"source": x}},
+    "spec.model.tokenizer": lambda x: {"model": {"source": "s3://m/x", "tokenizer": x}},
+    "spec.dataset.train[0].uri": lambda x: {"dataset": {"format": "chat", "train": [{"uri": x}]}},
+    "spec.dataset.eval[0].uri": lambda x: {"dataset": {"format": "chat", "train": [{"uri": "s3://d/t.jsonl"}],
+                                                       "eval": [{"uri": x}]}},
+    "spec.evaluation.reference[0].uri": lambda x: {"evaluation": {"reference": [{"uri": x}]}},
+    "spec.training.grpo.rewards[0].source": lambda x: {
+        "stage": "grpo", "dataset": _PROMPTS, "training": {"grpo": {"rewards": [{"name": "m:f", "source": x}]}}},
+    "spec.training.rloo.rewardModel": lambda x: {"stage": "rloo", "dataset": _PROMPTS,
+                                                 "training": {"rloo": {"rewardModel": x}}},
+    "spec.training.rloo.rewards[0].source": lambda x: {"stage": "rloo", "dataset": _PROMPTS, "training": {"rloo": {
+        "rewardModel": "s3://m/rm", "rewards": [{"name": "m:f", "source": x}]}}},
+    "spec.training.ppo.rewardModel": lambda x: {"stage": "ppo", "dataset": _PROMPTS,
+                                                "training": {"ppo": {"rewardModel": x}}},
+    "spec.output.uri": lambda x: {"output": {"uri": x}},
+    "spec.resumeFrom": lambda x: {"resumeFrom": x},
+}
+_HOSTILE = [("dotdot", "pvc://claim/../x", "'..' path segment"), ("empty-segment", "s3://b//x", "empty path segment"),
+            ("no-claim", "pvc:///etc/x", "not '/'")]
+URI_SAFETY = [Case(f"{field.removeprefix('spec.').replace('[0]', '')}-{kind}", make(uri), field, needle,
+                   python=field)
+              for field, make in _URI_FIELDS.items() for kind, uri, needle in _HOSTILE]
+BOTH += URI_SAFETY
+
 CEL_ONLY = [
     Case("eval-and-eval-fraction",
          {"dataset": {"format": "chat", "train": [{"uri": "s3://d/t.jsonl"}], "eval": [{"uri": "s3://d/e.jsonl"}],

@@ -17,6 +17,31 @@ NAME_MAX = 253
 URI_MAX = 2048
 LIST_MAX = 64
 URI_PATTERN = r"^(s3|file|pvc|hf)://.+"
+# Path safety: a URI may not climb out of its claim, bucket or folder, nor hide an empty segment. The apiserver's
+# `pattern` (Go RE2) has no look-ahead, so these are CEL rules on every URI field, each with a message that says
+# what is wrong; `uri_problem` is the same check in Python (validate_spec, the trainer's storage).
+URI_SAFETY_RULES = [
+    {"rule": "!self.matches('/[.][.](/|$)')", "message": "a URI may not contain a '..' path segment",
+     "reason": "FieldValueInvalid"},
+    {"rule": "!self.matches('^[a-z0-9]+://.*//')", "message": "a URI may not contain an empty path segment ('//')",
+     "reason": "FieldValueInvalid"},
+    {"rule": "!self.matches('^(s3|pvc|hf):///')",
+     "message": "s3://, pvc:// and hf:// URIs start with a bucket, claim or name, not '/'", "reason": "FieldValueInvalid"},
+]
+URI_SAFETY = {"x-kubernetes-validations": URI_SAFETY_RULES}
+
+
+def uri_problem(uri: str) -> str | None:
+    """What makes `uri` unsafe as a path (the URI_SAFETY_RULES, in Python), or None."""
+    import re
+
+    if re.search(r"/\.\.(/|$)", uri):
+        return "a URI may not contain a '..' path segment"
+    if re.match(r"^[a-z0-9]+://.*//", uri):
+        return "a URI may not contain an empty path segment ('//')"
+    if re.match(r"^(s3|pvc|hf):///", uri):
+        return "s3://, pvc:// and hf:// URIs start with a bucket, claim or name, not '/'"
+    return None
 
 
 class Model(BaseModel):

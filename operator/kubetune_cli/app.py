@@ -5,7 +5,8 @@ kubernetes client; each command imports what it needs when it runs.
     kubetune plot support-bot -n ml -o curve.png   # its loss/PPL curves (or: kubetune plot metrics.jsonl)
     kubetune run                                   # local training (needs the trainer extra): the default job
     kubetune run examples/local/sft-lora.yaml      # any FineTuneJob manifest (same trainer as the pods)
-    kubetune run job.yaml --output ./out --fresh
+    kubetune run job.yaml --output ./out           # a new run beside the earlier ones (runs/<run-id>/)
+    kubetune run --resume                          # continue the newest interrupted run (or --resume RUN_ID)
     kubetune tiny model /tmp/tiny-llama            # build the tiny model / synthetic data (trainer extra)
     kubetune estimate job.yaml --model-config config.json   # per-GPU memory breakdown; exit 1 if it cannot fit
 
@@ -79,8 +80,9 @@ def _add_run(sub) -> None:
     p.add_argument("manifest", nargs="?", help="FineTuneJob YAML (default: the built-in SFT + LoRA job)")
     p.add_argument("--output", "-o", help=f"results folder (default: ./{DEFAULT_OUTPUT}); overrides "
                    "spec.output.uri with file://OUTPUT")
-    p.add_argument("--fresh", action="store_true",
-                   help="delete this job's earlier results and checkpoints first instead of resuming")
+    p.add_argument("--resume", nargs="?", const="newest", metavar="RUN_ID",
+                   help="continue an interrupted run of this job from its latest checkpoint: the newest unfinished "
+                   "one, or RUN_ID (default: start a fresh run beside the earlier ones)")
     p.add_argument("--verbose", "-v", action="store_true", help="show library logs and the Trainer's log lines")
     p.set_defaults(func=cmd_run)
 

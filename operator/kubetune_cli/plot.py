@@ -37,8 +37,8 @@ def resolve_metrics(target: str, namespace: Optional[str] = None, kubeconfig: Op
         obj = get_job(target, namespace, kubeconfig)
         spec, status = obj.get("spec", {}), obj.get("status") or {}
         out_uri = (status.get("artifacts") or {}).get("outputUri")
-        if not out_uri:  # not published yet: the store's layout is <output.uri>/<namespace>/<name>/
-            out_uri = f"{spec['output']['uri'].rstrip('/')}/{namespace}/{target}"
+        if not out_uri:  # not published yet: this run's prefix is <output.uri>/<namespace>/<name>/runs/<uid>/
+            out_uri = f"{spec['output']['uri'].rstrip('/')}/{namespace}/{target}/runs/{obj['metadata']['uid']}"
         endpoint = endpoint or spec.get("output", {}).get("endpoint")
         uri = out_uri
         title = f"{namespace}/{target} ({spec.get('stage')}, {spec.get('adapter', {}).get('type', 'lora')})"

@@ -33,11 +33,12 @@ import yaml
 
 from kubetune_api import constants as C
 from kubetune_api.defaults import processes_per_node
-from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec
+from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec, uri_fields
 
 from .settings import OperatorSettings
 
 WORK_DIR = "/var/lib/kubetune"
+CACHE_DIR = "/var/cache/kubetune"  # spec.resources.cacheClaim, when set (downloads that outlive the pod)
 PVC_ROOT = "/mnt/pvc"
 CONTAINER_NAME = "trainer"
 TEMPLATE_HASH_ANNOTATION = f"{C.GROUP}/template-hash"
@@ -88,25 +89,7 @@ def uses_torchrun(spec: FineTuneJobSpec) -> bool:
 
 def spec_uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
     """Every URI the job reads or writes, as (field path in the manifest, uri, writable)."""
-    out: list[tuple[str, str, bool]] = [("spec.model.source", spec.model.source, False)]
-    if spec.model.tokenizer:
-        out.append(("spec.model.tokenizer", spec.model.tokenizer, False))
-    out += [(f"spec.dataset.train[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.train)]
-    out += [(f"spec.dataset.eval[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.eval or [])]
-    if spec.evaluation and spec.evaluation.reference:
-        out += [(f"spec.evaluation.reference[{i}].uri", s.uri, False)
-                for i, s in enumerate(spec.evaluation.reference)]
-    t = spec.training
-    for stage, block in (("grpo", t.grpo), ("rloo", t.rloo)):
-        for i, reward in enumerate((getattr(block, "rewards", None) or []) if block else []):
-            if reward.source:
-                out.append((f"spec.training.{stage}.rewards[{i}].source", reward.source, False))
-    if t.rloo and t.rloo.reward_model:
-        out.append(("spec.training.rloo.rewardModel", t.rloo.reward_model, False))
-    if t.ppo:
-        out.append(("spec.training.ppo.rewardModel", t.ppo.reward_model, False))
-    out.append(("spec.output.uri", spec.output.uri, True))
-    return out
+    return uri_fields(spec)
 
 
 def spec_uris(spec: FineTuneJobSpec) -> list[tuple[str, bool]]:
@@ -258,6 +241,9 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
     env: list[dict] = [
         {"name": "KUBETUNE_JOB_NAME", "value": job.metadata.name},
         {"name": "KUBETUNE_NAMESPACE", "value": job.metadata.namespace},
+        # The run id: this FineTuneJob's uid. Restarted, preempted and resumed pods keep it (they resume the run's
+        # own checkpoints); a re-created job of the same name gets a new one and starts fresh beside the old run.
+        *([{"name": "KUBETUNE_RUN_ID", "value": job.metadata.uid}] if job.metadata.uid else []),
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         # $(POD_IP) expands only because POD_IP is defined above it.
@@ -269,6 +255,7 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
         {"name": "KUBETUNE_TERMINATION_GRACE_SECONDS", "value": str(s.trainer_termination_grace_seconds)},
         {"name": "KUBETUNE_WORK_DIR", "value": WORK_DIR},
         {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        *([{"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR}] if spec.resources.cache_claim else []),
         {"name": "HOME", "value": "/tmp"},  # caches (HF, torch, matplotlib) need a writable home
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},  # read-only root filesystem
@@ -354,6 +341,9 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory",
                                                      "sizeLimit": str(spec.resources.shared_memory)}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if spec.resources.cache_claim:
+        volumes.append({"name": "download-cache", "persistentVolumeClaim": {"claimName": spec.resources.cache_claim}})
+        mounts.append({"name": "download-cache", "mountPath": CACHE_DIR})
     for claim, writable in pvc_claims(spec).items():
         vol = _pvc_volume_name(claim)
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})

@@ -6,6 +6,7 @@
 - `make_job(**overrides)`: a FineTuneJob with file:// URIs for the tiny model and data and output in a tmp
   folder; overrides deep-merge into the spec (camelCase, as in a manifest), `data=` picks the dataset file.
 - `run_job(job)`: runner.run with a tmp work dir and an ephemeral metrics port; returns the TrainerReport.
+- `output_dir(job)`: the local folder of the run's results (runs/<run-id>/); `job_dir(job)` the job's folder.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/trainer/test_runner_cpt_sft.py -q
 """
@@ -90,9 +91,17 @@ def run_job(tmp_path):
     return run
 
 
-def output_dir(job) -> Path:
-    """Local folder of a job's OutputStore (file:// outputs)."""
+def job_dir(job) -> Path:
+    """Local folder of a job's store (file:// outputs): runs.json and runs/<run-id>/."""
     return Path(job.spec.output.uri[len("file://"):]) / job.metadata.namespace / job.metadata.name
+
+
+def output_dir(job, run_id: str | None = None) -> Path:
+    """Local folder of one run's results (file:// outputs). Without run_id: the run `run_job(job)` makes (its id
+    derives from metadata.uid, else from the spec digest; runs.identify)."""
+    from kubetune_trainer import runs
+
+    return job_dir(job) / runs.RUNS / (run_id or runs.identify(job).run_id)
 
 
 @pytest.fixture(autouse=True)

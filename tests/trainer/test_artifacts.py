@@ -11,7 +11,7 @@ import json
 import pytest
 
 from kubetune_trainer import storage
-from tests.trainer.conftest import output_dir
+from tests.trainer.conftest import job_dir, output_dir
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def finished(make_job, run_job, tiny_data, monkeypatch):
 
         def recorder(self, *args, _original=original, _method=method, **kwargs):
             rel = args[1] if _method in ("put_file", "put_dir", "publish_dir") else args[0]
-            writes.append((_method, rel))
+            writes.append((self.root_uri, _method, rel))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(storage.OutputStore, method, recorder)
@@ -48,18 +48,25 @@ def test_layout_and_reported_uris(finished):
     assert (out / "merged" / "model.safetensors").exists()
     assert not list(out.glob("*.tmp-*"))  # no staging leftovers
     a = report.artifacts
-    assert a.output_uri == f"file://{out}/"
+    assert a.output_uri == f"file://{out}/" and a.run_id == out.name
+    assert a.index_uri == f"file://{job_dir(job)}/runs.json"
     assert (a.adapter_uri, a.merged_model_uri, a.manifest_uri) == (
         f"file://{out}/adapter", f"file://{out}/merged", f"file://{out}/manifest.json")
     assert a.latest_checkpoint == f"file://{out}/checkpoints/checkpoint-4"
 
 
-def test_manifest_is_written_last(finished):
-    _, _, writes = finished
-    assert writes[-1] == ("put_file", "manifest.json")
-    names = [rel for _, rel in writes]
-    assert names.index("adapter") < names.index("merged") < names.index("README.md") < names.index("manifest.json")
-    assert names.count("manifest.json") == 1
+def test_manifest_then_index_are_written_last(finished):
+    """The run's manifest.json comes after every file of the result; the job's runs.json after that."""
+    job, _, writes = finished
+    run_root, job_root = f"file://{output_dir(job)}/", f"file://{job_dir(job)}/"
+    assert writes[-1] == (job_root, "write_text", "runs.json")
+    assert all(root == run_root for root, _, _ in writes[:-1])  # nothing else outside the run's own prefix
+    names = [rel for _, _, rel in writes[:-1]]
+    result = names[names.index("adapter"):]  # after the checkpoints and run.json
+    assert result[-1] == "manifest.json" and names.count("manifest.json") == 1
+    assert result.index("adapter") < result.index("merged") < result.index("README.md") < len(result) - 1
+    index = json.loads((job_dir(job) / "runs.json").read_text())
+    assert index["latest"] == output_dir(job).name and [r["runId"] for r in index["runs"]] == [index["latest"]]
 
 
 def test_manifest_fields(finished, tiny_data, tiny_model):

@@ -350,7 +350,12 @@ def test_pod_entrypoint_sigterm_then_resume(s3, tmp_path, monkeypatch):  # noqa:
                     "output": {"uri": f"s3://{bucket}/runs", "endpoint": s3.endpoint}}}
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(job))
-    store = storage.OutputStore(f"s3://{bucket}/runs/t/cpt-term")
+    # No uid and no KUBETUNE_RUN_ID: the run id derives from the spec, so the second pod finds the first's run.
+    from kubetune_trainer import runs
+    from kubetune_api.finetunejob import parse_job
+
+    store = runs.run_store(parse_job(job), runs.identify(parse_job(job)).run_id)
+    assert store.root_uri.startswith(f"s3://{bucket}/runs/t/cpt-term/runs/spec-")
 
     def launch(name: str):
         env = _env(s3)

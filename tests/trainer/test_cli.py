@@ -142,25 +142,41 @@ def test_pod_entry_point_writes_the_termination_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_job_runs_end_to_end(tmp_path):
-    """README command 1: `kubetune run` with no arguments, no cluster, nothing downloaded."""
-    out = subprocess.run([str(KUBETUNE), "run"], capture_output=True, text=True, cwd=tmp_path, env=env(),
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = tmp_path / "kubetune-output" / "default" / "sft-lora-local"
-    for name in ("manifest.json", "metrics.jsonl", "curves.png", "README.md", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/_COMPLETE"):
-        assert (result / name).is_file(), name
-    assert (result / "checkpoints" / "checkpoint-80" / "_COMPLETE").exists()
-    summary = out.stdout
-    assert "succeeded" in summary and "eval PPL" in summary and "forgetting" in summary
-    assert "kubetune-output/default/sft-lora-local/adapter" in summary
-    m = json.loads((result / "manifest.json").read_text())
-    assert m["metrics"]["steps"] == 80
-    assert m["metrics"]["eval_loss"] < 0.6 * m["metrics"]["first_eval_loss"]  # it learned
-    assert m["forgetting"]["exceeded"] is False
-    # no TTY: plain progress lines on stderr, no tqdm bars
-    assert "train: 80/80" in out.stderr and "it/s]" not in out.stderr
+def test_default_job_runs_end_to_end_twice(tmp_path):
+    """README command 1: `kubetune run` with no arguments, no cluster, nothing downloaded. Run twice: two complete
+    runs side by side, the second from step 0 (never resuming the first one's finished checkpoint: 81/80)."""
+    job_dir = tmp_path / "kubetune-output" / "default" / "sft-lora-local"
+    outs = []
+    for _ in range(2):
+        out = subprocess.run([str(KUBETUNE), "run"], capture_output=True, text=True, cwd=tmp_path, env=env(),
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs.append(out)
+    ids = sorted(p.name for p in (job_dir / "runs").iterdir())
+    assert len(ids) == 2
+    index = json.loads((job_dir / "runs.json").read_text())
+    assert [r["runId"] for r in index["runs"]] == ids and index["latest"] == ids[1]  # ids sort by start time
+    for run_id, out in zip(ids, outs):
+        result = job_dir / "runs" / run_id
+        for name in ("manifest.json", "metrics.jsonl", "curves.png", "README.md", "adapter/adapter_model.safetensors",
+                     "adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/_COMPLETE"):
+            assert (result / name).is_file(), name
+        assert (result / "checkpoints" / "checkpoint-80" / "_COMPLETE").exists()
+        summary = out.stdout
+        assert "succeeded" in summary and "eval PPL" in summary and "forgetting" in summary
+        assert f"kubetune-output/default/sft-lora-local/runs/{run_id}/adapter" in summary
+        assert f"run          {run_id}" in summary
+        m = json.loads((result / "manifest.json").read_text())
+        assert m["run"]["id"] == run_id and m["resumedFrom"] is None
+        assert m["metrics"]["steps"] == 80
+        assert m["metrics"]["eval_loss"] < 0.6 * m["metrics"]["first_eval_loss"]  # it learned
+        assert m["forgetting"]["exceeded"] is False
+        # each run trained from step 0 to 80 on its own: its metrics.jsonl starts at step 1 and ends at 80
+        steps = [json.loads(line).get("step") for line in (result / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("event") == "train"]
+        assert min(steps) == 1 and max(steps) == 80
+        # no TTY: plain progress lines on stderr, no tqdm bars
+        assert "train: 80/80" in out.stderr and "81/80" not in out.stderr and "it/s]" not in out.stderr
 
 
 def test_rl_progress_prints_reward_and_kl_next_to_the_loss(tmp_path):

@@ -567,9 +567,10 @@ def test_plot_command_fetches_from_the_jobs_output(tmp_path, monkeypatch):
                                    endpoint="http://other:9000") == 0
     assert fetched == [("s3://results/runs/ml/bot/metrics.jsonl", "http://seaweed:8333"),
                        ("s3://results/runs/ml/bot/metrics.jsonl", "http://other:9000")]
-    del job["status"]["artifacts"]  # not published yet: <output.uri>/<namespace>/<name>/
+    del job["status"]["artifacts"]  # not published yet: this run's prefix, <output.uri>/<ns>/<name>/runs/<uid>/
+    job["metadata"]["uid"] = "uid-1"
     assert plot_mod.plot_command("bot", str(tmp_path / "job2.png"), namespace="ml") == 0
-    assert fetched[-1][0] == "s3://results/runs/ml/bot/metrics.jsonl"
+    assert fetched[-1][0] == "s3://results/runs/ml/bot/runs/uid-1/metrics.jsonl"
 
 
 def test_cli_plot_and_follow_subcommands(tmp_path, capsys):

@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from tests.trainer.conftest import output_dir
+from tests.trainer.conftest import job_dir, output_dir
 
 IDS = [[1, 20, 31, 45, 52, 67, 80, 99]]
 
@@ -191,17 +191,54 @@ def test_termination_message_carries_the_failure(make_job, run_job, tmp_path, mo
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def test_second_run_resumes_from_the_latest_complete_checkpoint(make_job, run_job):
-    first = make_job(training={"maxSteps": 4, "checkpointEverySteps": 2})
-    assert run_job(first).state == "succeeded"
-    assert (output_dir(first) / "checkpoints" / "checkpoint-4" / "_COMPLETE").exists()
-    # A restarted pod: fresh work dir, same output store; the job now runs to step 6.
-    second = make_job(training={"maxSteps": 6, "checkpointEverySteps": 2})
-    report = run_job(second, work="work-2")
+def _preempt_at(step: int):
+    from transformers import TrainerCallback
+
+    class Preempt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)  # what kubelet sends on preemption / suspend
+
+    return Preempt()
+
+
+def test_a_restarted_pod_resumes_its_own_run(make_job, run_job):
+    from kubetune_trainer import checkpointing
+
+    job = make_job(training={"maxSteps": 6, "checkpointEverySteps": 2})
+    job.metadata.uid = "uid-1"
+    first = run_job(job, callbacks=[_preempt_at(3)])
+    assert first.state == "preempted"
+    checkpointing.reset_sigterm()
+    step = first.progress.step
+    assert (output_dir(job) / "checkpoints" / f"checkpoint-{step}" / "_COMPLETE").exists()
+    # A restarted pod of the same FineTuneJob: fresh work dir, same uid, same run prefix.
+    report = run_job(job, work="work-2")
     assert report.state == "succeeded" and report.progress.step == 6
-    m = manifest(second)
-    assert m["resumedFrom"].endswith("checkpoint-4") and m["metrics"]["steps"] == 6
-    assert report.artifacts.latest_checkpoint.endswith("checkpoints/checkpoint-6")
+    m = manifest(job)
+    assert m["resumedFrom"].endswith(f"runs/uid-1/checkpoints/checkpoint-{step}") and m["metrics"]["steps"] == 6
+    assert report.artifacts.latest_checkpoint.endswith("runs/uid-1/checkpoints/checkpoint-6")
+
+
+def test_a_recreated_job_starts_fresh_beside_the_old_run(make_job, run_job):
+    """Delete + re-apply with another learning rate (a new uid): step 0, a new result next to the old one; the
+    old run's checkpoints and result untouched; the index names the new run."""
+    old = make_job(training={"maxSteps": 4, "checkpointEverySteps": 2})
+    old.metadata.uid = "uid-old"
+    assert run_job(old).state == "succeeded"
+    before = {p.relative_to(output_dir(old)): p.read_bytes() for p in output_dir(old).rglob("*") if p.is_file()}
+    new = make_job(training={"maxSteps": 4, "checkpointEverySteps": 2, "learningRate": 5e-3})
+    new.metadata.uid = "uid-new"
+    report = run_job(new, work="work-2")
+    assert report.state == "succeeded"
+    m = manifest(new)
+    assert m["resumedFrom"] is None and m["run"]["id"] == "uid-new"
+    assert m["config"]["spec"]["training"]["learningRate"] == 5e-3
+    after = {p.relative_to(output_dir(old)): p.read_bytes() for p in output_dir(old).rglob("*") if p.is_file()}
+    assert after == before  # nothing of the old run was read-modified, pruned or deleted
+    index = json.loads((job_dir(new) / "runs.json").read_text())
+    assert [r["runId"] for r in index["runs"]] == ["uid-old", "uid-new"] and index["latest"] == "uid-new"
+    assert report.artifacts.adapter_uri == f"file://{output_dir(new)}/adapter"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(make_job, run_job):
@@ -221,3 +258,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(make_job, run_job):
     assert (output_dir(job) / "checkpoints" / f"checkpoint-{step}" / "_COMPLETE").exists()
     assert report.artifacts.latest_checkpoint.endswith(f"checkpoint-{step}")
     assert not (output_dir(job) / "manifest.json").exists()  # no result for an unfinished run
+
+
+def test_resume_from_continues_another_run_only_when_compatible(make_job, run_job):
+    """spec.resumeFrom: the explicit way to continue an old run's weights, optimizer and step; another adapter
+    configuration is refused with the field named, before any training."""
+    old = make_job(training={"maxSteps": 4, "checkpointEverySteps": 2})
+    old.metadata.uid = "uid-old"
+    assert run_job(old).state == "succeeded"
+    refused = make_job(training={"maxSteps": 6, "checkpointEverySteps": 2}, adapter={"rank": 4},
+                       resumeFrom="uid-old")
+    refused.metadata.uid = "uid-refused"
+    report = run_job(refused, work="work-refused")
+    assert report.state == "failed" and report.exit_code == 78 and report.field == "spec.resumeFrom"
+    assert "adapter settings differ (rank)" in report.message
+    new = make_job(training={"maxSteps": 6, "checkpointEverySteps": 2}, resumeFrom="uid-old")
+    new.metadata.uid = "uid-new"
+    report = run_job(new, work="work-2")
+    assert report.state == "succeeded" and report.progress.step == 6
+    m = manifest(new)
+    assert m["resumedFrom"] == f"file://{output_dir(old)}/checkpoints/checkpoint-4" and m["run"]["id"] == "uid-new"
+    assert (output_dir(new) / "checkpoints" / "checkpoint-6" / "_COMPLETE").exists()
+    assert not (output_dir(old) / "checkpoints" / "checkpoint-6").exists()  # the old run is only read

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import copy
 
 import pytest
@@ -170,7 +172,8 @@ def _case_job(case):
 
 
 def _covers(case, field, rule):
-    return field == case.cel and case.needle in rule["message"]
+    # the apiserver names list items with their index (train[0]); the schema walk does not
+    return field == re.sub(r"\[\d+\]", "", case.cel) and case.needle in rule["message"]
 
 
 @pytest.mark.parametrize("case", api_cases.ALL, ids=[c.id for c in api_cases.ALL])

@@ -1,23 +1,29 @@
-"""What a finished run leaves in the output store, under <spec.output.uri>/<namespace>/<name>/:
+"""What a finished run leaves in the output store, under its own prefix
+<spec.output.uri>/<namespace>/<name>/runs/<run-id>/ (runs.py):
 
     adapter/        PEFT adapter (PeftModel.from_pretrained(base, uri)) + tokenizer + README.md (the model card);
-                    for full/galore the whole model
+                    for full/galore the whole model. When evaluation runs: the BEST checkpoint's weights, unless
+                    spec.output.publish is last.
     merged/         optional (spec.output.mergedModel): adapter merged into a full-precision base, + tokenizer
                     + README.md
     metrics.jsonl   every logged metric and event of the run (monitoring/)
     curves.png      loss / eval loss / perplexity curves
     README.md       model card: base, stage, adapter, data, metrics, forgetting, how to load
+    manifest.json   run id and spec digest, which step was published and why (best / early-stop / last), digests
+                    of base model and data, resolved config, library versions, metrics, forgetting, wall time,
+                    device-seconds, artifact URIs. The run's commit point: written after every other file.
+and then, one level up, <namespace>/<name>/runs.json names this run as the job's latest (runs.record_success).
 
 Saved tokenizers are the base's tokenizer as a consumer should get it: training leaves truncation (maxLength,
 sometimes left-sided) and padding settings on the fast tokenizer's backend, and save_pretrained would write
 them into tokenizer.json, where a server that reads tokenizer.json directly (TGI, vLLM, llama.cpp converters,
 the `tokenizers` library) silently truncates every long prompt.
-    manifest.json   digests of base model and data, resolved config, library versions, metrics, forgetting,
-                    wall time, device-seconds, early-stop flag, artifact URIs. Written LAST.
 
-No reader ever sees half a result: folders go through OutputStore.publish_dir (staged under a temp prefix,
-`_COMPLETE` written last), files are single objects, and manifest.json's presence means everything it lists is
-there.
+Publishing without a window of loss: everything is first built in a local folder; the upload writes files into
+the run's own prefix (no other run and no reader trusts it before its manifest.json), then manifest.json, then
+the job's index. A publisher killed after any storage call leaves readers the previous result (the index still
+names the previous run) or the complete new one, and never deletes a previous run's files: there is nothing to
+delete, each run has its own prefix (tests/trainer/test_publish_faults.py kills it after each call in turn).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any, Optional
 
 from kubetune_api.finetunejob import Artifacts, FineTuneJob, Forgetting
 
-from . import adapters
+from . import adapters, runs
 from .data import file_digest
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,8 @@ class RunRecord:
     total_parameters: Optional[int] = None
     resumed_from: Optional[str] = None
     started_at: float = field(default_factory=time.time)
+    run: dict = field(default_factory=dict)  # runs.describe(identity): id, specDigest, idSource
+    published: dict = field(default_factory=dict)  # step, reason (best | early-stop | last), metric, value, ...
 
 
 def model_digest(path: Path) -> dict:
@@ -255,6 +263,8 @@ def manifest(record: RunRecord, arts: Artifacts) -> dict:
         "apiVersion": job.api_version,
         "kind": "FineTuneResult",
         "job": {"name": job.metadata.name, "namespace": job.metadata.namespace, "uid": job.metadata.uid},
+        "run": record.run,
+        "published": record.published,
         "stage": spec.stage,
         "adapterType": spec.adapter.type,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -285,44 +295,75 @@ def manifest(record: RunRecord, arts: Artifacts) -> dict:
     }
 
 
+# What upload_result copies from the local result folder, in order; manifest.json is written after all of them.
+RESULT_FOLDERS = ("adapter", "merged")
+RESULT_FILES = ("metrics.jsonl", "curves.png", "README.md")
+MANIFEST = "manifest.json"
+
+
 def publish(record: RunRecord, store, local_dir: Path, adapter_dir: Path, tokenizer, metrics_path: Optional[Path],
-            *, latest_checkpoint: Optional[str] = None) -> Artifacts:
-    """Main process only: upload everything, manifest.json last. Returns the artifact URIs."""
+            *, latest_checkpoint: Optional[str] = None, job_store=None) -> Artifacts:
+    """Main process only: build the whole result in local_dir, then upload_result (manifest.json, then the
+    job_store's runs.json, last). `store` is the run's store (runs.run_store). Returns the artifact URIs."""
     job = record.job
     spec = job.spec
     local_dir = Path(local_dir)
+    if Path(adapter_dir).resolve() != (local_dir / "adapter").resolve():
+        shutil.rmtree(local_dir / "adapter", ignore_errors=True)
+        shutil.copytree(adapter_dir, local_dir / "adapter")
+    shutil.rmtree(local_dir / "merged", ignore_errors=True)
     merges = bool(spec.output.merged_model) and adapters.uses_peft(spec)
     # The URIs are known before anything is uploaded, so the model card (which names them) can travel inside
     # adapter/ and merged/ too, replacing PEFT's blank README template there.
     adapter_uri = store.uri("adapter")
+    # full/galore: the trained weights already are the whole model
     merged_uri = store.uri("merged") if merges else (adapter_uri if spec.output.merged_model else None)
-    arts = Artifacts(output_uri=store.root_uri, adapter_uri=adapter_uri, merged_model_uri=merged_uri,
-                     manifest_uri=store.uri("manifest.json"), latest_checkpoint=latest_checkpoint)
+    arts = Artifacts(output_uri=store.root_uri, run_id=record.run.get("id"), adapter_uri=adapter_uri,
+                     merged_model_uri=merged_uri, manifest_uri=store.uri(MANIFEST), latest_checkpoint=latest_checkpoint,
+                     index_uri=job_store.uri(runs.INDEX) if job_store is not None else None)
     card_text = model_card(record, arts)
-    (Path(adapter_dir) / "README.md").write_text(card_text)
-    store.publish_dir(Path(adapter_dir), "adapter")
+    (local_dir / "adapter" / "README.md").write_text(card_text)
     if merges:
         merged_dir = local_dir / "merged"
-        shutil.rmtree(merged_dir, ignore_errors=True)
         merged = adapters.merge(adapter_dir, record.model_path, spec, record.model_kind)
         merged.save_pretrained(str(merged_dir))
         save_tokenizer(tokenizer, merged_dir)
         (merged_dir / "README.md").write_text(card_text)
         del merged
-        store.publish_dir(merged_dir, "merged")
+    for name in RESULT_FILES:
+        (local_dir / name).unlink(missing_ok=True)
     if metrics_path is not None and Path(metrics_path).exists():
-        store.put_file(Path(metrics_path), "metrics.jsonl")
+        shutil.copyfile(metrics_path, local_dir / "metrics.jsonl")
         try:
             from .monitoring import plot_curves
 
-            png = plot_curves(Path(metrics_path), local_dir / "curves.png")
-            store.put_file(Path(png), "curves.png")
+            plot_curves(local_dir / "metrics.jsonl", local_dir / "curves.png")
         except Exception as exc:  # noqa: BLE001 - a missing plot must not fail a finished training run
             log.warning("could not plot the training curves: %s", exc)
-    card = local_dir / "README.md"
-    card.write_text(card_text)
-    store.put_file(card, "README.md")
-    man = local_dir / "manifest.json"
-    man.write_text(json.dumps(manifest(record, arts), indent=2, default=str) + "\n")
-    store.put_file(man, "manifest.json")
+    (local_dir / "README.md").write_text(card_text)
+    (local_dir / MANIFEST).write_text(json.dumps(manifest(record, arts), indent=2, default=str) + "\n")
+    upload_result(store, local_dir, job_store=job_store)
     return arts
+
+
+def upload_result(store, local_dir: Path, *, job_store=None) -> None:
+    """Upload a result built in local_dir (RESULT_FOLDERS, RESULT_FILES, manifest.json) to the run's store;
+    manifest.json after everything else, then the job's runs.json (job_store) naming this run as latest.
+
+    Storage calls only, no torch: the fault-injection test kills it after each call. Files of an earlier attempt
+    of the SAME run (a pod that died mid-publish) are replaced; nothing outside the run's prefix is touched but
+    runs.json, which is one object written whole."""
+    local_dir = Path(local_dir)
+    for folder in RESULT_FOLDERS:
+        if (local_dir / folder).is_dir():
+            if store.exists(folder):  # an earlier attempt of this run; not final (no manifest.json yet)
+                store.delete_prefix(folder)
+            store.put_dir(local_dir / folder, folder)
+            store.mark_complete(folder)
+    for name in RESULT_FILES:
+        if (local_dir / name).is_file():
+            store.put_file(local_dir / name, name)
+    man = local_dir / MANIFEST
+    store.put_file(man, MANIFEST)  # the run's commit point
+    if job_store is not None:
+        runs.record_success(job_store, runs.index_entry(json.loads(man.read_text())))

@@ -4,7 +4,7 @@ How the runner uses it:
 
     from kubetune_trainer import checkpointing
     checkpointing.install_sigterm_handler()                 # first thing, in the main thread
-    store = OutputStore.for_job(job)
+    store = runs.run_store(job, run_id)                     # this run's prefix: never another run's checkpoints
     resume = checkpointing.prepare_resume(store, work_dir)  # local path of the latest complete one, or None
     sync = checkpointing.CheckpointSync(store, monitor, keep=spec.training.keepCheckpoints)
     trainer = stage.build_trainer(ctx)                      # ctx.callbacks includes sync
@@ -12,7 +12,7 @@ How the runner uses it:
     if sync.preempted:                                      # SIGTERM: checkpoint saved and uploaded
         raise PreemptedError(...)                           # exit 143; the Job restarts the pod, which resumes
 
-Layout in the store (OutputStore root = <spec.output.uri>/<namespace>/<name>/):
+Layout in the store (the run's OutputStore, root = <spec.output.uri>/<namespace>/<name>/runs/<run-id>/, runs.py):
 
     checkpoints/checkpoint-<step>/   what the HF Trainer saved: weights or adapter, optimizer.pt, scheduler.pt,
                                      rng_state.pth (rng_state_<rank>.pth per rank), trainer_state.json,
@@ -22,6 +22,9 @@ Layout in the store (OutputStore root = <spec.output.uri>/<namespace>/<name>/):
 A checkpoint without `_COMPLETE` (the pod died mid-upload) does not exist for `latest_checkpoint`, is replaced
 when training reaches that step again, and is deleted once a newer complete one exists. Pruning keeps the
 newest `keep` complete checkpoints.
+The best checkpoint (the Trainer's `state.best_global_step` when `metric_for_best_model` is set, training_args.py)
+is never pruned, here or by the Trainer's own rotation, and a resumed pod downloads it next to the one it
+resumes from, so `load_best_model_at_end` still finds it after a restart.
 
 Distributed runs: every rank calls on_save after the Trainer wrote its part. A barrier makes sure all parts
 are on disk; then the main process of each node uploads the files on its node (on one node that is rank 0
@@ -37,6 +40,7 @@ at the same step (a rank that stopped alone would leave the others hanging in th
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -44,7 +48,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from . import distributed
 from .errors import PreemptedError, TrainerError
@@ -131,13 +135,13 @@ def latest_checkpoint(store: OutputStore, prefix: str = CHECKPOINTS) -> Optional
     return f"{prefix}/checkpoint-{steps[-1]}" if steps else None
 
 
-def download_checkpoint(store: OutputStore, rel: str, work_dir: Path) -> Path:
-    """Download a complete checkpoint to <work_dir>/resume/checkpoint-N and check it against `_COMPLETE`;
-    returns the local path for `trainer.train(resume_from_checkpoint=...)`."""
+def download_checkpoint(store: OutputStore, rel: str, work_dir: Path, dest_dir: Optional[Path] = None) -> Path:
+    """Download a complete checkpoint to <dest_dir or work_dir/resume>/checkpoint-N and check it against
+    `_COMPLETE`; returns the local path for `trainer.train(resume_from_checkpoint=...)`."""
     record = store.read_complete(rel)
     if record is None:
         raise TrainerError(f"{store.uri(rel)} is not a complete checkpoint (no {COMPLETE})")
-    dest = Path(work_dir) / "resume" / Path(rel).name
+    dest = Path(dest_dir or Path(work_dir) / "resume") / Path(rel).name
     partial = dest.with_name(dest.name + ".partial")
     for p in (dest, partial):
         shutil.rmtree(p, ignore_errors=True)
@@ -152,30 +156,72 @@ def download_checkpoint(store: OutputStore, rel: str, work_dir: Path) -> Path:
     return dest
 
 
-def prepare_resume(store: OutputStore, work_dir: Path, prefix: str = CHECKPOINTS) -> Optional[Path]:
-    """Every rank: the local path of the latest complete checkpoint (downloaded once per node), or None.
+def prepare_resume(store: OutputStore, work_dir: Path, prefix: str = CHECKPOINTS, *,
+                   checkpoints_dir: Optional[Path] = None, rel: Optional[str] = None,
+                   keep_best: bool = True) -> Optional[Path]:
+    """Every rank: the local path of the latest complete checkpoint in `store` (downloaded once per node), or None.
+
+    rel:             resume from this checkpoint instead of the latest (spec.resumeFrom, runs.py).
+    checkpoints_dir: the Trainer's output_dir. When the resumed state names a best checkpoint other than the
+                     resumed one, it is downloaded there and trainer_state.json points at it, so the Trainer's
+                     best-model tracking (`load_best_model_at_end`) survives the restart. keep_best=False
+                     forgets the best instead (continuing ANOTHER run: this run judges its own best).
 
     Must be called on all ranks (it has a barrier). Nothing writes checkpoints before training starts, so every
     rank lists the same latest one."""
-    rel = latest_checkpoint(store, prefix)
+    rel = rel or latest_checkpoint(store, prefix)
     if rel is None:
         return None
     dest = Path(work_dir) / "resume" / Path(rel).name
     if distributed.is_local_main_process():
         dest = download_checkpoint(store, rel, work_dir)
+        _restore_best(store, dest, Path(checkpoints_dir or Path(work_dir) / "checkpoints"), work_dir, prefix,
+                      keep_best)
     distributed.barrier()
     return dest
 
 
-def prune(store: OutputStore, keep: int, prefix: str = CHECKPOINTS) -> list[int]:
+def _restore_best(store: OutputStore, resumed: Path, checkpoints_dir: Path, work_dir: Path, prefix: str,
+                  keep_best: bool) -> None:
+    state_path = resumed / "trainer_state.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return
+    best = state.get("best_global_step")
+    if not keep_best:
+        for k in ("best_global_step", "best_metric", "best_model_checkpoint"):
+            state[k] = None
+    elif best:
+        best_rel = f"{prefix}/checkpoint-{best}"
+        if best == checkpoint_step(resumed):
+            state["best_model_checkpoint"] = str(resumed)
+        elif store.is_complete(best_rel):
+            local = download_checkpoint(store, best_rel, work_dir, dest_dir=checkpoints_dir)
+            state["best_model_checkpoint"] = str(local)
+            log.info("restored the best checkpoint so far (step %s) to %s", best, local)
+        else:
+            log.warning("the best checkpoint so far (step %s) is not in %s: the best model is judged again from "
+                        "here on", best, store.root_uri)
+            for k in ("best_global_step", "best_metric", "best_model_checkpoint"):
+                state[k] = None
+    else:
+        return
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def prune(store: OutputStore, keep: int, prefix: str = CHECKPOINTS, *, protect: Iterable[int] = ()) -> list[int]:
     """Delete complete checkpoints beyond the newest `keep`, and incomplete ones older than the newest complete
     one (uploads abandoned by a dead pod). Incomplete ones newer than that are left alone: they are either being
-    written or will be replaced when training reaches their step. Returns the deleted steps."""
+    written or will be replaced when training reaches their step. `protect` (the best step) is never deleted and
+    does not count towards `keep`. Returns the deleted steps."""
     steps = _steps(store, prefix)
     complete = [s for s in sorted(steps) if store.is_complete(f"{prefix}/{steps[s]}")]
     if not complete:
         return []
-    kept = set(complete[-max(1, keep):])
+    protected = {int(p) for p in protect if p}
+    kept = set(s for s in complete if s in protected) | set(
+        [s for s in complete if s not in protected][-max(1, keep):])
     newest = complete[-1]
     doomed = [s for s in sorted(steps) if s not in kept and (s in complete or s < newest)]
     for s in doomed:  # oldest first
@@ -215,7 +261,24 @@ class CheckpointSync(TrainerCallback):
         self.preempted = False  # this run stopped because of SIGTERM (after saving)
         self.preempted_step: Optional[int] = None
         self.last_uri: Optional[str] = None
+        self.best_step: Optional[int] = None  # the Trainer's best_global_step at the latest save (never pruned)
         self.upload_seconds: list[float] = []
+
+    # The best model: a checkpoint at every evaluation that beats the best so far, whatever the checkpoint
+    # cadence, so the Trainer's load_best_model_at_end always finds the best step saved (training_args.py).
+    # on_evaluate runs before the Trainer updates state.best_metric, so "better than state.best_metric" is new.
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        name = getattr(args, "metric_for_best_model", None)
+        if not name or not metrics or state.global_step == 0:  # step 0 (eval_on_start) is a baseline, not a candidate
+            return control
+        value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
+        if value is None:
+            return control
+        best = state.best_metric
+        better = best is None or (value > best if args.greater_is_better else value < best)
+        if better:
+            control.should_save = True
+        return control
 
     # SIGTERM -> save and stop at the end of the current optimizer step
     def on_step_end(self, args, state, control, **kwargs):
@@ -253,7 +316,8 @@ class CheckpointSync(TrainerCallback):
         if distributed.is_main_process():
             self.store.mark_complete(rel, {"step": step})
             self.last_uri = self.store.uri(rel)
-            prune(self.store, self.keep, self.prefix)
+            self.best_step = getattr(state, "best_global_step", None) or None
+            prune(self.store, self.keep, self.prefix, protect=[self.best_step] if self.best_step else [])
             dt = time.monotonic() - t0
             self.upload_seconds.append(dt)
             log.info("checkpoint %d uploaded to %s in %.1f s", step, self.last_uri, dt)

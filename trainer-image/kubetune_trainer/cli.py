@@ -4,8 +4,8 @@ installed; `main` is that same parser, so `python -m kubetune_trainer.cli` is th
 
     kubetune run                                   # the built-in default: SFT + LoRA on a tiny local model
     kubetune run examples/local/sft-lora.yaml      # any FineTuneJob manifest (same trainer as the pods)
-    kubetune run job.yaml --output ./out           # results under ./out/<namespace>/<name>/
-    kubetune run --fresh                           # forget an earlier run of the same job (no resume)
+    kubetune run job.yaml --output ./out           # results under ./out/<namespace>/<name>/runs/<run-id>/
+    kubetune run --resume                          # continue the newest interrupted run of the job (or --resume ID)
     kubetune tiny model /tmp/tiny-llama            # build the tiny model / synthetic data yourself
     kubetune tiny data /tmp/tiny-data
 
@@ -235,6 +235,12 @@ def summary(report, manifest: dict | None) -> str:
         lines.append(f"  forgetting   reference PPL {_fmt(f.reference_perplexity_before)} -> "
                      f"{_fmt(f.reference_perplexity_after)} ({change}, {verdict} threshold "
                      f"{100 * (f.threshold or 0):.0f} %)")
+    run = (manifest or {}).get("run") or {}
+    pub = (manifest or {}).get("published") or {}
+    if run.get("id"):
+        lines.append(f"  run          {run['id']}")
+    if pub:
+        lines.append(f"  published    step {pub.get('step')} ({pub.get('reason')})")
     a = report.artifacts
     if a is not None and a.adapter_uri:
         lines.append(f"  adapter      {_local(a.adapter_uri)}")
@@ -297,19 +303,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             job = job.model_copy(update={"spec": job.spec.model_copy(update={
                 "output": job.spec.output.model_copy(update={"uri": f"file://{output}"})})})
         ns, name = job.metadata.namespace, job.metadata.name
-        work = Path(os.environ.get("KUBETUNE_WORK_DIR") or output / ".work" / ns / name)
-        if args.fresh:
-            import shutil
+        from . import runs
 
-            shutil.rmtree(output / ns / name, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
+        # Every `kubetune run` is a new run beside the earlier ones; continuing one is asked for explicitly.
+        run_id = runs.resumable(runs.job_store(job), None if args.resume == "newest" else args.resume) \
+            if args.resume else runs.new_run_id()
+        work = Path(os.environ.get("KUBETUNE_WORK_DIR") or output / ".work" / ns / name / run_id)
         settings = config.RunSettings.from_env(
-            work_dir=work, metrics_port=int(os.environ.get("KUBETUNE_METRICS_PORT", "0")))
+            work_dir=work, run_id=run_id, metrics_port=int(os.environ.get("KUBETUNE_METRICS_PORT", "0")))
     except TrainerError as exc:
         print(f"kubetune: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    _status(f"running {ns}/{name} ({job.spec.stage} + {job.spec.adapter.type}) from {source}")
+    _status(f"{'resuming' if args.resume else 'running'} {ns}/{name} run {run_id} ({job.spec.stage} + "
+            f"{job.spec.adapter.type}) from {source}")
     from .runner import run
 
     progress = _Progress()

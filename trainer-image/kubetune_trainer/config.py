@@ -35,11 +35,15 @@ class RunSettings:
     termination_log: Path | None = None
     job_name: str | None = None
     namespace: str | None = None
+    run_id: str | None = None  # KUBETUNE_RUN_ID: the operator sets the FineTuneJob's uid, the CLI a fresh id
+
+    cache_root: Path | None = None  # KUBETUNE_CACHE_DIR: a volume that outlives the pod (spec.resources.cacheClaim)
 
     @property
     def cache_dir(self) -> Path:
-        """Downloads (s3:// models and data) land here; inside the work dir so the emptyDir holds them."""
-        return self.work_dir / "cache"
+        """Downloads (s3:// models and data) land here: KUBETUNE_CACHE_DIR when the operator mounted a cache
+        volume (a retried pod then reuses them), else inside the work dir (the pod's emptyDir)."""
+        return self.cache_root or self.work_dir / "cache"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "RunSettings":
@@ -57,6 +61,8 @@ class RunSettings:
             "termination_log": Path(term) if term else None,
             "job_name": env.get("KUBETUNE_JOB_NAME") or None,
             "namespace": env.get("KUBETUNE_NAMESPACE") or None,
+            "run_id": env.get("KUBETUNE_RUN_ID") or None,
+            "cache_root": Path(env["KUBETUNE_CACHE_DIR"]) if env.get("KUBETUNE_CACHE_DIR") else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["work_dir"] = Path(values["work_dir"]).resolve()

@@ -1,11 +1,12 @@
 """One FineTuneJob, start to finish, the same for every stage and adapter:
 
-    validate (validate_spec + stage/format) -> fetch model and data (storage) -> memory estimate vs this GPU
-    (kubetune_api.memory; exit 78 when it cannot fit) -> load data, tokenizer, model
-    -> check the adapter against the model -> RunMonitor.start -> reference perplexity before (forgetting)
-    -> StageContext -> stage.build_trainer -> callbacks (monitor, checkpoint sync) + NaN guard
-    -> resume from the latest complete checkpoint -> train -> final evaluate -> reference perplexity after
-    -> artifacts (manifest.json last) -> TrainerReport
+    validate (validate_spec + stage/format) -> run identity (runs.py: this run's own prefix) -> fetch model and
+    data (storage) -> memory estimate vs this GPU (kubetune_api.memory; exit 78 when it cannot fit) -> load data,
+    tokenizer, model -> check the adapter against the model -> RunMonitor.start -> reference perplexity before
+    (forgetting) -> StageContext -> stage.build_trainer -> callbacks (monitor, checkpoint sync) + NaN guard
+    -> resume from this run's latest complete checkpoint (or, explicitly, spec.resumeFrom) -> train -> best
+    checkpoint loaded (when evaluation runs) -> final evaluate -> reference perplexity after -> artifacts
+    (manifest.json, then the job's runs.json index) -> TrainerReport
 
 Every failure ends as a TrainerReport with the error's reason, field and exit code (errors.py): the pod's
 termination message carries it to the FineTuneJob's conditions. Exceeding the forgetting threshold with
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from kubetune_api.finetunejob import FineTuneJob, Forgetting
+from kubetune_api.finetunejob import Artifacts, FineTuneJob, Forgetting
 from kubetune_api.report import TrainerReport
 
 from . import config
@@ -98,6 +99,19 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri", s.split)
                  for i, s in enumerate(ref)] if ref else None
     return _Fetched(model_path, tok_path, train, evals, reference)
+
+
+def _digest_and_record(model_path: Path, store, job: FineTuneJob, ident) -> dict:
+    """Hash the base model (artifacts.model_digest) and note the sha256 in the run's run.json, where a later
+    spec.resumeFrom that names this run checks it."""
+    from . import artifacts, runs
+
+    digest = artifacts.model_digest(model_path)
+    try:
+        runs.record_model_digest(store, job, ident, digest["sha256"])
+    except TrainerError as exc:  # the manifest still gets the digest; only resumeFrom checks lose it
+        log.warning("could not record the base model digest in run.json: %s", exc)
+    return digest
 
 
 def _device_for_eval(model):
@@ -226,9 +240,51 @@ def _error_report(monitor, err: TrainerError, state: dict) -> TrainerReport:
     return monitor.report(kind, error=err, artifacts=state.get("artifacts"), forgetting=state.get("forgetting"))
 
 
+def _finished(store, job_store, monitor) -> Optional[TrainerReport]:
+    """This run already published its result (a pod that died after manifest.json, before exiting): make sure
+    the index names it and report success again instead of training a finished run once more."""
+    from . import distributed, runs
+
+    man = runs.read_json(store, runs.MANIFEST)
+    if man is None:
+        return None
+    if distributed.rank() == 0:
+        index = runs.read_index(job_store)
+        if not any(e.get("runId") == (man.get("run") or {}).get("id") for e in index["runs"]):
+            runs.record_success(job_store, runs.index_entry(man))
+    log.info("run already finished: %s", store.uri(runs.MANIFEST))
+    return monitor.report("succeeded", artifacts=Artifacts.model_validate(man.get("artifacts") or {}))
+
+
+def _resume_point(job: FineTuneJob, store, work: Path, record, digest_future) -> Optional[Path]:
+    """This run's own latest complete checkpoint; else, only when spec.resumeFrom asks, another run's checkpoint
+    checked for the same stage, adapter and base model (runs.check_compatible). Every rank calls it."""
+    from . import checkpointing, distributed, runs
+
+    resume = checkpointing.prepare_resume(store, work, checkpoints_dir=work / "checkpoints")
+    if resume:
+        record.resumed_from = store.uri(f"{checkpointing.CHECKPOINTS}/{resume.name}")
+        return resume
+    ref = job.spec.resume_from
+    if not ref:
+        return None
+    src = runs.resolve_resume_from(job, ref)
+    err = None
+    if distributed.rank() == 0:  # only rank 0 hashed the base model
+        try:
+            runs.check_compatible(src, job, (digest_future.result() or {}).get("sha256"))
+        except ConfigError as exc:
+            err = exc
+    if distributed.any_rank(err is not None):
+        raise err or ConfigError("rank 0 refused spec.resumeFrom (see its log)", field="spec.resumeFrom")
+    resume = checkpointing.prepare_resume(src.store, work, rel=src.checkpoint, keep_best=False)
+    record.resumed_from = src.uri
+    return resume
+
+
 def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, started: float,
          extra_callbacks: list, console_logs: bool) -> TrainerReport:
-    from . import adapters, artifacts, checkpointing, data, distributed, modeling, storage, training_args
+    from . import adapters, artifacts, checkpointing, data, distributed, modeling, runs, storage, training_args
     from .monitoring import reference_perplexity
     from .stages import StageContext, get_stage
 
@@ -243,6 +299,18 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
                                  device_kind="gpu" if modeling.has_cuda() else "cpu")
     work = settings.work_dir
 
+    # ---- run identity: everything this run reads and writes lives under its own prefix (runs.py)
+    ident = runs.identify(job, settings.run_id)
+    record.run = runs.describe(ident)
+    job_store = runs.job_store(job)
+    store = runs.run_store(job, ident.run_id)
+    log.info("run %s (%s) of %s/%s: %s", ident.run_id, ident.source, job.metadata.namespace, job.metadata.name,
+             store.root_uri)
+    runs.begin(store, job, ident, write=is_main)
+    done = _finished(store, job_store, monitor)
+    if done is not None:
+        return done
+
     # ---- fetch + load. One process per node downloads into the node's cache; the others then find it there.
     if distributed.is_local_main_process():
         fetched = _fetch_all(job, settings)
@@ -254,7 +322,7 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     modeling.check_memory(spec, fetched.model_path)
     # Hashing a multi-GB base model takes a while: do it while the data loads and the model trains.
     hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-digest")
-    digest_future = hasher.submit(artifacts.model_digest, fetched.model_path) if is_main else None
+    digest_future = hasher.submit(_digest_and_record, fetched.model_path, store, job, ident) if is_main else None
     hasher.shutdown(wait=False)
 
     # The node's first process parses the files into Arrow files in the node cache; the other ranks then
@@ -303,7 +371,6 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
 
     # ---- trainer
     model = adapters.prepare_base(model, spec)
-    store = storage.OutputStore.for_job(job)
     sync = checkpointing.CheckpointSync(store, monitor, keep=spec.training.keep_checkpoints)
     callbacks = [monitor.callback(), sync, *extra_callbacks]
     ctx = StageContext(
@@ -326,29 +393,42 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
 
         trainer.remove_callback(PrinterCallback)
     monitor.guard(trainer)
+    best_by, why_not_best = training_args.best_model(job, has_eval=prepared.eval is not None)
+    training_args.enable_best_model(trainer)
     record.trainable_parameters, record.total_parameters = adapters.trainable_parameters(trainer.model)
     initial_adapter = None
     if adapters.needs_weight_conversion(spec) and is_main:
         initial_adapter = adapters.save_initial_adapter(trainer.model, work / "initial-adapter")
 
-    # ---- train (resuming from the latest complete checkpoint a previous pod left in the store)
+    # ---- train (resuming from the latest complete checkpoint a previous pod of THIS run left in the store)
     checkpointing.raise_if_preempted()  # SIGTERM during loading: nothing new to save, just stop
-    resume = checkpointing.prepare_resume(store, work)
+    resume = _resume_point(job, store, work, record, digest_future)
     if resume:
-        record.resumed_from = store.uri(f"{checkpointing.CHECKPOINTS}/{resume.name}")
         log.info("resuming from %s", record.resumed_from)
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if sync.preempted:
         raise PreemptedError(f"SIGTERM received: checkpoint saved at step {trainer.state.global_step} "
                              f"({sync.last_uri}); a restarted pod resumes from it")
 
-    # ---- final evaluation
+    # ---- which weights are published: the best checkpoint (the Trainer loaded it at the end) or the last step
+    st = trainer.state
+    if best_by is not None and st.best_model_checkpoint and st.best_global_step:
+        record.published = {"step": st.best_global_step, "reason": "early-stop" if monitor.early_stopped else "best",
+                            "metric": best_by[0], "value": st.best_metric, "lastStep": st.global_step,
+                            "checkpoint": store.uri(f"{checkpointing.CHECKPOINTS}/checkpoint-{st.best_global_step}")}
+    else:
+        why = why_not_best if best_by is None else "no evaluation after step 0 produced a checkpoint"
+        record.published = {"step": st.global_step, "reason": "last", "why": why}
+    log.info("publishing step %s (%s)", record.published["step"], record.published["reason"])
+
+    # ---- final evaluation (of the published weights)
     eval_metrics: dict = {}
     if prepared.eval is not None:
-        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
-        # The Trainer's own cadence may already have evaluated the final weights: no second pass.
-        done = last is not None and last.get("step") == trainer.state.global_step
-        eval_metrics = last if done else trainer.evaluate()
+        at = record.published["step"]
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e and e.get("step") == at),
+                    None)
+        # The Trainer's own cadence may already have evaluated these weights: no second pass.
+        eval_metrics = last if last is not None else trainer.evaluate()
     record.metrics = _final_metrics(trainer, train_output, eval_metrics, spec.stage)
     # The stage's headline figure (reward accuracy/margin, mean reward/KL) for the manifest and the model card.
     for name, value in monitor.headline().items():
@@ -390,7 +470,10 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
         record.model_digest = digest_future.result() if digest_future else None
         latest = sync.last_uri or (store.uri(rel) if (rel := checkpointing.latest_checkpoint(store)) else None)
         arts = artifacts.publish(record, store, local, adapter_dir, tokenizer, monitor.metrics_path,
-                                 latest_checkpoint=latest)
+                                 latest_checkpoint=latest, job_store=job_store)
+        keep_runs = spec.output.keep_runs
+        if keep_runs:
+            runs.apply_retention(job_store, keep_runs, current=ident.run_id)
         state["artifacts"] = arts
         log.info("artifacts: %s", arts.adapter_uri)
     distributed.barrier()

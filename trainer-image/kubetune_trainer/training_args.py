@@ -11,6 +11,8 @@ Values that are set explicitly because a default would be wrong for us:
 - report_to=[]: no wandb/tensorboard/trackio auto-detection; metrics go through monitoring/.
 - disable_tqdm: the CLI draws its own progress; tqdm bars in pod logs are noise.
 - deepspeed / ddp_backend: distributed.training_args_additions (the ZeRO config from spec.distributed).
+- the published model is the BEST checkpoint when evaluation runs (best_model below): transformers' own
+  metric_for_best_model / load_best_model_at_end pick it, and its checkpoint rotation never deletes it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,32 @@ def precision_flags(job: FineTuneJob) -> dict:
         raise ConfigError("this GPU does not support bf16; use precision fp16 or auto",
                           field="spec.training.precision")
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+# What "best" means per stage: the eval metric and whether higher is better. Stages not listed (the online RL
+# stages: their eval loss is not a quality measure) publish their last step.
+BEST_METRIC: dict[str, tuple[str, bool]] = {
+    "cpt": ("eval_loss", False), "sft": ("eval_loss", False), "dpo": ("eval_loss", False),
+    "orpo": ("eval_loss", False), "kto": ("eval_loss", False), "reward": ("eval_loss", False),
+}
+
+
+def publish_policy(job: FineTuneJob) -> str:
+    """spec.output.publish: "best" (default) or "last"."""
+    return job.spec.output.publish
+
+
+def best_model(job: FineTuneJob, *, has_eval: bool) -> tuple[tuple[str, bool] | None, str]:
+    """(metric, greater_is_better) the published checkpoint is chosen by, or None and why the last step is
+    published instead ("output.publish: last", "no evaluation data", "stage grpo has no eval metric")."""
+    if publish_policy(job) == "last":
+        return None, "output.publish: last"
+    if not has_eval:
+        return None, "no evaluation data"
+    metric = BEST_METRIC.get(job.spec.stage)
+    if metric is None:
+        return None, f"stage {job.spec.stage} has no eval metric to choose by"
+    return metric, "best"
 
 
 def build(job: FineTuneJob, work_dir: Path, *, has_eval: bool) -> dict:
@@ -88,7 +116,25 @@ def build(job: FineTuneJob, work_dir: Path, *, has_eval: bool) -> dict:
         # A step-0 evaluation is the baseline every later eval loss is judged against (metrics, model card,
         # early stopping's first "best"); it costs one pass over the eval set.
         kwargs["eval_on_start"] = True
+    best, _why = best_model(job, has_eval=has_eval)
+    if best is not None:
+        # transformers tracks state.best_metric / best_global_step and protects the best checkpoint from rotation.
+        # load_best_model_at_end is switched on by the runner once the Trainer exists (enable_best_model).
+        kwargs.update(metric_for_best_model=best[0], greater_is_better=best[1])
     # Multi-process backend/timeout and the DeepSpeed ZeRO config (distributed.py owns both).
     kwargs.update(distributed.training_args_additions(job.spec))
     kwargs.update(adapters.training_args_additions(job.spec))
     return kwargs
+
+
+def enable_best_model(trainer) -> bool:
+    """Turn on `load_best_model_at_end` on a built Trainer whose args name a metric_for_best_model.
+
+    Set here rather than in the constructor's kwargs because TrainingArguments refuses it unless checkpoints
+    fall on evaluation steps (save_steps a multiple of eval_steps): without that the best evaluation might have
+    no checkpoint. checkpointing.CheckpointSync saves a checkpoint at every evaluation that is a new best, which
+    is the guarantee that check stands in for, so any checkpointEverySteps / evalEverySteps pair works."""
+    if getattr(trainer.args, "metric_for_best_model", None) is None:
+        return False
+    trainer.args.load_best_model_at_end = True
+    return True

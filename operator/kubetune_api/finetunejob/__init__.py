@@ -3,7 +3,7 @@
     from kubetune_api.finetunejob import FineTuneJob, parse_job, validate_spec
 """
 
-from .rules import STAGE_BLOCKS, STAGE_FORMATS, validate_spec
+from .rules import STAGE_BLOCKS, STAGE_FORMATS, uri_fields, validate_spec
 from .spec import (
     AdapterSpec, AdapterType, ColumnMapping, DatasetFormat, DatasetSource, DatasetSpec, DeepSpeedSpec,
     DistributedSpec, DPOParams, EarlyStoppingSpec, EvaluationSpec, FineTuneJob, FineTuneJobSpec, GaLoreSpec,
@@ -13,7 +13,7 @@ from .spec import (
 from .status import Artifacts, FineTuneJobStatus, Forgetting, Progress, Workload
 
 __all__ = [
-    "STAGE_BLOCKS", "STAGE_FORMATS", "validate_spec",
+    "STAGE_BLOCKS", "STAGE_FORMATS", "uri_fields", "validate_spec",
     "AdapterSpec", "AdapterType", "ColumnMapping", "DatasetFormat", "DatasetSource", "DatasetSpec", "DeepSpeedSpec",
     "DistributedSpec", "DPOParams", "EarlyStoppingSpec", "EvaluationSpec", "FineTuneJob", "FineTuneJobSpec",
     "GaLoreSpec", "GRPOParams", "KTOParams", "ModelSpec", "ORPOParams", "OutputSpec", "PPOParams",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..cel import cel
+from ..common import uri_problem
 
 if TYPE_CHECKING:  # the spec module imports this one to attach the CEL rules
     from .spec import FineTuneJobSpec
@@ -33,8 +34,8 @@ STAGE_FORMATS: dict[str, list[str]] = {
 
 STAGE_BLOCKS = ["dpo", "orpo", "kto", "grpo", "rloo", "ppo", "reward"]
 
-_IMMUTABLE = ["stage", "model", "dataset", "training", "adapter", "evaluation", "output", "distributed"]
-_OPTIONAL_IMMUTABLE = ["evaluation", "distributed"]
+_IMMUTABLE = ["stage", "model", "dataset", "training", "adapter", "evaluation", "output", "distributed", "resumeFrom"]
+_OPTIONAL_IMMUTABLE = ["evaluation", "distributed", "resumeFrom"]
 
 SPEC_RULES = [
     # Immutability: what was trained must be what the spec says. Only suspend and scheduling fields change.
@@ -88,9 +89,38 @@ SPEC_CREATE_RULES = [
 # gate; not repeated here): immutability, eval vs evalFraction, qlora with ZeRO-3, offloadParams below ZeRO-3,
 # core/v1's rules on pod fields (a local run has no pods).
 # --------------------------------------------------------------------------------------------------------
+def uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
+    """Every URI the job reads or writes, as (field path in the manifest, uri, writable)."""
+    out: list[tuple[str, str, bool]] = [("spec.model.source", spec.model.source, False)]
+    if spec.model.tokenizer:
+        out.append(("spec.model.tokenizer", spec.model.tokenizer, False))
+    out += [(f"spec.dataset.train[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.train)]
+    out += [(f"spec.dataset.eval[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.eval or [])]
+    if spec.evaluation and spec.evaluation.reference:
+        out += [(f"spec.evaluation.reference[{i}].uri", s.uri, False)
+                for i, s in enumerate(spec.evaluation.reference)]
+    t = spec.training
+    for stage, block in (("grpo", t.grpo), ("rloo", t.rloo)):
+        for i, reward in enumerate((getattr(block, "rewards", None) or []) if block else []):
+            if reward.source:
+                out.append((f"spec.training.{stage}.rewards[{i}].source", reward.source, False))
+    if t.rloo and t.rloo.reward_model:
+        out.append(("spec.training.rloo.rewardModel", t.rloo.reward_model, False))
+    if t.ppo:
+        out.append(("spec.training.ppo.rewardModel", t.ppo.reward_model, False))
+    if spec.resume_from and "://" in spec.resume_from:
+        out.append(("spec.resumeFrom", spec.resume_from, False))
+    out.append(("spec.output.uri", spec.output.uri, True))
+    return out
+
+
 def validate_spec(spec: FineTuneJobSpec) -> list[str]:
     """The cross-field problems of `spec` as "field: problem; fix" strings (empty when valid)."""
     errors: list[str] = []
+    for field, uri, _ in uri_fields(spec):  # the URI_SAFETY CEL rules, for `kubetune run` and the operator
+        problem = uri_problem(uri)
+        if problem:
+            errors.append(f"{field}: {problem} (got {uri!r})")
     stage = spec.stage
     fmt = spec.dataset.format
     if fmt not in STAGE_FORMATS[stage]:

@@ -15,7 +15,7 @@ from pydantic.alias_generators import to_camel
 from .. import corev1
 from ..cel import cel, validations
 from ..common import (
-    LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, Model, ObjectMeta, StorageCredentials, StrEnum, Toleration,
+    LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, URI_SAFETY, Model, ObjectMeta, StorageCredentials, StrEnum, Toleration,
 )
 from .rules import SPEC_CREATE_RULES, SPEC_RULES
 from .status import FineTuneJobStatus
@@ -62,7 +62,7 @@ class DatasetFormat(StrEnum):
 
 class ModelSpec(Model):
     source: str = Field(
-        ..., max_length=URI_MAX, pattern=URI_PATTERN,
+        ..., max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="Where the base model lives: s3://bucket/prefix (a folder saved with save_pretrained), "
         "file:///abs/path, pvc://<claim>/<path> (mounted read-only), or hf://org/name (needs internet).",
     )
@@ -77,14 +77,14 @@ class ModelSpec(Model):
         False, description="Run Python code shipped with the model. Off unless you trust the source."
     )
     tokenizer: Optional[str] = Field(
-        None, max_length=URI_MAX, pattern=URI_PATTERN,
+        None, max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="Tokenizer location when it is not stored with the model (same URI forms as source).",
     )
 
 
 class DatasetSource(Model):
     uri: str = Field(
-        ..., max_length=URI_MAX, pattern=URI_PATTERN,
+        ..., max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="A file or folder: s3://..., file://..., pvc://<claim>/<path> or hf://org/name. Files: "
         ".jsonl, .json, .parquet, .csv, .txt (txt: one example per line for text, whole file otherwise).",
     )
@@ -153,7 +153,7 @@ class RewardFunction(Model):
         "tolerance: '0.01', pattern: '^<think>').",
     )
     source: Optional[str] = Field(
-        None, max_length=URI_MAX, pattern=URI_PATTERN,
+        None, max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="A .py file or folder holding the custom reward module (only for 'module:function'). "
         "It runs only inside the trainer pod's reward sandbox (no credentials, CPU/memory/time limits).",
     )
@@ -194,7 +194,7 @@ class RLOOParams(Model):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
     beta: float = Field(0.05, ge=0, description="KL penalty against the reference model.")
     reward_model: Optional[str] = Field(
-        None, max_length=URI_MAX, pattern=URI_PATTERN,
+        None, max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="A sequence-classification reward model (e.g. the output of a `reward` stage job).",
     )
     rewards: Optional[list[RewardFunction]] = Field(
@@ -204,7 +204,7 @@ class RLOOParams(Model):
 
 class PPOParams(Model):
     reward_model: str = Field(
-        ..., max_length=URI_MAX, pattern=URI_PATTERN,
+        ..., max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="A sequence-classification reward model (e.g. the output of a `reward` stage job).",
     )
     max_completion_length: int = Field(32, ge=1, le=32768, description="Tokens generated per rollout.")
@@ -382,6 +382,12 @@ class ResourcesSpec(Model):
         None, json_schema_extra=QUANTITY,
         description="Size of /dev/shm (a memory-backed emptyDir); data loaders and NCCL need more than the 64Mi default.",
     )
+    cache_claim: Optional[str] = Field(
+        None, max_length=NAME_MAX, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A PersistentVolumeClaim (ReadWriteMany for several nodes) for downloaded models and data. "
+        "Without it each pod downloads into its own emptyDir, and a retried pod (a new pod) downloads it all "
+        "again; with it, files whose ETag and size match are reused.",
+    )
     nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods); >1 runs torchrun across an indexed Job.")
     node_selector: Optional[dict[str, corev1.LabelValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Node labels the pods must match."
@@ -436,9 +442,11 @@ class DistributedSpec(Model):
 
 class OutputSpec(Model):
     uri: str = Field(
-        ..., max_length=URI_MAX, pattern=r"^(s3|file|pvc)://.+",
-        description="Where results go: s3://bucket/prefix, file:///abs/path or pvc://<claim>/<path>. The run "
-        "writes <uri>/<namespace>/<name>/ (adapter, checkpoints, manifest.json, metrics).",
+        ..., max_length=URI_MAX, pattern=r"^(s3|file|pvc)://.+", json_schema_extra=URI_SAFETY,
+        description="Where results go: s3://bucket/prefix, file:///abs/path or pvc://<claim>/<path>. Each run "
+        "writes <uri>/<namespace>/<name>/runs/<run-id>/ (adapter, checkpoints, manifest.json, metrics; the run id "
+        "is the FineTuneJob's uid) and then <uri>/<namespace>/<name>/runs.json, the index naming the latest "
+        "finished run. A re-created job of the same name gets a new run beside the old one.",
     )
     endpoint: Optional[str] = Field(
         None, max_length=URI_MAX, pattern=r"^https?://.+",
@@ -451,6 +459,16 @@ class OutputSpec(Model):
     )
     merged_model: bool = Field(
         False, description="Also write the base model with the adapter merged in (merged into a full-precision base)."
+    )
+    publish: str = Field(
+        "best", json_schema_extra={"enum": ["best", "last"]},
+        description="Which weights become the result when evaluation runs. best: the checkpoint with the best eval "
+        "loss (kept even beyond keepCheckpoints; manifest.json names its step and why); last: the final step.",
+    )
+    keep_runs: Optional[int] = Field(
+        None, ge=1, le=1000,
+        description="Delete older runs of this job (results and checkpoints) beyond the newest N when a run "
+        "finishes. Unset: no run is ever deleted.",
     )
 
 
@@ -471,6 +489,14 @@ class FineTuneJobSpec(Model):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods: GPUs, nodes, scheduling.")
     distributed: Optional[DistributedSpec] = Field(None, description="torchrun / DeepSpeed settings.")
     output: OutputSpec = Field(..., description="Where the adapter, checkpoints and reports are written.")
+    resume_from: Optional[str] = Field(
+        None, max_length=URI_MAX, pattern=r"^((s3|file|pvc)://.+|[A-Za-z0-9][A-Za-z0-9._-]{0,127})$",
+        json_schema_extra=URI_SAFETY,
+        description="Continue another run's training (weights, optimizer, step) instead of starting at step 0: "
+        "a run id of this job (see runs.json), a run's URI (.../runs/<id>/: its latest checkpoint) or a "
+        "checkpoint URI (.../runs/<id>/checkpoints/checkpoint-N). Refused unless stage, adapter settings and base "
+        "model bytes match. Without it a new FineTuneJob always starts fresh.",
+    )
     suspend: bool = Field(
         False, description="Suspend the job: its pods are deleted (a checkpoint is saved on SIGTERM) and it "
         "resumes from the latest checkpoint when unsuspended. Kueue manages jobs through this field.",

@@ -48,7 +48,9 @@ class Forgetting(Model):
 
 
 class Artifacts(Model):
-    output_uri: Optional[str] = Field(None, description="This job's output prefix.")
+    output_uri: Optional[str] = Field(None, description="This run's output prefix (<output.uri>/<ns>/<name>/runs/<run-id>/).")
+    run_id: Optional[str] = Field(None, description="This run's id (the FineTuneJob's uid).")
+    index_uri: Optional[str] = Field(None, description="The job's runs.json: every finished run and the latest.")
     adapter_uri: Optional[str] = Field(None, description="The trained adapter (PEFT format) or full model.")
     merged_model_uri: Optional[str] = Field(None, description="The merged model, when requested.")
     manifest_uri: Optional[str] = Field(None, description="manifest.json (digests, config, metrics, versions).")

@@ -142,6 +142,9 @@ def test_env_contract():
     env = env_of(job)
     values = {k: v.get("value") for k, v in env.items()}
     assert values["KUBETUNE_JOB_NAME"] == "demo" and values["KUBETUNE_NAMESPACE"] == NS
+    # the run id is the FineTuneJob's uid: a re-created job (new uid) never resumes the old run's checkpoints
+    body = ftj()
+    assert values["KUBETUNE_RUN_ID"] == body["metadata"]["uid"]
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     names = [e["name"] for e in container(job)["env"]]
@@ -406,3 +409,14 @@ def test_every_example_renders(path):
     # the hostname of the highest-index pod must be a DNS label
     host = f"{children.job['metadata']['name']}-{children.job['spec']['completions'] - 1}"
     assert DNS_LABEL.match(host) and len(host) <= 63
+
+
+def test_cache_claim_mounts_a_download_cache_that_outlives_the_pod():
+    plain = render_job(ftj())
+    assert "KUBETUNE_CACHE_DIR" not in env_of(plain)
+    job = render_job(ftj(resources={"gpus": 1, "cacheClaim": "model-cache"}))
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["download-cache"]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+    mounts = {m["name"]: m["mountPath"] for m in container(job)["volumeMounts"]}
+    assert mounts["download-cache"] == R.CACHE_DIR
+    assert env_of(job)["KUBETUNE_CACHE_DIR"]["value"] == R.CACHE_DIR

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .errors import S3Errors
 from .local import atomic_write, local_nearby, walk_files
 from .s3 import head_object, list_objects, s3_client, s3_nearby, transfer_config
-from .uris import PVC_ROOT_ENV, local_path, pvc_root, scheme_of, split_s3
+from .uris import PVC_ROOT_ENV, check_uri, local_path, pvc_root, safe_key_path, scheme_of, split_s3
 
 log = logging.getLogger("kubetune_trainer.storage")  # one logger for the package (its name before the split)
 
@@ -26,8 +26,9 @@ HF_OFFLINE_MESSAGE = "hf:// needs internet; copy the model to s3:// or a PVC"
 def fetch(uri: str, cache_dir: Path, *, endpoint: Optional[str] = None, revision: Optional[str] = None) -> Path:
     """Resolve a job URI to a local file or folder (downloading s3:// and hf:// into cache_dir).
 
-    A missing source raises ConfigError naming the URI and what exists nearby."""
-    scheme = scheme_of(uri)
+    A missing source raises ConfigError naming the URI and what exists nearby; a URI or an object key that
+    would resolve outside its folder raises ConfigError naming it (uris.check_uri, uris.safe_key_path)."""
+    scheme = scheme_of(check_uri(uri))
     if scheme in ("file", "pvc"):
         p = local_path(uri)
         if not p.exists():
@@ -57,8 +58,8 @@ def _fetch_s3(uri: str, cache_dir: Path, endpoint: Optional[str]) -> Path:
             objs = list_objects(client, bucket, prefix)
             if not objs:
                 raise ConfigError(f"{uri}: no such object or folder; {s3_nearby(client, bucket, key)}")
-            remote = {o["Key"][len(prefix):]: {"key": o["Key"], "etag": o.get("ETag", ""), "size": o["Size"]}
-                      for o in objs}
+            remote = {safe_key_path(o["Key"], o["Key"][len(prefix):], uri):
+                      {"key": o["Key"], "etag": o.get("ETag", ""), "size": o["Size"]} for o in objs}
         _sync_down(client, bucket, remote, base, uri)
     return base
 

@@ -36,9 +36,34 @@ def pvc_root() -> Path:
     return Path(os.environ.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT)
 
 
+def check_uri(uri: str) -> str:
+    """`uri` unless it could climb out of its claim, bucket or folder ('..', an empty segment, pvc:///):
+    ConfigError naming it. The same rules as the API's CEL (kubetune_api.common.URI_SAFETY_RULES), repeated
+    here because a local run never meets the apiserver and code may build URIs itself."""
+    from kubetune_api.common import uri_problem
+
+    problem = uri_problem(uri)
+    if problem:
+        raise ConfigError(f"{uri}: {problem}")
+    return uri
+
+
+def safe_key_path(key: str, rel: str, uri: str) -> str:
+    """The object key's part below the fetched prefix (`rel`), if it is safe to use as a relative local path;
+    ConfigError naming the key otherwise. A bucket may hold keys like `models/x/../../etc/cron.d/job` or
+    `models/x//abs` (AWS S3 stores them as given): joined to the download folder they would write outside it."""
+    parts = rel.split("/")
+    bad = ("an absolute path" if rel.startswith("/") else "an empty path segment" if "" in parts
+           else f"a '{'..' if '..' in parts else '.'}' path segment" if {".", ".."} & set(parts) else None)
+    if bad:
+        raise ConfigError(f"{uri}: refusing object key {key!r}: it contains {bad}, which would write outside the "
+                          "download folder; remove or rename that object")
+    return rel
+
+
 def local_path(uri: str) -> Path:
-    """file:// and pvc:// URIs -> the local path (not checked for existence)."""
-    scheme = scheme_of(uri)
+    """file:// and pvc:// URIs -> the local path (not checked for existence; unsafe URIs are refused)."""
+    scheme = scheme_of(check_uri(uri))
     rest = uri[len(scheme) + 3:]
     if scheme == "file":
         p = Path(rest)

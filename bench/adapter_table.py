@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=ADAPTERS)
     ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: the config's)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--lr", type=float, help="learning rate of every arm (default: the config's, per adapter)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/kubetune/bench"))
     ap.add_argument("--arm", nargs=2, metavar=("TASK", "ADAPTER"), help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
+    if args.lr:
+        cfg["lr"] = {"default": args.lr}
     steps = args.steps or cfg["steps"]
 
     if args.arm:
@@ -258,6 +261,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             proc = subprocess.run(
                 [sys.executable, __file__, "--config", args.config, "--steps", str(steps), "--arm", task, adapter,
+                 *(["--lr", str(args.lr)] if args.lr else []),
                  "--model", str(model), "--data", str(data_dir), "--work", str(tmp / f"{task}-{adapter}-{rep}")],
                 capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -282,7 +286,7 @@ def main(argv=None) -> int:
         rows.append(r)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / f"adapter_table-{args.config}.json").write_text(json.dumps(
+    (out / f"adapter_table-{args.config}{f'-lr{args.lr:g}' if args.lr else ''}.json").write_text(json.dumps(
         {"config": args.config, "steps": steps, "settings": cfg, "argv": sys.argv[1:], "rows": rows}, indent=2))
     print()
     print(HEADER)

@@ -58,18 +58,21 @@ def prompt(a: int, b: int) -> str:
 
 
 def write_task_data(dest: Path, train_pairs: list, n: int = 2000, seed: int = 1) -> dict[str, Path]:
-    """prompt_completion rows for the warm-up and prompt_only rows (with `answer`) for RL, both from the
-    training pairs only."""
+    """prompt_completion rows for the warm-up, prompt_only rows (with `answer`) for RL and preference pairs
+    (the right sum over a wrong one) for the reward model of rloo-rm/ppo, all from the training pairs only."""
     dest.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    sft, rl = dest / "warmup.jsonl", dest / "rl.jsonl"
-    with sft.open("w") as f_sft, rl.open("w") as f_rl:
+    sft, rl, pref = dest / "warmup.jsonl", dest / "rl.jsonl", dest / "preference.jsonl"
+    with sft.open("w") as f_sft, rl.open("w") as f_rl, pref.open("w") as f_pref:
         for _ in range(n):
             a, b = rng.choice(train_pairs)
             f_sft.write(json.dumps({"prompt": prompt(a, b), "completion": f" {a + b}"}) + "\n")
             a, b = rng.choice(train_pairs)
             f_rl.write(json.dumps({"prompt": prompt(a, b), "answer": str(a + b)}) + "\n")
-    return {"sft": sft, "rl": rl}
+            a, b = rng.choice(train_pairs)
+            wrong = rng.choice([x for x in range(19) if x != a + b])
+            f_pref.write(json.dumps({"prompt": prompt(a, b), "chosen": f" {a + b}", "rejected": f" {wrong}"}) + "\n")
+    return {"sft": sft, "rl": rl, "preference": pref}
 
 
 def reward_of(completion: str, answer: str) -> tuple[float, bool]:
@@ -118,7 +121,7 @@ def make_job(stage: str, model: Path, data: Path, out: Path, *, steps: int, lr: 
                 "warmupRatio": 0.0, "lrScheduler": "constant"}
     if stage_block is not None:
         training[stage] = stage_block
-    fmt = "prompt_completion" if stage == "sft" else "prompt_only"
+    fmt = {"sft": "prompt_completion", "reward": "preference"}.get(stage, "prompt_only")
     return parse_job({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
                       "metadata": {"name": name or f"rl-{stage}", "namespace": "bench"},
                       "spec": {"stage": stage, "model": {"source": f"file://{model}"},
@@ -160,10 +163,29 @@ def rl_block(beta: float) -> dict:
             "rewards": REWARDS}
 
 
+def train_reward_model(warm: Path, data: Path, root: Path, steps: int = 150) -> tuple[Path, list[dict]]:
+    """A reward model (stage reward, full) from the warm-up model on right-vs-wrong sum pairs."""
+    return run_job(make_job("reward", warm, data, root / "out", steps=steps, lr=1e-3, batch=16, name="rl-reward"),
+                   root / "work-reward")
+
+
 def train_rl(stage: str, warm: Path, data: Path, root: Path, *, steps: int, lr: float = 3e-4,
-             beta: float = 0.04) -> tuple[Path, list[dict]]:
-    job = make_job(stage, warm, data, root / "out", steps=steps, lr=lr, batch=64,
-                   stage_block=rl_block(beta), name=f"rl-{stage}")
+             beta: float = 0.04, reward_model: Path | None = None) -> tuple[Path, list[dict]]:
+    """stage grpo or rloo: the verifiable rewards; rloo-rm: RLOO on the reward model's score alone; ppo: PPO on
+    the reward model's score (one completion per prompt, 16 prompts per rollout)."""
+    if stage == "ppo":
+        block = {"rewardModel": f"file://{reward_model}", "maxCompletionLength": 8, "temperature": TEMPERATURE,
+                 "klCoef": beta}
+        job = make_job("ppo", warm, data, root / "out", steps=steps, lr=lr, batch=16, stage_block=block,
+                       name="rl-ppo")
+    elif stage == "rloo-rm":
+        block = {"numGenerations": 8, "maxCompletionLength": 8, "temperature": TEMPERATURE, "beta": beta,
+                 "rewardModel": f"file://{reward_model}"}
+        job = make_job("rloo", warm, data, root / "out", steps=steps, lr=lr, batch=64, stage_block=block,
+                       name="rl-rloo-rm")
+    else:
+        job = make_job(stage, warm, data, root / "out", steps=steps, lr=lr, batch=64,
+                       stage_block=rl_block(beta), name=f"rl-{stage}")
     return run_job(job, root / f"work-{stage}")
 
 
@@ -180,7 +202,8 @@ def main(argv=None) -> int:
                  "KUBETUNE_METRICS_FINAL_SCRAPE_TIMEOUT": "0"}.items():
         os.environ.setdefault(k, v)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", nargs="+", choices=["grpo", "rloo"], default=["grpo", "rloo"])
+    ap.add_argument("--stages", nargs="+", choices=["grpo", "rloo", "rloo-rm", "ppo"], default=["grpo", "rloo"])
+    ap.add_argument("--ppo-lr", type=float, default=1e-4)
     ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--rl-steps", type=int, default=160)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -196,10 +219,18 @@ def main(argv=None) -> int:
     warm = warm_up(tiny.cached_model(), data["sft"], root, args.warmup_steps)
     result = {"settings": vars(args), "warmup_s": time.time() - t0,
               "before": {"eval": evaluate(warm, train), "unseen": evaluate(warm, held)}}
+    rm = None
+    if {"ppo", "rloo-rm"} & set(args.stages):
+        rm, rm_logs = train_reward_model(warm, data["preference"], root)
+        result["reward_model"] = {"accuracy_by_quarter": by_quarter(rm_logs, "accuracy"),
+                                  "margin_by_quarter": by_quarter(rm_logs, "margin")}
     for stage in args.stages:
         t0 = time.time()
-        model, logs = train_rl(stage, warm, data["rl"], root / stage, steps=args.rl_steps, lr=args.lr,
-                               beta=args.beta)
+        model, logs = train_rl(stage, warm, data["rl"], root / stage, steps=args.rl_steps,
+                               lr=args.ppo_lr if stage == "ppo" else args.lr, beta=args.beta, reward_model=rm)
+        if stage == "ppo":  # our PPO logs its own names
+            logs = [{**e, "reward": e["objective/scores"], "kl": e["objective/kl"]} if "objective/scores" in e
+                    else e for e in logs]
         result[stage] = {"seconds": time.time() - t0, "eval": evaluate(model, train), "unseen": evaluate(model, held),
                          "reward_by_quarter": by_quarter(logs, "reward"),
                          "accuracy_by_quarter": by_quarter(logs, "rewards/numeric_match/mean"),

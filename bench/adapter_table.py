@@ -139,7 +139,7 @@ def probe():
 
 # ------------------------------------------------------------------------------------------------ one arm
 def make_job(cfg: dict, task: str, adapter: str, model: Path, data: dict, out: Path, steps: int):
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     lr = cfg["lr"].get(adapter, cfg["lr"]["default"])
     training = {"maxSteps": steps, "batchSize": cfg["batch"], "maxLength": cfg["max_length"], "learningRate": lr,

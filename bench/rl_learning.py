@@ -114,7 +114,7 @@ def evaluate(model_path: Path, pairs: list, *, samples: int = 16, temperature: f
 # ------------------------------------------------------------------------------------------------ jobs
 def make_job(stage: str, model: Path, data: Path, out: Path, *, steps: int, lr: float, batch: int,
              stage_block: dict | None = None, name: str | None = None):
-    from kubetune_api.models import parse_job
+    from kubetune_api.finetunejob import parse_job
 
     training = {"maxSteps": steps, "batchSize": batch, "maxLength": 32, "learningRate": lr,
                 "logEverySteps": max(1, steps // 20), "evalEverySteps": 100000, "checkpointEverySteps": 100000,

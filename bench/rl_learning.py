@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -81,8 +82,6 @@ def reward_of(completion: str, answer: str) -> tuple[float, bool]:
 
     n = builtin.last_number(completion)
     correct = n is not None and n == float(answer)
-    import re
-
     return float(correct) + 0.2 * bool(re.search(FORMAT, completion)), correct
 
 

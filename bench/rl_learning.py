@@ -3,6 +3,7 @@ on the tiny pre-trained Llama, measured on held-out questions before and after.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rl_learning.py                  # grpo and rloo, a few minutes
     OMP_NUM_THREADS=1 .venv/bin/python bench/rl_learning.py --stages grpo --rl-steps 80
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rl_learning.py --stages grpo rloo rloo-rm ppo --rl-steps 80   # docs/rl.md
 
 The recipe (what it takes for a ~150k-parameter model to learn from a 0/1 reward in CPU minutes):
 1. Task: "What is a plus b? Answer:" -> the number a+b, for a, b in 0..9. 30 of the 100 (a, b) pairs are
@@ -19,6 +20,9 @@ samples per question): the eval set (every question of the training distribution
 100-question task has no other held-out questions of the same distribution) and the 30 unseen pairs (does
 what RL taught transfer?). Figures: mean reward (the RL objective), sampled accuracy, greedy accuracy (one
 answer per question) and the share of completions that ended in EOS.
+
+rloo-rm and ppo optimise a reward model instead (stage reward, trained from the warm-up model on right-vs-wrong
+sums of the training pairs), with the same evaluation: does the reward model's score carry the task?
 
 Learning figures are read from the runner's logs (TRL's `reward`, `kl`, `rewards/<name>/mean`) and printed per
 quarter of the run. Results: bench/results/rl_learning.json; docs/rl.md shows a run.

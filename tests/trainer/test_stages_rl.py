@@ -4,10 +4,9 @@ Each stage trains with LoRA and its weights reload; GRPO's dataset columns reach
 geometry is fixed up instead of failing; PPO saves and restores its value head, masks after EOS, and learns.
 
 Learning checks:
-- GRPO: a format penalty (regex_match '\\?', weight -1: "an answer is not a question") that the pre-trained model
-  violates in ~16 % of its sampled completions; 30 GRPO steps must cut that rate on held-out prompts. (Arithmetic
-  exact_match after a short SFT warm-up was tried first: the tiny model starts at ~43 % but 40 GRPO steps did
-  not move it, so it cannot show learning within a unit test's budget.)
+- GRPO on a verifiable task (bench/rl_learning.py's recipe, through runner.run): addition questions, a 100-step
+  SFT warm-up that teaches the answer format and EOS, then 80 GRPO steps with numeric_match + a format reward must
+  raise the eval set's mean reward, sampled and greedy accuracy, without losing ground on unseen pairs.
 - PPO, the whole RLHF loop: the base policy's own samples are labelled by an "annotator" with the same
   preference, the `reward` stage trains a reward model on those pairs, and PPO (loading it by URI like any job)
   must raise its held-out score and all but remove the disliked answers, at bounded KL; with klCoef 0 the KL
@@ -174,24 +173,44 @@ def test_grpo_bad_reward_is_a_config_error_naming_the_entry(tmp_path):
     assert err.value.field == "spec.training.grpo.rewards[1].source"
 
 
-def test_grpo_learns_to_stop_answering_with_questions(tmp_path):
-    items = H.rows("prompt_only")
-    held_out = [r["prompt"] for r in items[:64]]
-    _, ctx, trainer = H.build(
-        "grpo", "lora", tmp_path, train_rows=items[100:], n_train=300,
-        training={"batchSize": 16, "maxSteps": 30, "logEverySteps": 5},
-        stage_block={"numGenerations": 8, "maxCompletionLength": 12, "beta": 0.05,
-                     "rewards": [{"name": "regex_match", "weight": -1.0, "params": {"pattern": r"\?"}}]})
-    before = question_rate(trainer.model, ctx.tokenizer, held_out)
-    trainer.train()
-    after = question_rate(trainer.model, ctx.tokenizer, held_out)
-    rewards = H.logged(trainer, "reward")
-    print(f"GRPO held-out '?' rate {before:.3f} -> {after:.3f}; logged reward {sum(rewards[:2]) / 2:.3f} -> "
-          f"{sum(rewards[-2:]) / 2:.3f}; "
-          f"kl {H.logged(trainer, 'kl')[-1]:.3f}")
-    assert before >= 0.08
-    assert after <= 0.05 and after <= before / 2
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2
+def _rl_recipe():
+    """bench/rl_learning.py: the arithmetic task, the warm-up and RL jobs (through runner.run) and the evaluation."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "rl_learning.py"
+    spec = importlib.util.spec_from_file_location("kubetune_bench_rl_learning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~25 s of CPU (warm-up 100 steps, GRPO 80 steps, evaluations)
+def test_grpo_learns_arithmetic_from_numeric_match(tmp_path):
+    R = _rl_recipe()
+    unseen, seen = R.split_pairs()
+    data = R.write_task_data(tmp_path / "data", seen)
+    warm = R.warm_up(tiny.cached_model(), data["sft"], tmp_path, steps=100)
+    before = {"eval": R.evaluate(warm, seen), "unseen": R.evaluate(warm, unseen)}
+    model, logs = R.train_rl("grpo", warm, data["rl"], tmp_path / "grpo", steps=80)
+    after = {"eval": R.evaluate(model, seen), "unseen": R.evaluate(model, unseen)}
+    reward, kl = R.by_quarter(logs, "reward"), R.by_quarter(logs, "kl")
+    print(f"GRPO eval reward {before['eval']['mean_reward']:.3f} -> {after['eval']['mean_reward']:.3f}, accuracy "
+          f"{before['eval']['sampled_accuracy']:.3f} -> {after['eval']['sampled_accuracy']:.3f} (greedy "
+          f"{before['eval']['greedy_accuracy']:.2f} -> {after['eval']['greedy_accuracy']:.2f}); unseen pairs reward "
+          f"{before['unseen']['mean_reward']:.3f} -> {after['unseen']['mean_reward']:.3f}; train reward by quarter "
+          f"{[round(x, 3) for x in reward]}, KL {[round(x, 3) for x in kl]}")
+    # The warm-up taught the format and EOS: completions end instead of running to the length cap (issue 13).
+    assert before["eval"]["stopped"] >= 0.95 and after["eval"]["stopped"] >= 0.95
+    assert 0.4 <= before["eval"]["sampled_accuracy"] <= 0.75  # room to learn, and a base that can
+    # Measured on this task: +0.11 to +0.12 reward and accuracy. The margins are half of that. (The logged
+    # training reward by quarter is too noisy to assert on: 8 prompts per step.)
+    assert after["eval"]["mean_reward"] - before["eval"]["mean_reward"] >= 0.06
+    assert after["eval"]["sampled_accuracy"] - before["eval"]["sampled_accuracy"] >= 0.06
+    assert after["eval"]["greedy_accuracy"] > before["eval"]["greedy_accuracy"]
+    # RL did not buy the gain by unlearning the questions it never saw, and stayed near the reference.
+    assert after["unseen"]["mean_reward"] >= before["unseen"]["mean_reward"] - 0.02
+    assert max(kl) < 1.0
 
 
 # ------------------------------------------------------------------------------------------------ rloo

@@ -233,6 +233,18 @@ def s3():
         release()
 
 
+@pytest.fixture(params=["file", "s3"])
+def output(request, tmp_path, monkeypatch):
+    """An output URI, once on local files and once on the shared SeaweedFS (credentials in the env): tests that
+    take it run against both backends."""
+    if request.param == "s3":
+        server = request.getfixturevalue("s3")
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        return f"s3://{server.new_bucket()}/results"
+    return f"file://{tmp_path}/results"
+
+
 def main() -> int:
     server = acquire()
     try:

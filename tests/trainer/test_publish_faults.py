@@ -20,7 +20,7 @@ import pytest
 
 from kubetune_api.finetunejob import parse_job
 from kubetune_trainer import artifacts, runs
-from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)
+from tests.s3_server import output, s3  # noqa: F401  (fixtures: an output URI on file:// and on a real SeaweedFS)
 
 _BACKEND_CALLS = ("put_file", "write_bytes", "read_bytes", "is_object", "list_files", "list_children",
                   "delete_tree", "move_tree", "download", "_has_objects")
@@ -121,16 +121,6 @@ def _reader_sees(job, expected: dict[str, dict[str, bytes]]) -> str:
 
 def _read_bytes(store, rel: str) -> bytes | None:
     return store._b.read_bytes(rel)
-
-
-@pytest.fixture(params=["file", "s3"])
-def output(request, tmp_path, monkeypatch):
-    if request.param == "s3":
-        server = request.getfixturevalue("s3")
-        for k, v in server.env().items():
-            monkeypatch.setenv(k, v)
-        return f"s3://{server.new_bucket()}/results"
-    return f"file://{tmp_path}/results"
 
 
 def test_kill_after_each_storage_call(output, tmp_path):

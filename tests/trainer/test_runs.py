@@ -13,7 +13,7 @@ import pytest
 from kubetune_api.finetunejob import parse_job
 from kubetune_trainer import checkpointing, runs, storage
 from kubetune_trainer.errors import ConfigError
-from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)
+from tests.s3_server import output, s3  # noqa: F401  (fixtures: an output URI on file:// and on a real SeaweedFS)
 
 
 def _job(output: str, uid: str | None = None, **spec) -> object:
@@ -25,16 +25,6 @@ def _job(output: str, uid: str | None = None, **spec) -> object:
         body[k] = {**body.get(k, {}), **v} if isinstance(v, dict) else v
     meta = {"name": "bot", "namespace": "ml", **({"uid": uid} if uid else {})}
     return parse_job({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": meta, "spec": body})
-
-
-@pytest.fixture(params=["file", "s3"])
-def output(request, tmp_path, monkeypatch):
-    if request.param == "s3":
-        server = request.getfixturevalue("s3")
-        for k, v in server.env().items():
-            monkeypatch.setenv(k, v)
-        return f"s3://{server.new_bucket()}/results"
-    return f"file://{tmp_path}/results"
 
 
 # ------------------------------------------------------------------------------------------------ identity

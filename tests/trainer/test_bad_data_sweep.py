@@ -54,7 +54,7 @@ CASES: dict[str, tuple[str, str, bytes, str]] = {
     "chat-empty-list": ("chat", "c.jsonl", jsonl(OK_CHAT, {"messages": []}), "row 2 should be a non-empty list"),
     "chat-missing-content": ("chat", "c.jsonl", jsonl({"messages": [{"role": "user"}]}), "row 1 should be"),
     "chat-content-number": ("chat", "c.jsonl", jsonl(OK_CHAT, msgs((U, 5), (A, "a"))),
-                            "key 'content' mixes value types: string in row 1, number in row 2"),
+                            "row 2, message 1: role and content must be strings"),
     "chat-role-number": ("chat", "c.jsonl", jsonl({"messages": [{"role": 1, "content": "x"}]}),
                          "row 1, message 1: role and content must be strings"),
     "chat-messages-object": ("chat", "c.jsonl", jsonl({"messages": {"role": U, "content": "x"}}),

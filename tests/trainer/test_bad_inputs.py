@@ -173,7 +173,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
     ({"messages": [{"role": "user", "content": "hi"}]}, "row 3 has no assistant turn (roles: ['user'])"),
     ({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}, "row 3 has no assistant"),
     ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
-     "column 'messages' key 'content' mixes value types: string in row 1, number in row 3"),
+     "row 3, message 1: role and content must be strings"),
 ])
 def test_chat_rows_without_an_assistant_turn_are_data_errors(tmp_path, bad, words):
     from kubetune_api.finetunejob import DatasetSpec

@@ -371,7 +371,9 @@ def test_failed_reward_calls_are_exported_as_a_counter_per_reward(tmp_path):
     text = generate_latest(monitor.registry).decode()
     assert ('kubetune_reward_errors_total{adapter="lora",finetunejob="demo",namespace="ml",reward="numeric_match",'
             'stage="grpo"} 2.0') in text
-    assert 'reward="exact_match"' not in text
+    # a reward that never failed exports 0 from its setup on: the dashboard's error panel shows "0", not "no data"
+    assert ('kubetune_reward_errors_total{adapter="lora",finetunejob="demo",namespace="ml",reward="exact_match",'
+            'stage="grpo"} 0.0') in text
 
 
 def test_the_worker_and_its_scratch_go_away_with_the_rewards(tmp_path):

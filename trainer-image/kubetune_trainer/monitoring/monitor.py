@@ -261,9 +261,10 @@ class RunMonitor:
         self._total = int(n)
         self._set("kubetune_train_total_steps", self._total)
 
-    def count_reward_error(self, reward: str) -> None:
-        """One failed reward-function call (rewards/failures.py calls this through its listener)."""
-        self.exporter.families["kubetune_reward_errors_total"].labels(**self.const_labels, reward=reward).inc()
+    def count_reward_error(self, reward: str, n: int = 1) -> None:
+        """n failed reward-function calls (rewards/failures.py calls this through its listener; n=0 when the
+        reward is set up, so the series exists at 0 from the start)."""
+        self.exporter.families["kubetune_reward_errors_total"].labels(**self.const_labels, reward=reward).inc(n)
 
     def record_reference(self, when: str, perplexity: float) -> None:
         """Reference-set perplexity before or after training (the forgetting check)."""

@@ -22,11 +22,13 @@ from ..errors import ConfigError, DataError, TrainerError
 log = logging.getLogger("kubetune.rewards")
 
 MAX_CONSECUTIVE_FAILURES = 5
-_listeners: list[Callable[[str], None]] = []
+_listeners: list[Callable[..., None]] = []
 
 
-def add_listener(fn: Callable[[str], None]) -> Callable[[], None]:
-    """Call fn(reward_name) on every failed reward call; returns a function that removes it again."""
+def add_listener(fn: Callable[..., None]) -> Callable[[], None]:
+    """Call fn(reward_name) on every failed reward call, and fn(reward_name, 0) once when a reward is set up (so
+    a counter can export 0 for a reward that never failed: "no errors" is data, not a missing series). Returns
+    a function that removes the listener again."""
     _listeners.append(fn)
     return lambda: _listeners.remove(fn) if fn in _listeners else None
 
@@ -41,6 +43,14 @@ class FailureTracker:
         self.limit = MAX_CONSECUTIVE_FAILURES if limit is None else limit
         self.consecutive = 0
         self.total = 0
+        self._notify(0)
+
+    def _notify(self, *count: int) -> None:
+        for fn in list(_listeners):
+            try:
+                fn(self.name, *count)
+            except Exception:  # noqa: BLE001 - metrics must not cost the run
+                log.debug("reward error listener failed", exc_info=True)
 
     def succeeded(self) -> None:
         self.consecutive = 0
@@ -49,11 +59,7 @@ class FailureTracker:
         """Record a failed call over n completions: warn, count, and raise once the limit is passed."""
         self.consecutive += 1
         self.total += 1
-        for fn in list(_listeners):
-            try:
-                fn(self.name)
-            except Exception:  # noqa: BLE001 - metrics must not cost the run
-                log.debug("reward error listener failed", exc_info=True)
+        self._notify()
         log.warning("reward %s failed (%d in a row, %d in all); its scores for these %d completions are dropped: %s",
                     self.name, self.consecutive, self.total, n, problem)
         if self.consecutive >= self.limit:

@@ -1,5 +1,6 @@
 """Every manifest in examples/ trains, as written, scaled to the tiny model: chained as the files chain them
-(dpo/ppo/rloo start from sft-support-bot's merged/ output, ppo/rloo score with reward-helpfulness' adapter/),
+(dpo/ppo/rloo start from `sft-support-bot/latest/merged`, the newest run's merged model, ppo/rloo score with
+`reward-helpfulness/latest/adapter`),
 column mappings, file types (parquet, folders of shards), custom reward code and evaluation settings kept.
 
 What the test changes, and only that: s3:// models become the tiny model; s3:// datasets become tiny
@@ -182,7 +183,9 @@ def test_chain_order_puts_producers_first():
 def test_example_runs_as_written(chain, name):
     m, report = chain[name]
     assert report.state == "succeeded", f"{name}: {report.reason} {report.field}: {report.message}"
-    out = Path(m["spec"]["output"]["uri"][len("file://"):]) / "default" / m["metadata"]["name"]
+    job_dir = Path(m["spec"]["output"]["uri"][len("file://"):]) / "default" / m["metadata"]["name"]
+    # the job's newest run, as its runs.json index names it (what `.../<job>/latest/...` URIs resolve to)
+    out = job_dir / "runs" / json.loads((job_dir / "runs.json").read_text())["latest"]
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     assert metrics["steps"] == 2
     # Each stage reports its own headline, and a perplexity only where the loss is a token NLL.

@@ -176,3 +176,25 @@ def test_checkpoints_of_one_run_are_invisible_to_another(output, tmp_path):
     assert checkpointing.latest_checkpoint(runs.run_store(old, "uid-old")) == "checkpoints/checkpoint-5"
     assert checkpointing.latest_checkpoint(runs.run_store(new, runs.identify(new).run_id)) is None
     assert checkpointing.prepare_resume(runs.run_store(new, "uid-new"), tmp_path / "work") is None
+
+
+def test_latest_in_a_uri_resolves_to_the_jobs_newest_successful_run(tmp_path):
+    """`<job>/latest/<rest>` is how one manifest chains from another job's result: it follows runs.json (written
+    last), never a half-written newer run; before any run succeeded it is a ConfigError naming the index."""
+    from kubetune_trainer.errors import ConfigError
+    from kubetune_trainer.storage import OutputStore
+    from kubetune_trainer.storage.fetch import resolve_latest
+
+    job = f"file://{tmp_path}/results/ml/sft"
+    with pytest.raises(ConfigError, match="runs.json names none yet"):
+        resolve_latest(f"{job}/latest/merged")
+    store = OutputStore(job)
+    for run_id in ("20261130-0001-aaaa", "20261130-0002-bbbb"):
+        (tmp_path / "results/ml/sft/runs" / run_id / "merged").mkdir(parents=True)
+    runs.record_success(store, {"runId": "20261130-0001-aaaa"})
+    # run 0002 has files but never committed (no index entry): latest still names 0001
+    assert resolve_latest(f"{job}/latest/merged") == f"{job}/runs/20261130-0001-aaaa/merged"
+    assert resolve_latest(f"{job}/latest") == f"{job}/runs/20261130-0001-aaaa"
+    runs.record_success(store, {"runId": "20261130-0002-bbbb"})
+    assert resolve_latest(f"{job}/latest/merged/") == f"{job}/runs/20261130-0002-bbbb/merged/"
+    assert resolve_latest(f"{job}/runs/20261130-0001-aaaa/merged") == f"{job}/runs/20261130-0001-aaaa/merged"

@@ -28,7 +28,8 @@ def fetch(uri: str, cache_dir: Path, *, endpoint: Optional[str] = None, revision
 
     A missing source raises ConfigError naming the URI and what exists nearby; a URI or an object key that
     would resolve outside its folder raises ConfigError naming it (uris.check_uri, uris.safe_key_path)."""
-    scheme = scheme_of(check_uri(uri))
+    uri = resolve_latest(check_uri(uri), endpoint=endpoint)
+    scheme = scheme_of(uri)
     if scheme in ("file", "pvc"):
         p = local_path(uri)
         if not p.exists():
@@ -43,6 +44,36 @@ def fetch(uri: str, cache_dir: Path, *, endpoint: Optional[str] = None, revision
     if scheme == "hf":
         return _fetch_hf(uri, Path(cache_dir), revision)
     raise ConfigError(f"{uri}: unsupported URI scheme {scheme}://; use s3://, file://, pvc:// or hf://")
+
+
+LATEST = "latest"
+
+
+def resolve_latest(uri: str, *, endpoint: Optional[str] = None) -> str:
+    """`<output>/<namespace>/<job>/latest/<rest>` names <rest> of that job's newest successful run: the `latest`
+    segment becomes `runs/<run-id>` as the job's runs.json index names it (runs.py writes the index last, after
+    the run's manifest, so the run it names is complete). This is how one job's manifest chains from another's
+    result (a DPO job's model.source: `.../sft-support-bot/latest/merged`) while every run keeps its own
+    immutable prefix. Other URIs are returned unchanged. No finished run yet: a ConfigError naming the index."""
+    head, sep, rest = uri.partition(f"/{LATEST}/")
+    if not sep and uri.rstrip("/").endswith(f"/{LATEST}"):
+        head, sep, rest = uri.rstrip("/")[: -len(LATEST) - 1], "/", ""
+    if not sep or scheme_of(uri) not in ("s3", "file", "pvc"):
+        return uri
+    from ..runs import INDEX, RUNS  # the run layout lives in runs.py (which imports this package)
+    from .publish import OutputStore
+
+    text = OutputStore(head, endpoint=endpoint).read_text(INDEX)
+    try:
+        run_id = json.loads(text).get("latest") if text else None
+    except ValueError:
+        run_id = None
+    if not run_id:
+        raise ConfigError(f"{uri}: '{LATEST}' names the newest successful run of the job at {head}/, but "
+                          f"{head}/{INDEX} names none yet (that job has not succeeded, or the URI is wrong)")
+    resolved = f"{head}/{RUNS}/{run_id}" + (f"/{rest}" if rest else "")
+    log.info("%s -> %s", uri, resolved)
+    return resolved
 
 
 def _fetch_s3(uri: str, cache_dir: Path, endpoint: Optional[str]) -> Path:

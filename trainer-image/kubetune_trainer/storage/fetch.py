@@ -60,14 +60,10 @@ def resolve_latest(uri: str, *, endpoint: Optional[str] = None) -> str:
         head, sep, rest = uri.rstrip("/")[: -len(LATEST) - 1], "/", ""
     if not sep or scheme_of(uri) not in ("s3", "file", "pvc"):
         return uri
-    from ..runs import INDEX, RUNS  # the run layout lives in runs.py (which imports this package)
+    from ..runs import INDEX, RUNS, read_index  # the run layout lives in runs.py (which imports this package)
     from .publish import OutputStore
 
-    text = OutputStore(head, endpoint=endpoint).read_text(INDEX)
-    try:
-        run_id = json.loads(text).get("latest") if text else None
-    except ValueError:
-        run_id = None
+    run_id = read_index(OutputStore(head, endpoint=endpoint)).get("latest")
     if not run_id:
         raise ConfigError(f"{uri}: '{LATEST}' names the newest successful run of the job at {head}/, but "
                           f"{head}/{INDEX} names none yet (that job has not succeeded, or the URI is wrong)")

@@ -202,9 +202,10 @@ def violations(job: FineTuneJob, rt: FineTuneRuntimeSpec, runtime_name: str = ""
     claims = set(st.allowed_claims or [])
     for field, uri, writable in spec_uri_fields(spec):
         claim = pvc_claim(uri)
-        if claim and claim not in claims:
-            out.append(f"{field}: PersistentVolumeClaim {claim!r} is not one {who} allows (storage.allowedClaims: "
-                       f"{', '.join(sorted(claims)) or 'none'})")
+        if claim:  # pvc:// URIs are governed by allowedClaims alone
+            if claim not in claims:
+                out.append(f"{field}: PersistentVolumeClaim {claim!r} is not one {who} allows (storage.allowedClaims: "
+                           f"{', '.join(sorted(claims)) or 'none'})")
             continue
         prefixes = st.allowed_output_prefixes if writable else st.allowed_source_prefixes
         if prefixes is not None and not _prefixed(uri, prefixes):

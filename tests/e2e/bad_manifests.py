@@ -23,7 +23,7 @@ BASE = {
         "stage": "sft",
         "model": {"source": "s3://models/tiny"},
         "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-        "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+        "output": {"uri": "s3://kubetune/runs"},
         # GPU nodes are KWOK fakes: a pod that slipped through would never run the real trainer
         "resources": {"gpus": 1},
         "retryLimit": 0,

@@ -326,8 +326,7 @@ def test_data_errors_in_real_trainer_pods_name_file_and_row(cluster, crd, tmp_pa
                       training={"maxSteps": 2, "batchSize": 2, "maxLength": 32},
                       resources={"gpus": 0, "cpu": "1", "memory": "4Gi",
                                  "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-                      output={"uri": "s3://kubetune/runs", "endpoint": cluster.s3_endpoint,
-                              "credentials": {"secretName": "s3-creds"}})
+                      output={"uri": "s3://kubetune/runs"})
             apply(cluster, ns, obj)
         expected = {"no-assistant": "row 3 has no assistant turn", "bad-line": "line 2 is not valid JSON"}
         for key, words in expected.items():

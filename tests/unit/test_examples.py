@@ -129,7 +129,7 @@ def test_example_runtimes_parse_and_the_default_one_matches_the_chart():
     if VALUES.exists():
         chart = yaml.safe_load(VALUES.read_text())
         # the chart's default runtime uses the Secret docs/install.md tells admins to create
-        assert chart["runtime"]["storage"]["credentials"]["secretName"] == \
+        assert chart["trainer"]["defaultCredentialsSecret"] == \
             runtimes[("ClusterFineTuneRuntime", "default")]["spec"]["storage"]["credentials"]["secretName"]
 
 

@@ -113,6 +113,7 @@ USER_ROLES = ("kubetune-edit", "kubetune-view")
 
 
 # Scenarios: name -> values. Each is linted with --strict and rendered by the tests below.
+KUBETUNE_CRDS = {C.CRD_NAME, f"{C.CLUSTER_RUNTIME_PLURAL}.{C.GROUP}", f"{C.RUNTIME_PLURAL}.{C.GROUP}"}
 NAMESPACED = {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"]}
 MONITORING_ON = {"monitoring": {"force": True, "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                                 "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}}
@@ -208,7 +209,7 @@ def test_crd_equals_the_generated_file():
 
 
 def test_crds_keep_false_drops_the_resource_policy():
-    crd = one(render({"crds": {"keep": False}}), "CustomResourceDefinition")
+    crd = one(render({"crds": {"keep": False}}), "CustomResourceDefinition", C.CRD_NAME)
     assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {})
 
 
@@ -363,7 +364,7 @@ def test_namespaced_rbac():
     assert cr["metadata"]["name"] == f"{FULLNAME}-discovery"
     for rule in cr["rules"]:
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
-        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces"}, rule
+        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces", "clusterfinetuneruntimes"}, rule
     for group, resource, _ in NEEDED:
         assert not allows(cr["rules"], group, resource, "get"), f"ClusterRole grants {group}/{resource}"
     _assert_least_privilege(objs)
@@ -508,14 +509,14 @@ def test_replicas_2_namespaced_peers_per_namespace():
 def test_peering_enabled_with_one_replica_and_shared_crds():
     objs = render({"peering": {"enabled": True, "installCRDs": False, "name": "kt-peers"}})
     assert "args" not in container(objs)
-    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == {C.CRD_NAME}
+    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == KUBETUNE_CRDS
     assert one(objs, "ClusterKopfPeering")["metadata"]["name"] == "kt-peers"
 
 
 def test_one_replica_has_no_peering_objects():
     objs = render()
     assert not kinds(objs) & {"ClusterKopfPeering", "KopfPeering"}
-    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == {C.CRD_NAME}
+    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == KUBETUNE_CRDS
 
 
 # ---------------------------------------------------------------------------------------------- monitoring

@@ -12,6 +12,12 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
 CATEGORIES = ["kubetune"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
+# The admin-owned runtimes (kubetune_api.finetuneruntime): same schema, cluster-scoped and namespaced.
+CLUSTER_RUNTIME_KIND = "ClusterFineTuneRuntime"
+CLUSTER_RUNTIME_PLURAL = "clusterfinetuneruntimes"
+RUNTIME_KIND = "FineTuneRuntime"
+RUNTIME_PLURAL = "finetuneruntimes"
+DEFAULT_RUNTIME_NAME = "default"
 
 
 class ConditionType:
@@ -54,6 +60,9 @@ class Reason:
     TRUST_REMOTE_CODE = "TrustRemoteCode"  # spec.model.trustRemoteCode: true runs code from the model repo
     FORGETTING = "ForgettingThresholdExceeded"
     WITHIN_THRESHOLD = "WithinThreshold"
+    # The job's runtime (spec.runtimeRef) is missing, not granted to the namespace, or forbids what the spec asks.
+    RUNTIME_NOT_FOUND = "RuntimeNotFound"
+    RUNTIME_VIOLATION = "RuntimePolicyViolation"
 
 
 class Phase:

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from . import constants as C
 from .finetunejob import FineTuneJobSpec, FineTuneJobStatus
+from .finetuneruntime import FineTuneRuntimeSpec, RuntimeStatus
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ FINETUNEJOB = Resource(
     "and stores the adapter in object storage.",
     spec_description="Desired state: what to train, on what, with which resources, and where results go.",
     status_description="Observed state, written by the operator.",
-    object_defaults=("adapter", "training", "resources"),
+    object_defaults=("runtimeRef", "adapter", "training", "resources"),
     root_validations=[{
         "rule": "size(self.metadata.name) <= 50",
         "message": "metadata.name must be at most 50 characters (child Job, Service and pod names add suffixes "
@@ -76,8 +77,48 @@ FINETUNEJOB = Resource(
         {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1,
          "description": "Seconds to completion"},
         {"name": "Job", "type": "string", "jsonPath": ".status.workload.name", "priority": 1},
+        {"name": "Runtime", "type": "string", "jsonPath": ".spec.runtimeRef.name", "priority": 1,
+         "description": "The runtime (kind in spec.runtimeRef.kind)"},
     ],
 )
 
+_RUNTIME_COLUMNS = [
+    {"name": "Image", "type": "string", "jsonPath": ".spec.template.image", "description": "Trainer image"},
+    {"name": "GPU", "type": "string", "jsonPath": ".spec.gpu.type", "description": "GPU model"},
+    {"name": "Max-GPUs", "type": "integer", "jsonPath": ".spec.resources.maxGpusPerNode",
+     "description": "GPUs per node a job may ask for"},
+    {"name": "Custom-Code", "type": "boolean", "jsonPath": ".spec.policy.allowCustomCode",
+     "description": "Custom reward code allowed"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "ServiceAccount", "type": "string", "jsonPath": ".spec.template.serviceAccountName", "priority": 1},
+    {"name": "Max-Nodes", "type": "integer", "jsonPath": ".spec.resources.maxNodes", "priority": 1},
+]
+_RUNTIME_DESCRIPTION = ("what platform admins decide for the FineTuneJobs that name it in spec.runtimeRef: trainer "
+                        "image, ServiceAccount, scheduling, GPU limits, storage credentials and allowed URIs, and "
+                        "which stages, adapters and code jobs may use. Users read runtimes; only admins write them.")
+
+CLUSTER_RUNTIME = Resource(
+    kind=C.CLUSTER_RUNTIME_KIND, plural=C.CLUSTER_RUNTIME_PLURAL, singular="clusterfinetuneruntime",
+    short_names=["cftr"], categories=C.CATEGORIES, scope="Cluster",
+    spec_model=FineTuneRuntimeSpec, status_model=RuntimeStatus,
+    description="ClusterFineTuneRuntime (cluster-wide; granted to namespaces by spec.namespaceSelector) holds "
+    + _RUNTIME_DESCRIPTION,
+    spec_description="What jobs under this runtime run with and may do.",
+    status_description="Reserved.",
+    object_defaults=("resources", "storage", "policy"),
+    printer_columns=_RUNTIME_COLUMNS,
+)
+
+NAMESPACED_RUNTIME = Resource(
+    kind=C.RUNTIME_KIND, plural=C.RUNTIME_PLURAL, singular="finetuneruntime",
+    short_names=["ftr"], categories=C.CATEGORIES,
+    spec_model=FineTuneRuntimeSpec, status_model=RuntimeStatus,
+    description="FineTuneRuntime (usable only by FineTuneJobs in its own namespace) holds " + _RUNTIME_DESCRIPTION,
+    spec_description="What jobs under this runtime run with and may do.",
+    status_description="Reserved.",
+    object_defaults=("resources", "storage", "policy"),
+    printer_columns=_RUNTIME_COLUMNS,
+)
+
 # Every CRD kubetune installs, in generation order. Add new resources here.
-RESOURCES: list[Resource] = [FINETUNEJOB]
+RESOURCES: list[Resource] = [FINETUNEJOB, CLUSTER_RUNTIME, NAMESPACED_RUNTIME]

@@ -114,7 +114,7 @@ def _add_plot(sub) -> None:
     p.add_argument("-o", "--output", default="curve.png", help="PNG to write (default: %(default)s)")
     p.add_argument("-n", "--namespace", help="namespace of NAME (default: the kubeconfig context's)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    p.add_argument("--endpoint", help="S3 endpoint URL (default: the job's spec.output.endpoint or "
+    p.add_argument("--endpoint", help="S3 endpoint URL (default: the job's runtime's storage.endpoint or "
                    "$AWS_ENDPOINT_URL)")
     p.set_defaults(func=cmd_plot)
 

@@ -39,7 +39,8 @@ def resolve_metrics(target: str, namespace: Optional[str] = None, kubeconfig: Op
         out_uri = (status.get("artifacts") or {}).get("outputUri")
         if not out_uri:  # not published yet: this run's prefix is <output.uri>/<namespace>/<name>/runs/<uid>/
             out_uri = f"{spec['output']['uri'].rstrip('/')}/{namespace}/{target}/runs/{obj['metadata']['uid']}"
-        endpoint = endpoint or spec.get("output", {}).get("endpoint")
+        # the endpoint the job's runtime named, as recorded in status.runtime when the job started
+        endpoint = endpoint or (((status.get("runtime") or {}).get("spec") or {}).get("storage") or {}).get("endpoint")
         uri = out_uri
         title = f"{namespace}/{target} ({spec.get('stage')}, {spec.get('adapter', {}).get('type', 'lora')})"
     if not uri.endswith(".jsonl"):

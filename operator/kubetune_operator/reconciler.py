@@ -31,8 +31,10 @@ from kubetune_api import constants as C
 from kubetune_api.constants import ConditionType as CT
 from kubetune_api.constants import Phase, Reason
 from kubetune_api.finetunejob import FineTuneJob
+from kubetune_api.finetuneruntime import FineTuneRuntimeSpec
 from kubetune_api.report import TrainerReport
 
+from . import runtimes
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
@@ -251,6 +253,12 @@ class Reconciler:
             live = await self.api.get(f"{collection_path('batch/v1', 'jobs', namespace)}/{child_names(name).job}")
             if live is not None and controller_uid(live) == uid:
                 job = live
+        runtime, refusal = await self._runtime(st, ftj, job_model, job_exists=job is not None)
+        if refusal is not None:
+            reason, message = refusal
+            await self._write(st, ftj, S.invalid_spec_status(ftj, message, now=self.now(), reason=reason))
+            return Result("invalid", message=message, status=st.status)
+        job_model = runtimes.apply_defaults(job_model, runtime)
         try:
             if job is None:
                 ours = st.expected_deletion is not None
@@ -261,7 +269,7 @@ class Reconciler:
                     await self._write(st, ftj, new)
                     return Result("waiting", message=new.get("message", ""), status=st.status)
                 existed = S.condition_true(old_status.get("conditions"), CT.CREATED)
-                job, created = await self._ensure_children(ftj, job_model, create_job=True)
+                job, created = await self._ensure_children(ftj, job_model, runtime, create_job=True)
                 if created and existed:
                     if ours:
                         await self.recorder.event(ftj, "Normal", Reason.JOB_CREATED,
@@ -274,8 +282,8 @@ class Reconciler:
                 st.expected_deletion = None
             else:
                 if ensure_all:
-                    await self._ensure_children(ftj, job_model, create_job=False)
-                job = await self._align_job(st, ftj, job_model, job)
+                    await self._ensure_children(ftj, job_model, runtime, create_job=False)
+                job = await self._align_job(st, ftj, job_model, job, runtime)
         except ChildRejected as exc:
             log.info("%s/%s cannot run: %s", namespace, name, exc)
             await self._write(st, ftj, S.invalid_spec_status(ftj, str(exc), now=self.now(), reason=exc.reason))
@@ -336,9 +344,42 @@ class Reconciler:
         first = min((e.get("firstTimestamp") or e.get("eventTime") or last(e)) for e in recent)
         return recent[-1].get("message") or "pod creation failed", first
 
+    # -------------------------------------------------------------------------------------------- runtime
+    async def _runtime(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, *, job_exists: bool
+                       ) -> tuple[FineTuneRuntimeSpec, Optional[tuple[str, str]]]:
+        """(the runtime to render from, None) or (_, (reason, message)) when the job must fail before any pod.
+
+        The first reconcile resolves spec.runtimeRef and records the runtime in status.runtime; later ones read
+        that record, so an edited runtime never changes this job. Whenever a Job is about to be created (first
+        start, or a re-created one), the spec is checked against the recorded runtime. A Job that already runs
+        without a record (started by an operator version before runtimes) keeps running: its runtime is
+        recorded when it resolves, and nothing is refused for it."""
+        recorded = runtimes.from_snapshot(ftj.get("status"))
+        if recorded is None:
+            resolved, problem = await runtimes.resolve(self.api, ftj)
+            if resolved is None:
+                if job_exists:
+                    log.warning("%s/%s runs without a resolvable runtime (%s); keeping it running",
+                                ftj["metadata"]["namespace"], ftj["metadata"]["name"], problem)
+                    return runtimes.settings_runtime(self.settings), None
+                reason = Reason.RUNTIME_VIOLATION if "not granted" in (problem or "") else Reason.RUNTIME_NOT_FOUND
+                return resolved, (reason, problem or "spec.runtimeRef: cannot be resolved")
+            meta = ftj["metadata"]
+            resp = await self.api.merge_patch(ftj_path(meta["namespace"], meta["name"]) + "/status",
+                                              {"status": {"runtime": resolved.snapshot()}})
+            ftj["status"] = (resp or {}).get("status") or {**(ftj.get("status") or {}), "runtime": resolved.snapshot()}
+            st.status = ftj["status"]
+            recorded = resolved
+        if not job_exists:
+            problems = runtimes.violations(job_model, recorded.spec, recorded.name)
+            if problems:
+                return recorded.spec, (Reason.RUNTIME_VIOLATION, describe_problems(problems))
+        return recorded.spec, None
+
     # -------------------------------------------------------------------------------------------- children
-    async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, *, create_job: bool) -> tuple[dict, bool]:
-        children = render_children(job_model, ftj, self.settings)
+    async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec, *,
+                               create_job: bool) -> tuple[dict, bool]:
+        children = render_children(job_model, ftj, self.settings, runtime)
         uid = ftj["metadata"]["uid"]
         if create_job:
             # A server-side dry run of every child first: a spec the API server refuses (a label, toleration or
@@ -415,7 +456,8 @@ class Reconciler:
         if existing is not None and controller_uid(existing) == owner_uid:
             await self.api.delete(object_path(obj))
 
-    async def _align_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, job: dict) -> dict:
+    async def _align_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, job: dict,
+                         runtime: FineTuneRuntimeSpec) -> dict:
         """Bring the live Job in line with the spec, in one step per reconcile:
 
         - a suspended Job whose pod template no longer matches is deleted and re-created, never resumed first:
@@ -428,7 +470,7 @@ class Reconciler:
         running; observedGeneration stays at the generation the Job reflects."""
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
-        desired = render_children(job_model, ftj, self.settings).job
+        desired = render_children(job_model, ftj, self.settings, runtime).job
         path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
         live_spec = job.get("spec") or {}
         annotations = (job.get("metadata") or {}).get("annotations") or {}

@@ -34,6 +34,7 @@ import yaml
 from kubetune_api import constants as C
 from kubetune_api.defaults import processes_per_node
 from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec, uri_fields
+from kubetune_api.finetuneruntime import FineTuneRuntimeSpec
 
 from .settings import OperatorSettings
 
@@ -159,6 +160,15 @@ def _settings(settings: OperatorSettings | None) -> OperatorSettings:
     return settings if settings is not None else OperatorSettings()
 
 
+def _runtime(runtime: FineTuneRuntimeSpec | None, s: OperatorSettings) -> FineTuneRuntimeSpec:
+    """The job's runtime; without one (unit tests, tools), the one the operator settings describe."""
+    if runtime is not None:
+        return runtime
+    from .runtimes import settings_runtime  # runtimes imports this module
+
+    return settings_runtime(s)
+
+
 # ------------------------------------------------------------------------------------------------ ConfigMap
 def resolved_job(job: FineTuneJob) -> dict:
     """What the trainer reads: the FineTuneJob with defaults applied (no status)."""
@@ -235,9 +245,9 @@ def trainer_command(job: FineTuneJob) -> list[str]:
     return cmd + ["-m", "kubetune_trainer", "--config", config]
 
 
-def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
+def _env(job: FineTuneJob, s: OperatorSettings, rt: FineTuneRuntimeSpec) -> list[dict]:
     spec = job.spec
-    out = spec.output
+    storage = rt.storage
     env: list[dict] = [
         {"name": "KUBETUNE_JOB_NAME", "value": job.metadata.name},
         {"name": "KUBETUNE_NAMESPACE", "value": job.metadata.namespace},
@@ -262,15 +272,22 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
     ]
     if not _uses_scheme(spec, "hf"):
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
-    endpoint = out.endpoint or s.s3_endpoint
+    # The runtime's policy on code the job brings along (custom rewards, code_execution): the trainer's
+    # rewards.policy reads it; a FineTuneJob cannot set trainer env itself.
+    env.append({"name": "KUBETUNE_ALLOW_CUSTOM_CODE", "value": "true" if rt.policy.allow_custom_code else "false"})
+    if rt.gpu is not None and rt.gpu.memory_gib:
+        # the trainer's pre-flight memory check uses the smaller of this and the device's own figure
+        env.append({"name": "KUBETUNE_GPU_MEMORY", "value": f"{int(rt.gpu.memory_gib * 1024)}Mi"})
+    endpoint = storage.endpoint or s.s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
-    region = out.region or s.s3_region
+    region = storage.region or s.s3_region
     if region:
         env.append({"name": "AWS_REGION", "value": region})
-    # Credentials only as Secret references: the operator never reads them (it has no access to Secrets).
-    if out.credentials:
-        creds = out.credentials
+    # Credentials only as Secret references named by the runtime: the operator never reads them (it has no
+    # access to Secrets) and a FineTuneJob cannot name a Secret or a key.
+    if storage.credentials:
+        creds = storage.credentials
         env += [
             {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {
                 "name": creds.secret_name, "key": creds.access_key_id_key}}},
@@ -293,8 +310,9 @@ def _env(job: FineTuneJob, s: OperatorSettings) -> list[dict]:
     return env
 
 
-def _resources(spec: FineTuneJobSpec, s: OperatorSettings) -> dict:
+def _resources(spec: FineTuneJobSpec, s: OperatorSettings, rt: FineTuneRuntimeSpec) -> dict:
     r = spec.resources
+    gpu_name = rt.resources.gpu_resource_name
     requests = dict(s.trainer_resources.get("requests", {}))
     limits = dict(s.trainer_resources.get("limits", {}))
     if r.cpu is not None:
@@ -303,7 +321,7 @@ def _resources(spec: FineTuneJobSpec, s: OperatorSettings) -> dict:
         requests["memory"] = limits["memory"] = str(r.memory)
     if r.gpus > 0:
         # extended resources: requests must equal limits
-        requests[r.gpu_resource_name] = limits[r.gpu_resource_name] = str(r.gpus)
+        requests[gpu_name] = limits[gpu_name] = str(r.gpus)
     out = {}
     if requests:
         out["requests"] = requests
@@ -312,12 +330,13 @@ def _resources(spec: FineTuneJobSpec, s: OperatorSettings) -> dict:
     return out
 
 
-def _tolerations(spec: FineTuneJobSpec) -> list[dict]:
+def _tolerations(spec: FineTuneJobSpec, rt: FineTuneRuntimeSpec) -> list[dict]:
     r = spec.resources
-    tolerations = [t.to_k8s() for t in r.tolerations or []]
+    tolerations = [t.to_k8s() for t in rt.template.tolerations or []]
+    tolerations += [t for t in (t.to_k8s() for t in r.tolerations or []) if t not in tolerations]
     if r.gpus > 0:
         # GPU nodes are usually tainted with the resource name (NVIDIA GPU operator, cloud node pools).
-        auto = {"key": r.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
+        auto = {"key": rt.resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
         if auto not in tolerations:
             tolerations.append(auto)
     return tolerations
@@ -351,17 +370,24 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = None) -> dict:
+def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = None,
+                        runtime: FineTuneRuntimeSpec | None = None) -> dict:
+    """The trainer pod template. Image, ServiceAccount, scheduling and credentials come from the runtime; the
+    job adds only what the runtime's policy.overrides lets it (runtimes.violations refused the rest)."""
     s = _settings(settings)
+    rt = _runtime(runtime, s)
+    tmpl = rt.template
     spec = job.spec
     r = spec.resources
     name = job.metadata.name
-    labels = {**(r.pod_labels or {}), **child_labels(job, COMPONENT_TRAINER)}  # ours win: selectors use them
+    # ours win (selectors use them), then the runtime's (cost allocation), then the job's
+    labels = {**(r.pod_labels or {}), **(tmpl.pod_labels or {}), **child_labels(job, COMPONENT_TRAINER)}
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(s.trainer_metrics_port),
         "prometheus.io/path": "/metrics",
         **(r.pod_annotations or {}),  # the user's win (e.g. to turn annotation-based scraping off)
+        **(tmpl.pod_annotations or {}),  # and the runtime's over the user's
     }
     volumes, mounts = _volumes(job)
     ports = [{"name": "metrics", "containerPort": s.trainer_metrics_port, "protocol": "TCP"}]
@@ -369,13 +395,13 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
         ports.append({"name": "rendezvous", "containerPort": C.DEFAULT_RENDEZVOUS_PORT, "protocol": "TCP"})
     container = {
         "name": CONTAINER_NAME,
-        "image": r.image or s.trainer_image,
-        "imagePullPolicy": s.image_pull_policy,
+        "image": tmpl.image,
+        "imagePullPolicy": tmpl.image_pull_policy or s.image_pull_policy,
         "command": trainer_command(job),
         "workingDir": WORK_DIR,
-        "env": _env(job, s),
+        "env": _env(job, s, rt),
         "ports": ports,
-        "resources": _resources(spec, s),
+        "resources": _resources(spec, s, rt),
         "volumeMounts": mounts,
         "terminationMessagePath": C.TERMINATION_LOG,
         # The trainer writes a TrainerReport there; a crash before it can still explain itself via the log tail.
@@ -405,17 +431,22 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
     }
     if is_multi_node(spec):
         pod_spec["subdomain"] = child_names(name).service
-    if r.node_selector:
-        pod_spec["nodeSelector"] = dict(r.node_selector)
-    tolerations = _tolerations(spec)
+    node_selector = {**(r.node_selector or {}), **(tmpl.node_selector or {})}  # the runtime's keys win
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = _tolerations(spec, rt)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    if r.affinity:
-        pod_spec["affinity"] = r.affinity.to_k8s()
-    if r.priority_class_name:
-        pod_spec["priorityClassName"] = r.priority_class_name
-    if r.service_account_name:
-        pod_spec["serviceAccountName"] = r.service_account_name
+    affinity = tmpl.affinity or r.affinity
+    if affinity:
+        pod_spec["affinity"] = affinity.to_k8s()
+    priority = r.priority_class_name or tmpl.priority_class_name
+    if priority:
+        pod_spec["priorityClassName"] = priority
+    if tmpl.runtime_class_name:
+        pod_spec["runtimeClassName"] = tmpl.runtime_class_name
+    if tmpl.service_account_name:
+        pod_spec["serviceAccountName"] = tmpl.service_account_name
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
 
@@ -434,7 +465,8 @@ def template_hash(job_spec: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None) -> dict:
+def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None,
+               runtime: FineTuneRuntimeSpec | None = None) -> dict:
     s = _settings(settings)
     spec = job.spec
     names = child_names(job.metadata.name)
@@ -449,7 +481,7 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
         # A replacement pod starts only after the failed one is gone: no two ranks with one hostname, and
         # a pod that is still writing its SIGTERM checkpoint is not raced by its successor.
         "podReplacementPolicy": "Failed",
-        "template": render_pod_template(job, s),
+        "template": render_pod_template(job, s, runtime),
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
@@ -461,8 +493,8 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
 
 
 def render_children(job: FineTuneJob, body: dict | None = None,
-                    settings: OperatorSettings | None = None) -> Children:
-    return Children(config_map=render_config_map(job, body, settings), job=render_job(job, body, settings),
+                    settings: OperatorSettings | None = None, runtime: FineTuneRuntimeSpec | None = None) -> Children:
+    return Children(config_map=render_config_map(job, body, settings), job=render_job(job, body, settings, runtime),
                     service=render_service(job, body, settings))
 
 
@@ -483,7 +515,8 @@ _POD_SPEC_ORIGIN = {
     "tolerations": "spec.resources.tolerations",
     "affinity": "spec.resources.affinity",
     "priorityClassName": "spec.resources.priorityClassName",
-    "serviceAccountName": "spec.resources.serviceAccountName",
+    "serviceAccountName": "spec.runtimeRef",
+    "runtimeClassName": "spec.runtimeRef",
     "subdomain": "metadata.name",
 }
 _JOB_SPEC_ORIGIN = {"backoffLimit": "spec.retryLimit", "activeDeadlineSeconds": "spec.activeDeadlineSeconds",
@@ -546,22 +579,16 @@ def spec_field_of(job: FineTuneJob, child: dict, path: str) -> str:
     if key == "containers" and len(rest) >= 2:
         sub = rest[1]
         if sub == "image":
-            return "spec.resources.image"
+            return "spec.runtimeRef"
         if sub == "resources" and len(rest) >= 4:
             resource = rest[3]
             return {"cpu": "spec.resources.cpu", "memory": "spec.resources.memory"}.get(
-                resource, "spec.resources.gpuResourceName")
+                resource, "spec.resources.gpus")
         if sub == "env" and len(rest) >= 3:
             env = _at(child, t[:4] + rest[:3]) or {}
             ref = (env.get("valueFrom") or {}).get("secretKeyRef")
             if ref is not None:
-                leaf = rest[-1] if rest[-1] in ("name", "key") else "name"
-                if leaf == "name":
-                    return "spec.output.credentials.secretName"
-                return ("spec.output.credentials.accessKeyIdKey" if env.get("name") == "AWS_ACCESS_KEY_ID"
-                        else "spec.output.credentials.secretAccessKeyKey")
-            if env.get("name") in ("AWS_ENDPOINT_URL",):
-                return "spec.output.endpoint"
-            if env.get("name") in ("AWS_REGION",):
-                return "spec.output.region"
+                return "spec.runtimeRef"  # the runtime names the Secret and its keys
+            if env.get("name") in ("AWS_ENDPOINT_URL", "AWS_REGION"):
+                return "spec.runtimeRef"
     return "spec.resources"

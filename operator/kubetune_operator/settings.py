@@ -4,12 +4,12 @@ override the matching variables.
 
 | variable | default | meaning |
 |---|---|---|
-| KUBETUNE_TRAINER_IMAGE | ghcr.io/kubetune/trainer:0.1.0 | trainer image (a job's spec.resources.image wins) |
+| KUBETUNE_TRAINER_IMAGE | ghcr.io/kubetune/trainer:0.1.0 | trainer image of the built-in runtime used by tools and unit tests (jobs use their runtime's) |
 | KUBETUNE_TRAINER_IMAGE_PULL_POLICY | IfNotPresent | imagePullPolicy of the trainer container |
 | KUBETUNE_TRAINER_RESOURCES | {"requests": {"cpu": "1", "memory": "4Gi"}} | JSON {requests, limits} for trainer pods besides GPUs; spec.resources.cpu/memory override |
-| KUBETUNE_S3_ENDPOINT | (none: AWS) | S3 endpoint for jobs without spec.output.endpoint |
-| KUBETUNE_S3_REGION | (none) | AWS_REGION for jobs without spec.output.region |
-| KUBETUNE_DEFAULT_CREDENTIALS_SECRET | kubetune-s3-credentials | Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) for jobs without spec.output.credentials; referenced as optional |
+| KUBETUNE_S3_ENDPOINT | (none: AWS) | S3 endpoint for jobs whose runtime sets no storage.endpoint |
+| KUBETUNE_S3_REGION | (none) | AWS_REGION for jobs whose runtime sets no storage.region |
+| KUBETUNE_DEFAULT_CREDENTIALS_SECRET | kubetune-s3-credentials | Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) for jobs whose runtime names no storage.credentials; referenced as optional |
 | KUBETUNE_WATCH_NAMESPACES | (all) | comma-separated namespaces |
 | KUBETUNE_METRICS_HOST / KUBETUNE_METRICS_PORT | 0.0.0.0 / 8080 | the operator's /metrics endpoint |
 | KUBETUNE_HEALTH_PORT | (off) | serve kopf's liveness endpoint on http://0.0.0.0:PORT/healthz |

@@ -32,7 +32,7 @@ OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "compl
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
                    Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
-                   Reason.TRUST_REMOTE_CODE}
+                   Reason.TRUST_REMOTE_CODE, Reason.RUNTIME_NOT_FOUND, Reason.RUNTIME_VIOLATION}
 MESSAGE_MAX = 2048
 
 
@@ -396,7 +396,7 @@ def blocked_field(message: str) -> str:
     if "priorityclass" in text:
         return "spec.resources.priorityClassName"
     if "serviceaccount" in text or "service account" in text:
-        return "spec.resources.serviceAccountName"
+        return "spec.runtimeRef"  # the runtime names the ServiceAccount
     if "quota" in text or "limitrange" in text or "maximum" in text or "minimum" in text:
         return "spec.resources"
     return "spec.resources"

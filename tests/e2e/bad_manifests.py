@@ -23,7 +23,7 @@ BASE = {
         "stage": "sft",
         "model": {"source": "s3://models/tiny"},
         "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-        "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+        "output": {"uri": "s3://kubetune/runs"},
         # GPU nodes are KWOK fakes: a pod that slipped through would never run the real trainer
         "resources": {"gpus": 1},
         "retryLimit": 0,
@@ -93,8 +93,8 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
                                  "training.grpo": {"rewards": [{"name": "my_rewards:score"}]}}, "rewards[0].source"),
     ("pvc-claim-invalid", {"output.uri": "pvc://Bad_Claim/x"}, "spec.output.uri"),
     # ---- what core/v1 refuses in the pod template (issue 11, class 1)
-    ("secret-name-slash", {"output.credentials.secretName": "team/creds"}, "spec.output.credentials.secretName"),
-    ("gpu-name-space", {"resources.gpuResourceName": "nvidia.com/g pu"}, "spec.resources.gpuResourceName"),
+    ("runtime-kind-unknown", {"runtimeRef": {"kind": "TrainingRuntime", "name": "x"}}, "spec.runtimeRef.kind"),
+    ("runtime-name-invalid", {"runtimeRef": {"name": "Bad_Name"}}, "spec.runtimeRef.name"),
     ("toleration-exists-value", {"resources.tolerations": [{"key": "a", "operator": "Exists", "value": "v"}]},
      "spec.resources.tolerations[0]"),
     ("toleration-seconds-noschedule", {"resources.tolerations": [
@@ -113,7 +113,6 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("affinity-bad-operator", {"resources.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "Is", "values": ["a"]}]}]}}}},
      "spec.resources.affinity"),
-    ("gpu-name-without-domain", {"resources.gpuResourceName": "gpu"}, "spec.resources.gpuResourceName"),
     ("affinity-gt-not-number", {"resources.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "mem", "operator": "Gt", "values": ["lots"]}]}]}}}},
      "spec.resources.affinity"),
@@ -121,8 +120,10 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchFields": [{"key": "pool", "operator": "In", "values": ["a"]}]}]}}}}, "spec.resources.affinity"),
     ("priority-class-invalid", {"resources.priorityClassName": "Urgent!"}, "spec.resources.priorityClassName"),
-    ("service-account-invalid", {"resources.serviceAccountName": "SA_1"}, "spec.resources.serviceAccountName"),
-    ("image-whitespace", {"resources.image": " trainer:1"}, "spec.resources.image"),
+    # ---- fields that moved to the runtime (issue 9): unknown to the CRD, refused by kubectl's strict validation
+    ("image-is-the-runtimes", {"resources.image": "trainer:1"}, "spec.resources.image"),
+    ("service-account-is-the-runtimes", {"resources.serviceAccountName": "sa"}, "spec.resources.serviceAccountName"),
+    ("credentials-are-the-runtimes", {"output.credentials": {"secretName": "s"}}, "spec.output.credentials"),
     # ---- accepted values that make no sense (issue 11, class 3)
     ("alpha-zero", {"adapter": {"type": "lora", "alpha": 0}}, "spec.adapter.alpha"),
     ("alpha-negative", {"adapter": {"type": "lora", "alpha": -16}}, "spec.adapter.alpha"),

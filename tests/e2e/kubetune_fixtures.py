@@ -1,5 +1,6 @@
 """Fixtures shared by kubetune's end-to-end tests (on top of the `cluster`/`namespace` fixtures of conftest.py):
-the CRD installed from crds/, and a real operator process running against the local control plane.
+the CRDs installed from crds/ with the default ClusterFineTuneRuntime every job without spec.runtimeRef uses,
+and a real operator process running against the local control plane.
 
 Import into a test module with `from tests.e2e.kubetune_fixtures import crd, operator  # noqa: F401`.
 """
@@ -17,13 +18,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "kubetune.dev_finetunejobs.yaml"
+RUNTIME_CRDS = [REPO / "crds" / "kubetune.dev_clusterfinetuneruntimes.yaml",
+                REPO / "crds" / "kubetune.dev_finetuneruntimes.yaml"]
+# What the chart installs as ClusterFineTuneRuntime/default, as the e2e tests need it: the Secret they create
+# (s3-creds), custom rewards and remote code allowed, scheduling overrides allowed (the bad-input tests set them).
+DEFAULT_RUNTIME = {
+    "apiVersion": "kubetune.dev/v1alpha1", "kind": "ClusterFineTuneRuntime", "metadata": {"name": "default"},
+    "spec": {"template": {"image": "ghcr.io/kubetune/trainer:0.1.0"},
+             "storage": {"credentials": {"secretName": "s3-creds"}},
+             "policy": {"allowTrustRemoteCode": True, "allowCustomCode": True,
+                        "overrides": ["nodeSelector", "tolerations", "affinity", "priorityClassName"]}},
+}
 
 
 @pytest.fixture(scope="session")
 def crd(cluster):
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/finetunejobs.kubetune.dev")
+    for path in (CRD_FILE, *RUNTIME_CRDS):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.dev",
+                    "crd/clusterfinetuneruntimes.kubetune.dev", "crd/finetuneruntimes.kubetune.dev")
+    cluster.apply(DEFAULT_RUNTIME)
     return CRD_FILE
 
 

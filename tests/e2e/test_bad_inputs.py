@@ -113,15 +113,18 @@ def job_policy(cluster, namespace):
 # A cluster policy names no field (ValidatingAdmissionPolicy has no fieldPath): the condition says `spec` and
 # quotes the policy. Refusals that name a field are mapped back to the spec field (tests/unit/operator/
 # test_bad_inputs.py, with the API server's own cause paths); the CRD now refuses every static one at apply.
-@pytest.mark.parametrize("name, resources, field, words", [
-    ("wrong-registry", {"gpus": 1, "image": "docker.io/me/trainer:1", "podLabels": {"team": "a"}},
+@pytest.mark.parametrize("name, image, resources, field, words", [
+    ("wrong-registry", "docker.io/me/trainer:1", {"gpus": 1, "podLabels": {"team": "a"}},
      "spec", "images must come from registry.internal/"),
-    ("no-team-label", {"gpus": 1, "image": "registry.internal/trainer:1"},
+    ("no-team-label", "registry.internal/trainer:1", {"gpus": 1},
      "spec", "pods must carry a team label"),
 ])
 def test_a_child_the_api_server_refuses_fails_once_naming_the_field(cluster, namespace, operator, job_policy,
-                                                                     name, resources, field, words):
-    apply(cluster, namespace, ftj(name, resources=resources))
+                                                                     name, image, resources, field, words):
+    # the image is the runtime's: a namespaced runtime with that image, named by the job
+    cluster.apply({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneRuntime", "metadata": {"name": name},
+                   "spec": {"template": {"image": image}}}, namespace)
+    apply(cluster, namespace, ftj(name, resources=resources, runtimeRef={"kind": "FineTuneRuntime", "name": name}))
     cluster.wait_job(namespace, name, "Failed", timeout=30)
     obj = get(cluster, namespace, "ftj", name)
     failed = condition(obj, "Failed")
@@ -138,18 +141,27 @@ def test_a_child_the_api_server_refuses_fails_once_naming_the_field(cluster, nam
 
 
 # ------------------------------------------------------------------------------------------------ blocked pods
-@pytest.mark.parametrize("name, setup, resources, words", [
+SA_RUNTIME = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneRuntime", "metadata": {"name": "with-sa"},
+              "spec": {"template": {"image": "ghcr.io/kubetune/trainer:0.1.0", "serviceAccountName": "trainer-sa"},
+                       "storage": {"credentials": {"secretName": "s3-creds"}}}}
+
+
+@pytest.mark.parametrize("name, setup, spec, words, field", [
     ("quota", [{"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "small"},
                 "spec": {"hard": {"requests.cpu": "1"}}}],
-     {"gpus": 1, "cpu": "4"}, "exceeded quota"),
-    ("no-priority-class", [], {"gpus": 1, "priorityClassName": "does-not-exist"}, "does-not-exist"),
-    ("no-service-account", [], {"gpus": 1, "serviceAccountName": "trainer-sa"}, "trainer-sa"),
+     {"resources": {"gpus": 1, "cpu": "4"}}, "exceeded quota", "spec.resources"),
+    ("no-priority-class", [], {"resources": {"gpus": 1, "priorityClassName": "does-not-exist"}}, "does-not-exist",
+     "spec.resources.priorityClassName"),
+    # the runtime names the ServiceAccount: the job can only name the runtime
+    ("no-service-account", [SA_RUNTIME], {"resources": {"gpus": 1},
+                                          "runtimeRef": {"kind": "FineTuneRuntime", "name": "with-sa"}},
+     "trainer-sa", "spec.runtimeRef"),
 ])
 def test_pods_kubernetes_will_not_create_show_as_pods_blocked(cluster, namespace, operator, name, setup,
-                                                              resources, words):
+                                                              spec, words, field):
     for obj in setup:
         cluster.apply(obj, namespace)
-    apply(cluster, namespace, ftj(name, resources=resources))
+    apply(cluster, namespace, ftj(name, **spec))
 
     def blocked():
         running = condition(get(cluster, namespace, "ftj", name), "Running")
@@ -157,7 +169,7 @@ def test_pods_kubernetes_will_not_create_show_as_pods_blocked(cluster, namespace
 
     running = wait_for(blocked, 30, message="Running=False/PodsBlocked")
     assert running["status"] == "False" and words in running["message"], running["message"]
-    assert running["message"].startswith("spec.resources")
+    assert running["message"].startswith(field), running["message"]
     assert events_for(cluster, namespace, name, "PodsBlocked")
     assert items(cluster, namespace, "pods") == []
     assert_clean_log(operator)
@@ -326,8 +338,7 @@ def test_data_errors_in_real_trainer_pods_name_file_and_row(cluster, crd, tmp_pa
                       training={"maxSteps": 2, "batchSize": 2, "maxLength": 32},
                       resources={"gpus": 0, "cpu": "1", "memory": "4Gi",
                                  "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-                      output={"uri": "s3://kubetune/runs", "endpoint": cluster.s3_endpoint,
-                              "credentials": {"secretName": "s3-creds"}})
+                      output={"uri": "s3://kubetune/runs"})
             apply(cluster, ns, obj)
         expected = {"no-assistant": "row 3 has no assistant turn", "bad-line": "line 2 is not valid JSON"}
         for key, words in expected.items():

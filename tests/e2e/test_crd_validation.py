@@ -81,7 +81,7 @@ def test_valid_manifest_gets_schema_defaults(cluster, namespace, crd):
     assert apply(cluster, namespace, manifest("defaults")).returncode == 0
     obj = json.loads(cluster.kubectl("get", "ftj", "defaults", "-n", namespace, "-o", "json").stdout)
     assert obj["spec"]["adapter"]["type"] == "lora"
-    assert obj["spec"]["resources"]["gpuResourceName"] == "nvidia.com/gpu"
+    assert obj["spec"]["runtimeRef"] == {"kind": "ClusterFineTuneRuntime", "name": "default"}
     assert obj["spec"]["model"]["trustRemoteCode"] is False
     assert obj["spec"]["training"]["learningRate"] == pytest.approx(2e-4)
 

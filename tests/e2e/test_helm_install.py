@@ -28,7 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubetune"
 CRD_FILE = REPO / "crds" / f"{C.GROUP}_{C.PLURAL}.yaml"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-PENDING = {"operator": {"nodeSelector": {"kubetune.dev/helm-test-no-such-node": "true"}}}
+# runtime.name: the chart's default runtime under its own name, so that the e2e `default` (kubetune_fixtures,
+# permissive for the other tests) is not replaced by the chart's stricter one
+PENDING = {"operator": {"nodeSelector": {"kubetune.dev/helm-test-no-such-node": "true"}},
+           "runtime": {"name": "helm-e2e"}}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,13 @@ def test_install_examples_upgrade_uninstall(cluster, namespace, helm):
 
         dep = get_json(cluster, "deployment", fullname, "-n", namespace)
         assert dep["spec"]["template"]["spec"]["serviceAccountName"] == fullname
+        # the default runtime (a post-install hook, after its CRD) and the admission policies
+        rt = get_json(cluster, "clusterfinetuneruntime", "helm-e2e")
+        assert rt and rt["spec"]["template"]["image"].startswith("ghcr.io/kubetune/trainer:"), rt
+        assert rt["spec"]["policy"]["allowCustomCode"] is False
+        for name in ("kubetune-cluster-runtime", "kubetune-namespaced-runtime"):
+            assert get_json(cluster, "validatingadmissionpolicy", name), name
+            assert get_json(cluster, "validatingadmissionpolicybinding", name), name
         for kind, name, ns in (("serviceaccount", fullname, namespace), ("service", f"{fullname}-metrics", namespace),
                                ("clusterrole", fullname, None), ("clusterrolebinding", fullname, None)):
             assert get_json(cluster, kind, name, *(["-n", ns] if ns else [])), f"{kind}/{name} missing"
@@ -138,15 +148,18 @@ def test_install_examples_upgrade_uninstall(cluster, namespace, helm):
         assert any("clusterkopfpeerings" in r.get("resources", []) for r in role["rules"])
     finally:
         helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+        cluster.kubectl("delete", "clusterfinetuneruntime", "helm-e2e", "--ignore-not-found", check=False)
 
-    # nothing left but the kept CRD
+    # nothing left but the kept CRDs (and the hook's runtime, deleted above)
     selector = f"app.kubernetes.io/instance={release}"
     for kind in ("deployment", "serviceaccount", "service", "configmap", "role", "rolebinding"):
         left = cluster.kubectl("get", kind, "-A", "-l", selector, "-o", "name").stdout.split()
         assert not left, f"orphans after uninstall: {left}"
     for kind in ("clusterrole", "clusterrolebinding", "crd"):
         left = cluster.kubectl("get", kind, "-l", selector, "-o", "name").stdout.split()
-        assert left == ([f"customresourcedefinition.apiextensions.k8s.io/{C.CRD_NAME}"] if kind == "crd" else []), left
+        kept = sorted(f"customresourcedefinition.apiextensions.k8s.io/{p}.{C.GROUP}"
+                      for p in (C.PLURAL, C.CLUSTER_RUNTIME_PLURAL, C.RUNTIME_PLURAL))
+        assert sorted(left) == (kept if kind == "crd" else []), left
     assert get_json(cluster, "crd", C.CRD_NAME), "the FineTuneJob CRD is kept (crds.keep)"
     assert not get_json(cluster, "crd", "clusterkopfpeerings.kopf.dev"), "peering CRDs go with the release"
     cms = cluster.kubectl("get", "configmap", "-n", namespace, "-o", "name").stdout.split()

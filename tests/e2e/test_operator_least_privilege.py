@@ -35,7 +35,7 @@ def test_operator_with_chart_service_account_completes_a_job(cluster, crd, names
         ftj = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "least-priv"},
                "spec": {"stage": "sft", "model": {"source": "s3://models/tiny"},
                         "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-                        "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+                        "output": {"uri": "s3://kubetune/runs"},
                         "resources": {"gpus": 1}}}
         cluster.kubectl("apply", "-n", watched, "-f", "-", input=yaml.safe_dump(ftj))
         cluster.wait_job(watched, "least-priv", timeout=120, context=lambda: op.logs()[-4000:])

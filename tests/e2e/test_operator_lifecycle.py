@@ -20,7 +20,7 @@ BASE = {
         "stage": "sft",
         "model": {"source": "s3://models/tiny"},
         "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-        "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+        "output": {"uri": "s3://kubetune/runs"},
         "resources": {"gpus": 2},
         "retryLimit": 0,
     },

@@ -64,8 +64,7 @@ def env(cluster, crd, tmp_path_factory):
                          "keepCheckpoints": 2},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
                           "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-            "output": {"uri": f"s3://{BUCKET}/runs-{tag}", "endpoint": cluster.s3_endpoint,
-                       "credentials": {"secretName": "s3-creds"}},
+            "output": {"uri": f"s3://{BUCKET}/runs-{tag}"},
             "retryLimit": 2,
         },
     }

@@ -82,8 +82,7 @@ def sft_run(cluster, crd, tmp_path_factory):
                          "logEverySteps": 2, "evalEverySteps": 20, "checkpointEverySteps": 20},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
                           "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-            "output": {"uri": f"s3://{BUCKET}/runs", "endpoint": cluster.s3_endpoint,
-                       "credentials": {"secretName": "s3-creds"}},
+            "output": {"uri": f"s3://{BUCKET}/runs"},
             "retryLimit": 0,
         },
     }

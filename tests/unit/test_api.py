@@ -93,7 +93,7 @@ def test_minimal_job_gets_defaults():
     assert j.spec.adapter.type == "lora"
     assert j.spec.training.learning_rate == pytest.approx(2e-4)
     assert j.spec.resources.gpus == 1
-    assert j.spec.resources.gpu_resource_name == "nvidia.com/gpu"
+    assert (j.spec.runtime_ref.kind, j.spec.runtime_ref.name) == ("ClusterFineTuneRuntime", "default")
     assert j.spec.model.trust_remote_code is False
     assert validate_spec(j.spec) == []
 

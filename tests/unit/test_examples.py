@@ -53,14 +53,12 @@ def test_example_parses_and_validates(path: Path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
 def test_example_is_realistic(path: Path):
-    """s3:// model and data, output with a credentials Secret, GPUs: what a real cluster run looks like."""
+    """s3:// model and data and output, GPUs: what a real cluster run looks like (credentials: the runtime's)."""
     spec = parse_job(_load(path)).spec
     assert spec.model.source.startswith("s3://"), path.name
     uris = [s.uri for s in spec.dataset.train + (spec.dataset.eval or [])]
     assert uris and all(u.startswith("s3://") for u in uris), uris
     assert spec.output.uri.startswith("s3://")
-    assert spec.output.credentials is not None and spec.output.credentials.secret_name, \
-        f"{path.name}: reference the S3 credentials Secret in output.credentials"
     assert spec.resources.gpus >= 1, f"{path.name}: examples are for GPU clusters"
 
 
@@ -112,15 +110,39 @@ def test_grpo_example_uses_builtin_and_custom_rewards():
     assert any(":" not in n for n in names) and any(":" in n for n in names), names
 
 
-def test_examples_use_the_charts_default_credentials_secret():
-    """docs/install.md creates one Secret (the chart's trainer.defaultCredentialsSecret); every example
-    references that same name so the quickstart works with any of them."""
-    if not VALUES.exists():
-        pytest.skip("helm/kubetune/values.yaml not written yet")
-    default = yaml.safe_load(VALUES.read_text())["trainer"]["defaultCredentialsSecret"]
-    for path in EXAMPLES:
-        spec = parse_job(_load(path)).spec
-        assert spec.output.credentials.secret_name == default, path.name
+def _runtimes() -> dict[tuple[str, str], dict]:
+    out = {}
+    for path in sorted((REPO / "examples" / "runtimes").glob("*.yaml")):
+        obj = yaml.safe_load(path.read_text())
+        out[(obj["kind"], obj["metadata"]["name"])] = obj
+    return out
+
+
+def test_example_runtimes_parse_and_the_default_one_matches_the_chart():
+    from kubetune_api.finetuneruntime import parse_runtime
+
+    runtimes = _runtimes()
+    assert ("ClusterFineTuneRuntime", "default") in runtimes
+    for (kind, name), obj in runtimes.items():
+        parse_runtime(obj["spec"])
+        assert kind in ("ClusterFineTuneRuntime", "FineTuneRuntime")
+    if VALUES.exists():
+        chart = yaml.safe_load(VALUES.read_text())
+        # the chart's default runtime uses the Secret docs/install.md tells admins to create
+        assert chart["trainer"]["defaultCredentialsSecret"] == \
+            runtimes[("ClusterFineTuneRuntime", "default")]["spec"]["storage"]["credentials"]["secretName"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
+def test_example_is_allowed_by_its_runtime(path: Path):
+    """Each example names a runtime from examples/runtimes (or the default) and asks nothing it forbids."""
+    from kubetune_api.finetuneruntime import parse_runtime
+    from kubetune_operator.runtimes import violations
+
+    job = parse_job(_load(path))
+    ref = job.spec.runtime_ref
+    obj = _runtimes()[(ref.kind, ref.name)]
+    assert violations(job, parse_runtime(obj["spec"]), ref.name) == [], path.name
 
 
 # ---------------------------------------------------------------------------------------------------------

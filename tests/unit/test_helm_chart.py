@@ -113,6 +113,7 @@ USER_ROLES = ("kubetune-edit", "kubetune-view")
 
 
 # Scenarios: name -> values. Each is linted with --strict and rendered by the tests below.
+KUBETUNE_CRDS = {C.CRD_NAME, f"{C.CLUSTER_RUNTIME_PLURAL}.{C.GROUP}", f"{C.RUNTIME_PLURAL}.{C.GROUP}"}
 NAMESPACED = {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"]}
 MONITORING_ON = {"monitoring": {"force": True, "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                                 "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}}
@@ -134,14 +135,60 @@ def test_lint_strict(values: dict):
     assert "0 chart(s) failed" in proc.stdout, proc.stdout
 
 
+# ---------------------------------------------------------------------------------------------- runtimes
+def test_default_runtime_carries_the_trainer_values_and_is_a_hook():
+    from kubetune_api.finetuneruntime import parse_runtime
+
+    objs = render({"trainer": {"image": {"repository": "registry.example/trainer", "tag": "abc"},
+                               "s3Endpoint": "http://s3.example:9000", "defaultCredentialsSecret": "team-s3"},
+                   "runtime": {"spec": {"policy": {"allowCustomCode": True}, "resources": {"maxGpusPerNode": 4}}}})
+    rt = one(objs, "ClusterFineTuneRuntime", "default")
+    spec = parse_runtime(rt["spec"])  # valid against the typed model (the CRD's source)
+    assert spec.template.image == "registry.example/trainer:abc"
+    assert spec.storage.endpoint == "http://s3.example:9000" and spec.storage.credentials.secret_name == "team-s3"
+    assert spec.policy.allow_custom_code and spec.resources.max_gpus_per_node == 4
+    assert not spec.policy.allow_trust_remote_code, "the default runtime runs no remote code unless asked"
+    # created after the CRDs (Helm cannot map a custom resource whose CRD is in the same release)
+    assert "post-install" in rt["metadata"]["annotations"]["helm.sh/hook"]
+    assert not find(render({"runtime": {"create": False}}), "ClusterFineTuneRuntime")
+
+
+def test_admission_policies_and_one_binding_per_runtime_kind():
+    from kubetune_api.finetuneruntime.admission import policies
+
+    objs = render()
+    rendered = {p["metadata"]["name"]: p for p in find(objs, "ValidatingAdmissionPolicy")}
+    for generated in policies():
+        p = rendered[generated["metadata"]["name"]]
+        assert p["spec"] == generated["spec"]
+        (binding,) = [b for b in find(objs, "ValidatingAdmissionPolicyBinding")
+                      if b["spec"]["policyName"] == p["metadata"]["name"]]
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        assert binding["spec"]["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
+    assert {p["spec"]["paramKind"]["kind"] for p in rendered.values()} == {"ClusterFineTuneRuntime", "FineTuneRuntime"}
+    assert not find(render({"admission": {"enabled": False}}), "ValidatingAdmissionPolicy")
+
+
+def test_operator_reads_runtimes_in_both_rbac_scopes():
+    for values in ({}, NAMESPACED):
+        objs = render(values)
+        rules = [r for o in find(objs, "ClusterRole") + find(objs, "Role") for r in o.get("rules") or []]
+        cluster = [r for r in rules if "clusterfinetuneruntimes" in r["resources"]]
+        assert cluster and all(set(r["verbs"]) == {"get", "list", "watch"} for r in cluster), values
+        ns = [r for r in rules if "finetuneruntimes" in r["resources"]]
+        assert ns and all(set(r["verbs"]) <= {"get", "list", "watch"} for r in ns), values
+
+
 # ---------------------------------------------------------------------------------------------- defaults
 def test_defaults_render_the_expected_objects():
     objs = render()
     assert kinds(objs) == {"ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-                           "Service", "Deployment"}
+                           "Service", "Deployment", "ClusterFineTuneRuntime", "ValidatingAdmissionPolicy",
+                           "ValidatingAdmissionPolicyBinding"}
     assert not find(objs, "Role") and not find(objs, "ConfigMap")
     for o in objs:
-        if o["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if o["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterFineTuneRuntime",
+                             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"):
             assert o["metadata"]["namespace"] == NAMESPACE, o["metadata"]
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
@@ -162,7 +209,7 @@ def test_crd_equals_the_generated_file():
 
 
 def test_crds_keep_false_drops_the_resource_policy():
-    crd = one(render({"crds": {"keep": False}}), "CustomResourceDefinition")
+    crd = one(render({"crds": {"keep": False}}), "CustomResourceDefinition", C.CRD_NAME)
     assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {})
 
 
@@ -317,7 +364,7 @@ def test_namespaced_rbac():
     assert cr["metadata"]["name"] == f"{FULLNAME}-discovery"
     for rule in cr["rules"]:
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
-        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces"}, rule
+        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces", "clusterfinetuneruntimes"}, rule
     for group, resource, _ in NEEDED:
         assert not allows(cr["rules"], group, resource, "get"), f"ClusterRole grants {group}/{resource}"
     _assert_least_privilege(objs)
@@ -462,14 +509,14 @@ def test_replicas_2_namespaced_peers_per_namespace():
 def test_peering_enabled_with_one_replica_and_shared_crds():
     objs = render({"peering": {"enabled": True, "installCRDs": False, "name": "kt-peers"}})
     assert "args" not in container(objs)
-    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == {C.CRD_NAME}
+    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == KUBETUNE_CRDS
     assert one(objs, "ClusterKopfPeering")["metadata"]["name"] == "kt-peers"
 
 
 def test_one_replica_has_no_peering_objects():
     objs = render()
     assert not kinds(objs) & {"ClusterKopfPeering", "KopfPeering"}
-    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == {C.CRD_NAME}
+    assert {o["metadata"]["name"] for o in find(objs, "CustomResourceDefinition")} == KUBETUNE_CRDS
 
 
 # ---------------------------------------------------------------------------------------------- monitoring

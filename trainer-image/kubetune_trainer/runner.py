@@ -79,7 +79,7 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     from .data import Source
 
     spec = job.spec
-    endpoint = spec.output.endpoint
+    endpoint = None  # the runtime's endpoint reaches the trainer as AWS_ENDPOINT_URL
     cache = settings.cache_dir
 
     def fetch(uri: str, field: str, split: Optional[str] = None) -> Source:
@@ -378,8 +378,8 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
         train_dataset=prepared.train, eval_dataset=prepared.eval,
         training_args=targs,
         callbacks=callbacks, work_dir=work,
-        load_model=modeling.model_loader(spec, settings.cache_dir, spec.output.endpoint),
-        fetch=lambda uri: storage.fetch(uri, settings.cache_dir, endpoint=spec.output.endpoint),
+        load_model=modeling.model_loader(spec, settings.cache_dir),
+        fetch=lambda uri: storage.fetch(uri, settings.cache_dir),
     )
     stage.validate_dataset(ctx)
     trainer = stage.build_trainer(ctx)

@@ -100,9 +100,7 @@ def job_store(job) -> OutputStore:
 
 def run_store(job, run_id: str) -> OutputStore:
     """<spec.output.uri>/<namespace>/<name>/runs/<run-id>/: everything one run writes."""
-    out = job.spec.output
-    return OutputStore(f"{job_output_uri(job)}{RUNS}/{check_run_id(run_id)}/", endpoint=out.endpoint,
-                       region=out.region)
+    return OutputStore(f"{job_output_uri(job)}{RUNS}/{check_run_id(run_id)}/")
 
 
 def run_record(job, ident: RunIdentity, model_digest: Optional[str] = None) -> dict:
@@ -301,7 +299,7 @@ def resolve_resume_from(job, ref: str, field: str = "spec.resumeFrom") -> Resume
         m = _CKPT_TAIL.match(ref.rstrip("/"))
         run_uri, ckpt = (m.group("run") + "/", f"{checkpointing.CHECKPOINTS}/{m.group('ckpt')}") if m else \
             (ref.rstrip("/") + "/", None)
-    store = OutputStore(run_uri, endpoint=out.endpoint, region=out.region)
+    store = OutputStore(run_uri)
     if ckpt is None:
         ckpt = checkpointing.latest_checkpoint(store)
         if ckpt is None:

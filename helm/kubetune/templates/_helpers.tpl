@@ -154,6 +154,23 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
+# A job's FineTuneRuntime (spec.runtimeRef): read once, at the job's first reconcile, and recorded in its status
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetuneruntimes"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{/*
+Cluster-scoped reads the runtimes need, in both RBAC scopes: ClusterFineTuneRuntimes (a job's runtimeRef) and
+namespaces (get: the labels a ClusterFineTuneRuntime's namespaceSelector matches).
+*/}}
+{{- define "kubetune.runtimeRules" -}}
+- apiGroups: ["kubetune.dev"]
+  resources: ["clusterfinetuneruntimes"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
 {{- end }}
 
 {{/*

@@ -8,9 +8,9 @@ from .spec import (
     AdapterSpec, AdapterType, ColumnMapping, DatasetFormat, DatasetSource, DatasetSpec, DeepSpeedSpec,
     DistributedSpec, DPOParams, EarlyStoppingSpec, EvaluationSpec, FineTuneJob, FineTuneJobSpec, GaLoreSpec,
     GRPOParams, KTOParams, ModelSpec, ORPOParams, OutputSpec, PPOParams, QuantizationSpec, ResourcesSpec,
-    RewardFunction, RewardModelParams, RLOOParams, Stage, TrainingSpec, parse_job,
+    RewardFunction, RewardModelParams, RLOOParams, RuntimeRef, Stage, TrainingSpec, parse_job,
 )
-from .status import Artifacts, FineTuneJobStatus, Forgetting, Progress, Workload
+from .status import Artifacts, FineTuneJobStatus, Forgetting, Progress, RuntimeSnapshot, Workload
 
 __all__ = [
     "STAGE_BLOCKS", "STAGE_FORMATS", "uri_fields", "validate_spec",
@@ -18,6 +18,6 @@ __all__ = [
     "DistributedSpec", "DPOParams", "EarlyStoppingSpec", "EvaluationSpec", "FineTuneJob", "FineTuneJobSpec",
     "GaLoreSpec", "GRPOParams", "KTOParams", "ModelSpec", "ORPOParams", "OutputSpec", "PPOParams",
     "QuantizationSpec", "ResourcesSpec", "RewardFunction", "RewardModelParams", "RLOOParams", "Stage",
-    "TrainingSpec", "parse_job",
+    "TrainingSpec", "parse_job", "RuntimeRef", "RuntimeSnapshot",
     "Artifacts", "FineTuneJobStatus", "Forgetting", "Progress", "Workload",
 ]

@@ -15,7 +15,7 @@ from pydantic.alias_generators import to_camel
 from .. import corev1
 from ..cel import cel, validations
 from ..common import (
-    LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, URI_SAFETY, Model, ObjectMeta, StorageCredentials, StrEnum, Toleration,
+    LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, URI_SAFETY, Model, ObjectMeta, StrEnum, Toleration,
 )
 from .rules import SPEC_CREATE_RULES, SPEC_RULES
 from .status import FineTuneJobStatus
@@ -357,8 +357,10 @@ class EvaluationSpec(Model):
 
 
 class ResourcesSpec(Model):
-    """Where and how the trainer pods run. Every field here is copied into the pod template, so each carries
-    core/v1's rule for it (kubetune_api.corev1): the API server refuses a bad value at `kubectl apply`."""
+    """How large the trainer pods are and, where the job's runtime allows it, where they run. The image,
+    ServiceAccount, GPU resource name and credentials are the runtime's (spec.runtimeRef), not the job's.
+    Every field here is copied into the pod template, so each carries core/v1's rule for it
+    (kubetune_api.corev1): the API server refuses a bad value at `kubectl apply`."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -368,11 +370,8 @@ class ResourcesSpec(Model):
         )
     )
 
-    gpus: int = Field(1, ge=0, le=64, description="GPUs per node (requests = limits of gpuResourceName).")
-    gpu_resource_name: str = Field(
-        "nvidia.com/gpu", max_length=corev1.QUALIFIED_NAME_MAX, pattern=corev1.EXTENDED_RESOURCE,
-        description="Extended resource name for GPUs, with its domain (e.g. nvidia.com/gpu, amd.com/gpu).",
-    )
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per node (requests = limits of the runtime's GPU resource; at "
+                      "most the runtime's resources.maxGpusPerNode).")
     cpu: Optional[Union[str, int]] = Field(None, json_schema_extra=QUANTITY,
                                            description="CPU request per node pod, e.g. '8' (non-negative).")
     memory: Optional[Union[str, int]] = Field(
@@ -394,25 +393,21 @@ class ResourcesSpec(Model):
     )
     tolerations: Optional[list[Toleration]] = Field(
         None, max_length=corev1.TOLERATIONS_MAX,
-        description="Tolerations for the pods. A toleration for the GPU resource taint is added automatically.",
+        description="Extra tolerations (only where the runtime's policy.overrides lists tolerations), added to the "
+        "runtime's. A toleration for the GPU resource taint is added automatically.",
     )
     affinity: Optional[corev1.Affinity] = Field(
-        None, description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), copied to the pods.",
+        None, description="A core/v1 Affinity for the pods; only where the runtime's policy.overrides lists affinity.",
     )
     priority_class_name: Optional[str] = Field(None, max_length=corev1.DNS_SUBDOMAIN_MAX,
-                                               pattern=corev1.DNS_SUBDOMAIN, description="PriorityClass of the pods.")
-    image: Optional[str] = Field(None, max_length=URI_MAX, pattern=corev1.NO_EDGE_SPACE,
-                                 description="Trainer image override.")
+                                               pattern=corev1.DNS_SUBDOMAIN,
+                                               description="PriorityClass of the pods; only where the runtime's "
+                                               "policy.overrides lists priorityClassName (else the runtime's).")
     pod_labels: Optional[dict[str, corev1.LabelValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Extra labels on the pods."
     )
     pod_annotations: Optional[dict[str, corev1.AnnotationValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Extra annotations on the pods."
-    )
-    service_account_name: Optional[str] = Field(
-        None, max_length=corev1.DNS_SUBDOMAIN_MAX, pattern=corev1.DNS_SUBDOMAIN,
-        description="ServiceAccount for the trainer pods (default: the namespace's default; the trainer needs no "
-        "Kubernetes API access).",
     )
 
 
@@ -448,15 +443,6 @@ class OutputSpec(Model):
         "is the FineTuneJob's uid) and then <uri>/<namespace>/<name>/runs.json, the index naming the latest "
         "finished run. A re-created job of the same name gets a new run beside the old one.",
     )
-    endpoint: Optional[str] = Field(
-        None, max_length=URI_MAX, pattern=r"^https?://.+",
-        description="S3 endpoint URL for non-AWS stores (SeaweedFS, Ceph, ...). Also used for s3:// model and "
-        "dataset sources. Default: the operator's configured endpoint.",
-    )
-    region: Optional[str] = Field(None, max_length=NAME_MAX, description="S3 region.")
-    credentials: Optional[StorageCredentials] = Field(
-        None, description="S3 credentials Secret (used for every s3:// URI of this job)."
-    )
     merged_model: bool = Field(
         False, description="Also write the base model with the adapter merged in (merged into a full-precision base)."
     )
@@ -472,9 +458,33 @@ class OutputSpec(Model):
     )
 
 
+RUNTIME_KINDS = ["ClusterFineTuneRuntime", "FineTuneRuntime"]
+DEFAULT_RUNTIME = {"kind": "ClusterFineTuneRuntime", "name": "default"}
+
+
+class RuntimeRef(Model):
+    """The admin-owned runtime a job runs under (Kubeflow Trainer's runtimeRef, in kubetune's terms)."""
+
+    kind: str = Field(
+        "ClusterFineTuneRuntime", json_schema_extra={"enum": RUNTIME_KINDS},
+        description="ClusterFineTuneRuntime (cluster-wide, granted to namespaces by its namespaceSelector) or "
+        "FineTuneRuntime (in the job's own namespace; there is no namespace field).",
+    )
+    name: str = Field("default", max_length=NAME_MAX, pattern=corev1.DNS_SUBDOMAIN, description="The runtime's name.")
+
+
 class FineTuneJobSpec(Model):
     model_config = ConfigDict(json_schema_extra=validations(*SPEC_CREATE_RULES, *SPEC_RULES))
 
+    runtime_ref: RuntimeRef = Field(
+        default_factory=lambda: RuntimeRef(**DEFAULT_RUNTIME),
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": "runtimeRef is immutable: create a new FineTuneJob to use another "
+             "runtime", "reason": "FieldValueForbidden"}]},
+        description="The runtime (image, ServiceAccount, scheduling, storage credentials, limits and policy set by "
+        "the platform admins) this job runs under. Default: the ClusterFineTuneRuntime `default` the chart "
+        "installs. Immutable.",
+    )
     stage: Stage = Field(
         ..., description="Training stage: cpt (continued pre-training), sft, dpo, orpo, kto, grpo (RL with "
         "verifiable rewards), rloo, ppo (RLHF with a reward model) or reward (reward-model training).",

@@ -64,6 +64,22 @@ class Workload(Model):
     config_map: Optional[str] = Field(None, description="ConfigMap holding the resolved trainer config.")
 
 
+class RuntimeSnapshot(Model):
+    """The runtime as the operator resolved it when the job was first reconciled. Pods are always rendered from
+    this copy: an admin editing the runtime later changes new jobs, never this one. Kept in status because
+    users who may edit FineTuneJobs (and ConfigMaps) cannot write status."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+    kind: str = Field(..., description="ClusterFineTuneRuntime or FineTuneRuntime.")
+    name: str = Field(..., description="The runtime's name.")
+    uid: Optional[str] = Field(None, description="The runtime's uid when it was resolved.")
+    generation: Optional[int] = Field(None, description="The runtime's metadata.generation when it was resolved.")
+    digest: Optional[str] = Field(None, description="sha256 of the resolved runtime spec (first 16 hex digits).")
+    spec: Optional[dict] = Field(
+        None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
+        description="The resolved runtime spec this job's pods are rendered from.")
+
+
 class FineTuneJobStatus(Model):
     model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
 
@@ -81,3 +97,4 @@ class FineTuneJobStatus(Model):
     forgetting: Optional[Forgetting] = Field(None, description="Result of the forgetting check.")
     artifacts: Optional[Artifacts] = Field(None, description="Where the results are.")
     message: Optional[str] = Field(None, description="Last notable event, human-readable.")
+    runtime: Optional[RuntimeSnapshot] = Field(None, description="The runtime this job runs under, as resolved.")

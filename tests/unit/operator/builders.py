@@ -18,6 +18,12 @@ from kubetune_operator.render import COMPLETION_INDEX_LABEL, child_names
 NS = "ml"
 UID = "11111111-2222-3333-4444-555555555555"
 SECRET_VALUE = "s3cr3t-value-that-must-never-appear"
+DEFAULT_RUNTIME_SPEC = {
+    "template": {"image": "ghcr.io/kubetune/trainer:0.1.0"},
+    "storage": {"credentials": {"secretName": "s3-creds"}},
+    "policy": {"allowTrustRemoteCode": True, "allowCustomCode": True,
+               "overrides": ["nodeSelector", "tolerations", "affinity", "priorityClassName"]},
+}
 
 
 def ftj(name: str = "demo", *, uid: str = UID, generation: int = 1, status: Optional[dict] = None,
@@ -30,7 +36,7 @@ def ftj(name: str = "demo", *, uid: str = UID, generation: int = 1, status: Opti
             "stage": "sft",
             "model": {"source": "s3://models/tiny"},
             "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-            "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+            "output": {"uri": "s3://kubetune/runs"},
             "resources": {"gpus": 1},
         },
     }
@@ -123,6 +129,22 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self._uids = itertools.count(1)
         self._rv = itertools.count(1)
+        # what the chart and the e2e cluster install: the default runtime, permissive enough for every test
+        self.put_runtime(C.CLUSTER_RUNTIME_KIND, C.DEFAULT_RUNTIME_NAME, DEFAULT_RUNTIME_SPEC)
+
+    def put_runtime(self, kind: str, name: str, spec: dict, namespace: str = NS, generation: int = 1) -> dict:
+        from kubetune_operator.runtimes import runtime_path
+
+        obj = {"apiVersion": C.API_VERSION, "kind": kind,
+               "metadata": {"name": name, "uid": f"rt-{name}", "generation": generation,
+                            **({"namespace": namespace} if kind == C.RUNTIME_KIND else {})},
+               "spec": copy.deepcopy(spec)}
+        self.objects[runtime_path(kind, name, namespace)] = obj
+        return obj
+
+    def put_namespace(self, name: str, labels: dict) -> None:
+        self.objects[f"/api/v1/namespaces/{name}"] = {"apiVersion": "v1", "kind": "Namespace",
+                                                      "metadata": {"name": name, "labels": labels}}
 
     def put(self, obj: dict) -> dict:
         obj = copy.deepcopy(obj)

@@ -35,7 +35,7 @@ def invalid(field: str, message: str, kind: str = "Job", name: str = "demo-train
     ("spec.template.spec.containers[0].resources.requests[cpu]", {"resources": {"gpus": 0, "cpu": "1"}},
      "spec.resources.cpu"),
     ("spec.template.spec.containers[0].resources.limits[amd.com/gpu]",
-     {"resources": {"gpus": 1, "gpuResourceName": "amd.com/gpu"}}, "spec.resources.gpuResourceName"),
+     {"resources": {"gpus": 1}}, "spec.resources.gpus"),
     ("spec.template.spec.nodeSelector", {"resources": {"gpus": 0, "nodeSelector": {"pool": "x"}}},
      "spec.resources.nodeSelector"),
     ("spec.template.metadata.labels", {"resources": {"gpus": 0, "podLabels": {"team": "a"}}},
@@ -52,14 +52,18 @@ def test_api_server_paths_map_back_to_the_spec_field(path, spec, expected):
     assert spec_field_of(job, render_job(job), path) == expected
 
 
-def test_secret_env_paths_map_to_the_credentials_fields():
-    job = model(ftj(output={"uri": "s3://b/p", "credentials": {"secretName": "creds"}}))
-    rendered = render_job(job)
+def test_secret_env_paths_map_to_the_runtime():
+    """The runtime names the Secret and its keys: a refusal there is the runtime's, which the job names."""
+    from kubetune_api.finetuneruntime import parse_runtime
+
+    job = model(ftj(output={"uri": "s3://b/p"}))
+    rendered = render_job(job, runtime=parse_runtime({"template": {"image": "t:1"},
+                                                      "storage": {"credentials": {"secretName": "creds"}}}))
     env = rendered["spec"]["template"]["spec"]["containers"][0]["env"]
     i = next(i for i, e in enumerate(env) if e["name"] == "AWS_SECRET_ACCESS_KEY")
     base = f"spec.template.spec.containers[0].env[{i}].valueFrom.secretKeyRef"
-    assert spec_field_of(job, rendered, base + ".name") == "spec.output.credentials.secretName"
-    assert spec_field_of(job, rendered, base + ".key") == "spec.output.credentials.secretAccessKeyKey"
+    assert spec_field_of(job, rendered, base + ".name") == "spec.runtimeRef"
+    assert spec_field_of(job, rendered, base + ".key") == "spec.runtimeRef"
 
 
 # ------------------------------------------------------------------------------------------------ refused children

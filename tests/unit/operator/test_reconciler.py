@@ -42,7 +42,8 @@ def conds(kube: FakeKube, name: str = "demo") -> dict:
 
 
 def kinds(kube: FakeKube) -> list[str]:
-    return sorted(o["kind"] for o in kube.objects.values() if o["kind"] != C.KIND)
+    return sorted(o["kind"] for o in kube.objects.values()
+                  if o["kind"] not in (C.KIND, C.CLUSTER_RUNTIME_KIND, C.RUNTIME_KIND, "Namespace"))
 
 
 def run(coro):
@@ -307,7 +308,7 @@ def test_ttl_deletes_only_finished_jobs():
 def test_nothing_secret_is_written_anywhere():
     async def scenario():
         kube, lookup, rec = make()
-        kube.put(ftj(output={"uri": "s3://b/r", "credentials": {"secretName": "s3-creds"}}))
+        kube.put(ftj(output={"uri": "s3://b/r"}))
         await rec.reconcile(NS, "demo", ensure_all=True)
         crash = f"botocore error with AWS_SECRET_ACCESS_KEY unset"
         lookup.pod_list = [pod(job_uid=kube.find("Job")[0]["metadata"]["uid"], phase="Failed", message=crash)]

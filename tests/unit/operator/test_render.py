@@ -12,6 +12,7 @@ import yaml
 
 from kubetune_api import constants as C
 from kubetune_api.finetunejob import parse_job
+from kubetune_api.finetuneruntime import parse_runtime
 from kubetune_operator import render as R
 from kubetune_operator.settings import OperatorSettings
 from tests.unit.operator.builders import NS, SECRET_VALUE, UID, ftj, model
@@ -20,8 +21,13 @@ REPO = Path(__file__).resolve().parents[3]
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-def render_job(body, settings=None):
-    return R.render_job(model(body), body, settings)
+def render_job(body, settings=None, runtime=None):
+    return R.render_job(model(body), body, settings, parse_runtime(runtime) if runtime is not None else None)
+
+
+def runtime(**parts):
+    """A runtime spec (dict) with the test image; `parts` replace its top-level blocks."""
+    return {"template": {"image": "registry/trainer:1.0"}, **parts}
 
 
 def pod_spec(job):
@@ -137,8 +143,8 @@ def test_single_node_job():
 
 
 def test_env_contract():
-    job = render_job(ftj(output={"uri": "s3://kubetune/runs", "endpoint": "http://seaweed:9000", "region": "eu-1",
-                                 "credentials": {"secretName": "s3-creds"}}))
+    job = render_job(ftj(output={"uri": "s3://kubetune/runs"}), runtime=runtime(storage={
+        "endpoint": "http://seaweed:9000", "region": "eu-1", "credentials": {"secretName": "s3-creds"}}))
     env = env_of(job)
     values = {k: v.get("value") for k, v in env.items()}
     assert values["KUBETUNE_JOB_NAME"] == "demo" and values["KUBETUNE_NAMESPACE"] == NS
@@ -165,10 +171,11 @@ def test_env_contract():
     assert "/var/lib/kubetune" in mounts and "/tmp" in mounts
 
 
-def test_custom_secret_keys_and_no_secret_values_anywhere():
-    body = ftj(output={"uri": "s3://kubetune/runs", "credentials": {
-        "secretName": "store", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}})
-    children = R.render_children(model(body), body)
+def test_runtime_secret_keys_and_no_secret_values_anywhere():
+    body = ftj(output={"uri": "s3://kubetune/runs"})
+    rt = parse_runtime(runtime(storage={"credentials": {
+        "secretName": "store", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}}))
+    children = R.render_children(model(body), body, None, rt)
     env = env_of(children.job)
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "store", "key": "id"}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "store", "key": "key"}
@@ -184,8 +191,8 @@ def test_default_s3_settings_and_optional_default_secret():
     assert env["AWS_REGION"]["value"] == "us-east-1"
     ref = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "dflt", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}
-    # the job's own endpoint wins over the operator's
-    env = env_of(render_job(ftj(output={"uri": "s3://x/y", "endpoint": "https://mine"}), s))
+    # the runtime's endpoint wins over the operator's
+    env = env_of(render_job(ftj(output={"uri": "s3://x/y"}), s, runtime(storage={"endpoint": "https://mine"})))
     assert env["AWS_ENDPOINT_URL"]["value"] == "https://mine"
 
 
@@ -212,27 +219,35 @@ def test_gpu_resources_and_automatic_toleration():
 
 
 def test_gpu_resource_name_user_tolerations_and_scheduling():
+    rt = runtime(template={"image": "registry/trainer:dev", "serviceAccountName": "trainer",
+                           "runtimeClassName": "nvidia", "nodeSelector": {"zone": "a"},
+                           "tolerations": [{"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute",
+                                            "tolerationSeconds": 60}],
+                           "podLabels": {"cost-center": "ml", "team": "platform"}},
+                 resources={"gpuResourceName": "amd.com/gpu"})
     job = render_job(ftj(resources={
-        "gpus": 1, "gpuResourceName": "amd.com/gpu", "nodeSelector": {"pool": "mi300"},
+        "gpus": 1, "nodeSelector": {"pool": "mi300", "zone": "b"},
         "tolerations": [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
                         {"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute",
                          "tolerationSeconds": 60}],
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
-        "priorityClassName": "training", "serviceAccountName": "trainer", "image": "registry/trainer:dev",
+        "priorityClassName": "training",
         "podLabels": {"team": "nlp", C.Label.JOB_NAME: "spoofed"}, "podAnnotations": {"prometheus.io/scrape": "false"},
-    }))
+    }), runtime=rt)
     ps = pod_spec(job)
     assert container(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
     assert [t["key"] for t in ps["tolerations"]].count("amd.com/gpu") == 1, "no duplicate automatic toleration"
     assert {"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute", "tolerationSeconds": 60} \
         in ps["tolerations"]
-    assert ps["nodeSelector"] == {"pool": "mi300"}
+    assert ps["nodeSelector"] == {"pool": "mi300", "zone": "a"}, "the runtime's keys win"
+    assert ps["runtimeClassName"] == "nvidia"
     assert ps["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert ps["priorityClassName"] == "training" and ps["serviceAccountName"] == "trainer"
     assert container(job)["image"] == "registry/trainer:dev"
     labels = job["spec"]["template"]["metadata"]["labels"]
-    assert labels["team"] == "nlp" and labels[C.Label.JOB_NAME] == "demo", "the operator's labels win"
+    assert labels[C.Label.JOB_NAME] == "demo", "the operator's labels win"
+    assert labels["team"] == "platform" and labels["cost-center"] == "ml", "then the runtime's"
     assert job["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
 
 
@@ -251,6 +266,16 @@ def test_settings_resources_and_grace():
     # the launcher sizes torchrun's shutdown timeout from it (the pod cannot read its own grace period)
     assert env_of(job)["KUBETUNE_TERMINATION_GRACE_SECONDS"]["value"] == "30"
     assert container(job)["image"] == "img:1" and container(job)["imagePullPolicy"] == "Always"
+    job = render_job(ftj(resources={"gpus": 0}), s, runtime(template={"image": "rt:2", "imagePullPolicy": "Never"}))
+    assert container(job)["image"] == "rt:2" and container(job)["imagePullPolicy"] == "Never"
+
+
+def test_runtime_policy_and_gpu_memory_reach_the_trainer_env():
+    env = env_of(render_job(ftj(), runtime=runtime(gpu={"memoryGiB": 80})))
+    assert env["KUBETUNE_ALLOW_CUSTOM_CODE"]["value"] == "false"  # the schema's default: refused
+    assert env["KUBETUNE_GPU_MEMORY"]["value"] == "81920Mi"
+    env = env_of(render_job(ftj(), runtime=runtime(policy={"allowCustomCode": True})))
+    assert env["KUBETUNE_ALLOW_CUSTOM_CODE"]["value"] == "true" and "KUBETUNE_GPU_MEMORY" not in env
 
 
 def test_pod_failure_policy():

@@ -14,9 +14,9 @@ URI forms (kubetune_api.common.URI_PATTERN):
                           not download the model again.
 - hf://org/name[@rev]     Hugging Face Hub snapshot (hf://datasets/org/name for datasets); needs internet.
 
-S3 settings come only from the standard environment the operator wires from the job's Secret reference:
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), AWS_REGION, AWS_ENDPOINT_URL(_S3);
-`spec.output.endpoint` (the `endpoint` argument) overrides the endpoint. Addressing is path-style because
+S3 settings come only from the standard environment the operator wires from the job's runtime (its Secret
+reference, endpoint and region): AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), AWS_REGION,
+AWS_ENDPOINT_URL(_S3); the `endpoint` argument (tests, tools) overrides the endpoint. Addressing is path-style because
 SeaweedFS, Ceph and MinIO-style stores do not serve virtual-hosted buckets on an IP endpoint. Credentials are
 never logged or put in error messages: every message built here goes through `errors.scrub`.
 

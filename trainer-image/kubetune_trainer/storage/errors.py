@@ -48,16 +48,17 @@ def s3_error(exc: BaseException, uri: str, action: str, client=None) -> TrainerE
 
     endpoint = endpoint_of(client) if client is not None else "the S3 endpoint"
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-        return ConfigError(f"no S3 credentials for {uri}: the job needs spec.output.credentials (a Secret with "
-                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        return ConfigError(f"no S3 credentials for {uri}: the job's runtime names no credentials Secret "
+                           "(storage.credentials of its FineTuneRuntime; ask the platform team)")
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
                         bx.ConnectionClosedError)):
         return TrainerError(f"cannot reach S3 at {endpoint} while {action} {uri}: {type(exc).__name__}")
     code = error_code(exc)
     bucket = split_s3(uri)[0] if uri.startswith("s3://") else "?"
     if code in AUTH_CODES:
-        return ConfigError(f"S3 at {endpoint} refused the credentials while {action} {uri} ({code}): check the "
-                           f"Secret named in spec.output.credentials and that its key may access bucket {bucket}")
+        return ConfigError(f"S3 at {endpoint} refused the credentials while {action} {uri} ({code}): the "
+                           f"Secret named by the job's runtime (storage.credentials) must hold a key that may access "
+                           f"bucket {bucket}")
     if code == "NoSuchBucket":
         return ConfigError(f"{uri}: bucket {bucket!r} does not exist at {endpoint}")
     if code in MISSING_CODES:

@@ -58,8 +58,8 @@ class OutputStore:
 
     @classmethod
     def for_job(cls, job) -> "OutputStore":
-        out = job.spec.output
-        return cls(job_output_uri(job), endpoint=out.endpoint, region=out.region)
+        # endpoint, region and credentials come from the env the operator renders from the job's runtime
+        return cls(job_output_uri(job))
 
     def __repr__(self) -> str:
         return f"OutputStore({self.root_uri!r})"

@@ -88,6 +88,7 @@ class S3Server:
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    _launch: tuple | None = field(default=None, repr=False)  # (cmd, env) of the running server, for revive()
 
     @property
     def endpoint(self) -> str:
@@ -143,16 +144,31 @@ class S3Server:
                    "-s3.port.lance=0", "-master.telemetry=false",
                    # unix sockets default to fixed /tmp paths that another weed may hold
                    f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock"]
-            with open(self.log_path, "wb") as log:
-                # own session: stop() signals weed's whole process group, and a Ctrl-C in pytest does not
-                # reach it before the fixture's finalizer runs
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True)
+            self._launch = (cmd, env)
+            self._popen()
             if self._wait_ready():
                 return self
             last = self.log_path.read_text(errors="replace")[-2000:]
             self.stop()
         raise RuntimeError(f"SeaweedFS did not become ready; last log:\n{last}")
+
+    def _popen(self) -> None:
+        cmd, env = self._launch
+        with open(self.log_path, "ab") as log:
+            # own session: stop() signals weed's whole process group, and a Ctrl-C in pytest does not
+            # reach it before the fixture's finalizer runs
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
+    def revive(self) -> "S3Server":
+        """Start a server stopped with stop() again: same ports, same data (the end of an outage). Only for a
+        server of one's own (never the shared `s3` fixture: other tests use it)."""
+        if self._launch is None:
+            raise RuntimeError("revive() needs a server that was started once")
+        self._popen()
+        if not self._wait_ready():
+            raise RuntimeError(f"SeaweedFS did not come back on :{self.port}; log: {self.log_path}")
+        return self
 
     def _wait_ready(self) -> bool:
         """Ready = the S3 gateway answers (403 to anonymous requests) AND a signed bucket create works (the

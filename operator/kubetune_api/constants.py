@@ -59,6 +59,9 @@ class Reason:
     CHILD_FORBIDDEN = "ChildCreationForbidden"  # 403 creating a child: quota on object counts, missing RBAC
     TRUST_REMOTE_CODE = "TrustRemoteCode"  # spec.model.trustRemoteCode: true runs code from the model repo
     FORGETTING = "ForgettingThresholdExceeded"
+    # The trainer exited 75: the object store stayed unreachable for the whole patience budget; the message
+    # names the endpoint and the call that failed last.
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
     WITHIN_THRESHOLD = "WithinThreshold"
     # The job's runtime (spec.runtimeRef) is missing, not granted to the namespace, or forbids what the spec asks.
     RUNTIME_NOT_FOUND = "RuntimeNotFound"
@@ -88,9 +91,14 @@ class ExitCode:
     CONFIG_ERROR = 78  # EX_CONFIG: spec cannot work (model not found, wrong format for stage, ...)
     DIVERGED = 79  # loss became NaN/inf
     FORGETTING = 80  # forgetting threshold exceeded with action: fail
+    # EX_TEMPFAIL: the object store stayed unreachable for the whole patience budget (spec.output.
+    # storagePatienceSeconds). The trainer already waited in-process, so a restarted pod would only wait again:
+    # the Job fails at once with reason StorageUnavailable instead of burning retryLimit on an outage.
+    STORAGE_UNAVAILABLE = 75
     PREEMPTED = 143  # 128 + SIGTERM: checkpoint written, a restart resumes
 
-    PERMANENT = (DATA_ERROR, CONFIG_ERROR, DIVERGED, FORGETTING)
+    # Exit codes on which the Job fails at once (podFailurePolicy FailJob): restarting the pod cannot help.
+    PERMANENT = (DATA_ERROR, CONFIG_ERROR, DIVERGED, FORGETTING, STORAGE_UNAVAILABLE)
 
 
 class Label:
@@ -111,3 +119,5 @@ CONFIG_FILE_NAME = "job.yaml"
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_METRICS_PORT = 9400
 DEFAULT_RENDEZVOUS_PORT = 29500
+# How long the trainer waits out an unreachable object store before exiting 75 (spec.output.storagePatienceSeconds).
+DEFAULT_STORAGE_PATIENCE_S = 600

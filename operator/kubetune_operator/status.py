@@ -32,7 +32,8 @@ OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "compl
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
                    Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
-                   Reason.TRUST_REMOTE_CODE, Reason.RUNTIME_NOT_FOUND, Reason.RUNTIME_VIOLATION}
+                   Reason.TRUST_REMOTE_CODE, Reason.RUNTIME_NOT_FOUND, Reason.RUNTIME_VIOLATION,
+                   Reason.STORAGE_UNAVAILABLE}
 MESSAGE_MAX = 2048
 
 
@@ -336,6 +337,10 @@ def _failure(job: dict, pods: list[dict], spec: dict) -> tuple[str, str]:
     detail = crash_summary(fp) if fp else ""
     job_reason = cond.get("reason")
     code = (terminated(fp) or {}).get("exitCode") if fp else None
+    if code == ExitCode.STORAGE_UNAVAILABLE:
+        # Its own reason: not a bad spec, and not a crash that a retry could fix (the trainer already waited
+        # out the patience budget); the trainer's message names the endpoint and the failing call.
+        return Reason.STORAGE_UNAVAILABLE, detail or "the object store stayed unreachable for the patience budget"
     if job_reason == "PodFailurePolicy" or code in ExitCode.PERMANENT:
         return Reason.TRAINER_ERROR, detail or cond.get("message") or "the trainer exited with a permanent error"
     if job_reason == "BackoffLimitExceeded":

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -82,19 +83,57 @@ class Cluster:
         self.kubectl("apply", *(["-n", namespace] if namespace else []), "-f", "-", input=text)
 
     @staticmethod
-    def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, desc: str = "") -> Any:
-        """Polls predicate until it returns a truthy value (returned) or fails the test after timeout s."""
+    def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, desc: str = "",
+                 errors: tuple = (KubectlError, KeyError, IndexError, TypeError)) -> Any:
+        """Polls predicate until it returns a truthy value (returned) or fails the test after timeout s.
+        Exceptions of the types in `errors` count as "not yet"."""
         deadline, last_exc = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             try:
                 value = predicate()
                 if value:
                     return value
-            except (KubectlError, KeyError, IndexError, TypeError) as e:
+            except errors as e:
                 last_exc = e
             time.sleep(interval)
         pytest.fail(f"timed out after {timeout}s waiting for {desc or predicate}" + (f" (last error: {last_exc})" if last_exc else ""))
 
+
+    # ---- S3 outages (tests/e2e/test_storage_outage.py): stop and restart THIS cluster's SeaweedFS
+    def stop_s3(self) -> None:
+        """Stops this cluster's S3 server (SeaweedFS, started by up.sh) the way a crash would look to clients:
+        connections are refused until start_s3(). Its data dir stays."""
+        run = self.dir / "run"
+        pgid = int((run / "s3.pid").read_text().strip())
+        self._s3_argv = (Path(f"/proc/{pgid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0"))
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.1)
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def start_s3(self, timeout: float = 60) -> None:
+        """Starts the S3 server stop_s3() stopped, with the same command line (ports, data dir, credentials),
+        records it as up.sh does (so down.sh stops it) and waits until signed requests work again."""
+        argv = [a.decode() for a in self._s3_argv]
+        run, logs = self.dir / "run", self.dir / "logs"
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.env["AWS_ACCESS_KEY_ID"],
+               "AWS_SECRET_ACCESS_KEY": self.env["AWS_SECRET_ACCESS_KEY"]}
+        with open(logs / "s3.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        (run / "s3.pid").write_text(str(proc.pid))
+        (run / "s3.cmd").write_text(f"{argv[0]} {argv[1] if len(argv) > 1 else ''}")
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.s3_endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}, connect_timeout=2))
+        self.wait_for(lambda: client.list_buckets() is not None, timeout=timeout, interval=0.3,
+                      desc=f"S3 back on {self.s3_endpoint}", errors=(Exception,))
 
     def local_queue(self, ns: str, name: str = "kubetune", cluster_queue: str = "kubetune") -> str:
         """Creates Kueue LocalQueue ns/name pointing at the cluster's ClusterQueue (up.sh makes `kubetune`: 16
@@ -160,6 +199,20 @@ class Cluster:
             except Exception as e:  # the report must not hide the failure it reports
                 out.append(f"(context unavailable: {e})")
         return "\n".join(out)
+
+
+def _group_alive(pgid: int) -> bool:
+    """A live (non-zombie) process in group pgid (weed mini runs several)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _go_duration(text: str) -> float:

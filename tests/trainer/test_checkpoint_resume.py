@@ -247,6 +247,8 @@ def test_sigkill_then_resume_continues_exactly(s3, reference, tmp_path, monkeypa
     p, _work, events = _start(s3, tmp_path, "first", store_uri, "--pause-at-step", "12", "--pause-seconds", "300")
     log = tmp_path / "first.log"
     _wait_for(lambda: _events(events, "paused"), 600, p, log, "step 12")
+    # checkpoints upload in the background while training goes on: checkpoint-10 lands shortly after step 10
+    _wait_for(lambda: checkpointing.latest_checkpoint(store), 30, p, log, "checkpoint-10 in the store")
     assert checkpointing.latest_checkpoint(store) == "checkpoints/checkpoint-10"
     p.send_signal(signal.SIGKILL)
     assert p.wait(timeout=30) == -signal.SIGKILL

@@ -42,17 +42,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import signal
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from . import distributed
 from .errors import PreemptedError, TrainerError
-from .storage import COMPLETE, OutputStore
+from .storage import COMPLETE, OutputStore, patience
+from .uploader import LatestOnlyUploader
 
 try:  # transformers is in the trainer image; keep this module importable without it for light tooling
     from transformers import TrainerCallback
@@ -263,6 +267,7 @@ class CheckpointSync(TrainerCallback):
         self.last_uri: Optional[str] = None
         self.best_step: Optional[int] = None  # the Trainer's best_global_step at the latest save (never pruned)
         self.upload_seconds: list[float] = []
+        self._uploader: Optional[LatestOnlyUploader] = None
 
     # The best model: a checkpoint at every evaluation that beats the best so far, whatever the checkpoint
     # cadence, so the Trainer's load_best_model_at_end always finds the best step saved (training_args.py).
@@ -290,15 +295,24 @@ class CheckpointSync(TrainerCallback):
         if self.preempted:
             control.should_save = True
             control.should_training_stop = True
+        if self._uploader is not None:
+            self._uploader.raise_if_failed()  # the patience budget ran out in the background: end the run now
         return control
 
     def on_save(self, args, state, control, **kwargs):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
-        rel = f"{self.prefix}/checkpoint-{step}"
-        t0 = time.monotonic()
         # 1. every rank has written its part (rng_state_<rank>.pth, DeepSpeed shards)
         distributed.barrier()
+        if self._background():
+            if distributed.is_main_process():
+                self._submit(step, local, getattr(state, "best_global_step", None) or None)
+            return control
+        # Several nodes: each node's main process uploads its own disk's files, in step with the others
+        # (barriers cannot run in a background thread while training runs collectives). Storage outages are
+        # still waited out (patience.py), but training waits with them.
+        rel = f"{self.prefix}/checkpoint-{step}"
+        t0 = time.monotonic()
         if distributed.is_main_process():
             missing = check_checkpoint_dir(local)
             if missing:
@@ -314,14 +328,92 @@ class CheckpointSync(TrainerCallback):
         distributed.barrier()
         # 3. the marker, then pruning and the report
         if distributed.is_main_process():
-            self.store.mark_complete(rel, {"step": step})
-            self.last_uri = self.store.uri(rel)
-            self.best_step = getattr(state, "best_global_step", None) or None
-            prune(self.store, self.keep, self.prefix, protect=[self.best_step] if self.best_step else [])
-            dt = time.monotonic() - t0
-            self.upload_seconds.append(dt)
-            log.info("checkpoint %d uploaded to %s in %.1f s", step, self.last_uri, dt)
-            if self.monitor is not None:
-                self.monitor.record_checkpoint(self.last_uri)
+            self._complete(step, getattr(state, "best_global_step", None) or None, t0)
         return control
 
+    # ---- background uploads (one node): training goes on while the store is slow or unreachable
+    def _background(self) -> bool:
+        return distributed.world_size() <= distributed.local_world_size()
+
+    def _submit(self, step: int, local: Path, best: Optional[int]) -> None:
+        if not local.is_dir():
+            raise TrainerError(f"the Trainer reported a checkpoint at step {step} but {local} does not exist")
+        missing = check_checkpoint_dir(local)
+        if missing:
+            log.warning("checkpoint %s lacks %s: a resume from it will not be exact", local, missing)
+        self.uploader.raise_if_failed()
+        # Healthy store: one checkpoint at a time, each one uploaded (the previous upload overlapped the steps
+        # since). Failing store: do not wait; this checkpoint replaces any still pending (uploader.py).
+        while self.uploader.busy() and not patience.policy().in_outage():
+            self.uploader.wait(timeout=0.5)
+        # A snapshot of hard links: the Trainer's own rotation (save_total_limit) may delete the folder before
+        # the upload starts; the links keep the files without copying gigabytes.
+        snap = Path(local).parent / UPLOAD_STAGING / f"checkpoint-{step}-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(local, snap, copy_function=_link_or_copy)
+        self.uploader.submit(_Pending(step, snap, best))
+
+    def _upload(self, item: "_Pending") -> None:
+        rel = f"{self.prefix}/checkpoint-{item.step}"
+        t0 = time.monotonic()
+        with patience.cancellable(self.uploader.cancelled):
+            self.store.delete_prefix(rel)  # leftovers of an earlier pod that died uploading this step
+            self.store.put_dir(item.path, rel)
+            self._complete(item.step, item.best, t0)
+
+    def _complete(self, step: int, best: Optional[int], t0: float) -> None:
+        rel = f"{self.prefix}/checkpoint-{step}"
+        self.store.mark_complete(rel, {"step": step})
+        self.last_uri = self.store.uri(rel)
+        self.best_step = best
+        dt = time.monotonic() - t0
+        self.upload_seconds.append(dt)
+        log.info("checkpoint %d uploaded to %s in %.1f s", step, self.last_uri, dt)
+        if self.monitor is not None:
+            self.monitor.record_checkpoint(self.last_uri)
+        # Pruning is housekeeping: one attempt, never waiting out an outage; what it misses now the next
+        # checkpoint's pruning deletes.
+        try:
+            with patience.once():
+                prune(self.store, self.keep, self.prefix, protect=[best] if best else [])
+        except TrainerError as exc:
+            log.warning("pruning old checkpoints skipped (retried after the next checkpoint): %s", exc)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Training is over (done, or stopped for SIGTERM): every checkpoint handed over is uploaded before the
+        run publishes its result or the preempted pod exits; a spent patience budget raises here."""
+        if self._uploader is not None:
+            self._uploader.wait()
+        return control
+
+    def close(self) -> None:
+        """Stop the background uploader (a run that ended another way); pending uploads are dropped."""
+        if self._uploader is not None:
+            self._uploader.close()
+
+    @property
+    def uploader(self) -> LatestOnlyUploader:
+        if self._uploader is None:
+            self._uploader = LatestOnlyUploader(self._upload, discard=lambda item: shutil.rmtree(
+                item.path, ignore_errors=True), name="kubetune-checkpoint-upload")
+        return self._uploader
+
+
+UPLOAD_STAGING = ".kubetune-upload"  # next to the Trainer's checkpoint-N folders; it never rotates this one
+
+
+@dataclass(frozen=True)
+class _Pending:
+    step: int
+    path: Path
+    best: Optional[int]
+
+    def __str__(self) -> str:
+        return f"checkpoint-{self.step}"
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed: copy
+        shutil.copy2(src, dst)
+    return dst

@@ -61,3 +61,13 @@ class PreemptedError(TrainerError):
 
     exit_code = ExitCode.PREEMPTED
     reason = "Preempted"
+
+
+class StorageUnavailableError(TrainerError):
+    """The object store stayed unreachable (connection refused/reset, timeouts, 5xx, throttling) for the whole
+    patience budget (spec.output.storagePatienceSeconds, storage/patience.py). The trainer already waited
+    in-process, so a restarted pod would only wait again: exit 75 fails the Job at once with this reason, and
+    the message names the endpoint and the call that failed last."""
+
+    exit_code = ExitCode.STORAGE_UNAVAILABLE
+    reason = "StorageUnavailable"

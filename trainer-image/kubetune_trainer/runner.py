@@ -197,6 +197,10 @@ def run(job: FineTuneJob, settings: Optional[config.RunSettings] = None, *,
     try:
         job = config.apply_settings(job, settings)
         config.validate_job(job)
+        from .storage import patience
+
+        # From here on every object-storage call waits out outages up to the job's budget (patience.py).
+        patience.configure(job.spec.output.storage_patience_seconds)
         config.preflight(job, settings)
         from . import distributed
         from .monitoring import RunMonitor
@@ -405,7 +409,12 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     resume = _resume_point(job, store, work, record, digest_future)
     if resume:
         log.info("resuming from %s", record.resumed_from)
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        # Checkpoints upload in the background; the sync's on_train_end waits for them (or raises the
+        # StorageUnavailableError that ended the patience budget).
+        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        sync.close()
     if sync.preempted:
         raise PreemptedError(f"SIGTERM received: checkpoint saved at step {trainer.state.global_step} "
                              f"({sync.last_uri}); a restarted pod resumes from it")

@@ -456,6 +456,15 @@ class OutputSpec(Model):
         description="Delete older runs of this job (results and checkpoints) beyond the newest N when a run "
         "finishes. Unset: no run is ever deleted.",
     )
+    storage_patience_seconds: Optional[int] = Field(
+        None, ge=0, le=86400,
+        description="How long the trainer waits out an unreachable object store (connection refused or reset, "
+        "timeouts, HTTP 5xx, throttling) before giving up, in seconds of outage. Meanwhile training goes on: "
+        "checkpoint uploads wait in the background (a newer checkpoint replaces one still waiting) and every other "
+        "storage call retries with backoff. When the outage outlasts it, the trainer exits 75 and the job fails "
+        "at once with reason StorageUnavailable, naming the endpoint and the call, without using retryLimit. "
+        "Denied access, missing buckets or objects fail at once whatever this says. Default: 600.",
+    )
 
 
 RUNTIME_KINDS = ["ClusterFineTuneRuntime", "FineTuneRuntime"]

@@ -195,6 +195,23 @@ def test_permanent_trainer_error_carries_the_trainers_message():
         assert st["message"] == failed["message"]
 
 
+def test_storage_unavailable_has_its_own_reason_naming_endpoint_and_call():
+    """Exit 75 (the trainer waited out its storage patience budget): reason StorageUnavailable, not the generic
+    TrainerError of a bad spec, with the trainer's message (endpoint, last call); the retry count stays 0."""
+    msg = ("object storage at http://seaweedfs:8333 unreachable for 20 s, the patience budget "
+           "(spec.output.storagePatienceSeconds: 20); last call: uploading s3://kubetune/ns/j/runs/u/adapter/x: "
+           "EndpointConnectionError: Could not connect")
+    report = json.dumps({"state": "failed", "reason": "StorageUnavailable", "exitCode": 75, "message": msg})
+    failed_pod = pod(phase="Failed", exit_code=ExitCode.STORAGE_UNAVAILABLE, message=report)
+    st = S.derive_status(ftj(), job_obj(conditions=[job_cond("Failed", "PodFailurePolicy")], failed=1),
+                         [failed_pod], now=T1)
+    failed = cond(st, CT.FAILED)
+    assert st["phase"] == Phase.FAILED and failed["reason"] == Reason.STORAGE_UNAVAILABLE == "StorageUnavailable"
+    assert failed["message"].startswith("StorageUnavailable: object storage at http://seaweedfs:8333")
+    assert "uploading s3://kubetune/ns/j/runs/u/adapter/x" in failed["message"]
+    assert ExitCode.STORAGE_UNAVAILABLE in ExitCode.PERMANENT  # the podFailurePolicy's FailJob rule holds it
+
+
 def test_backoff_limit_with_a_plain_text_crash():
     crash = "Traceback (most recent call last):\n  File x\nRuntimeError: CUDA error: an illegal memory access\n"
     assert TrainerReport.parse(crash) is None

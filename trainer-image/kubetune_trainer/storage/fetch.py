@@ -15,7 +15,7 @@ from typing import Optional
 from ..errors import ConfigError
 from .errors import S3Errors
 from .local import atomic_write, local_nearby, walk_files
-from .s3 import head_object, list_objects, s3_client, s3_nearby, transfer_config
+from .s3 import head_object, list_objects, retrying, s3_client, s3_nearby, transfer_config
 from .uris import PVC_ROOT_ENV, check_uri, local_path, pvc_root, safe_key_path, scheme_of, split_s3
 
 log = logging.getLogger("kubetune_trainer.storage")  # one logger for the package (its name before the split)
@@ -116,7 +116,8 @@ def _sync_down(client, bucket: str, remote: dict[str, dict], base: Path, uri: st
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            client.download_file(bucket, info["key"], str(tmp), Config=tc)
+            retrying(client, f"downloading s3://{bucket}/{info['key']}",
+                     lambda: client.download_file(bucket, info["key"], str(tmp), Config=tc))
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from ..errors import ConfigError, TrainerError
 from .errors import S3Errors
 from .local import LocalBackend, walk_files
+from .patience import in_pool
 from .s3 import S3Backend, s3_client
 from .uris import COMPLETE, TMP_INFIX, clean_rel, join_key, local_path, scheme_of, split_s3
 
@@ -88,7 +89,7 @@ class OutputStore:
         with self._guard(rel, "uploading"):
             if self._workers > 1 and len(files) > 1:
                 with ThreadPoolExecutor(max_workers=self._workers) as pool:
-                    list(pool.map(lambda rf: self._b.put_file(rf[1], join_key(rel, rf[0])), files))
+                    list(pool.map(in_pool(lambda rf: self._b.put_file(rf[1], join_key(rel, rf[0]))), files))
             else:
                 for r, f in files:
                     self._b.put_file(f, join_key(rel, r))
@@ -197,7 +198,7 @@ class OutputStore:
         with self._guard(rel, "downloading"):
             if self._workers > 1 and len(files) > 1:
                 with ThreadPoolExecutor(max_workers=self._workers) as pool:
-                    list(pool.map(one, sorted(files)))
+                    list(pool.map(in_pool(one), sorted(files)))
             else:
                 for r in sorted(files):
                     one(r)

@@ -1,5 +1,9 @@
 """The s3:// backend: the cached boto3 client (path-style addressing, adaptive retries), multipart transfer
-settings, listing helpers and the store operations on a bucket prefix (uploads, server-side copies, deletes)."""
+settings, listing helpers and the store operations on a bucket prefix (uploads, server-side copies, deletes).
+
+Every request goes through `retrying` (patience.py): transient failures are waited out up to the run's patience
+budget, so each operation here is written to be safe to repeat (uploads and deletes are idempotent, listings
+are redone whole)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import TrainerError
-from .errors import MISSING_CODES, NEARBY_MAX, SECRET_ENV, error_code
+from . import patience
+from .errors import MISSING_CODES, NEARBY_MAX, SECRET_ENV, endpoint_of, error_code
 from .uris import COMPLETE, join_key
 
 # Multipart above 64 MiB in 64 MiB parts: S3 allows 10,000 parts, so single files up to ~640 GB upload.
@@ -36,8 +41,10 @@ def s3_client(endpoint: Optional[str] = None, region: Optional[str] = None):
         if key not in _clients:
             cfg = Config(
                 s3={"addressing_style": "path"},
-                # adaptive = standard retries (throttling, 5xx, connection resets) + client-side rate limiting
-                retries={"mode": "adaptive", "total_max_attempts": 8},
+                # adaptive = standard retries (throttling, 5xx, connection resets) + client-side rate limiting.
+                # Few attempts: they absorb a blip inside one call; longer outages are patience.py's (its budget
+                # is wall-clock, and botocore's own backoff of 8 attempts could alone outlast a small budget).
+                retries={"mode": "adaptive", "total_max_attempts": 3},
                 connect_timeout=10, read_timeout=120, max_pool_connections=16,
             )
             kwargs: dict[str, Any] = {"config": cfg, "region_name": region}
@@ -45,6 +52,11 @@ def s3_client(endpoint: Optional[str] = None, region: Optional[str] = None):
                 kwargs["endpoint_url"] = endpoint
             _clients[key] = boto3.session.Session().client("s3", **kwargs)
         return _clients[key]
+
+
+def retrying(client, what: str, fn):
+    """fn() under the run's patience policy for this client's endpoint (`what`: "uploading s3://b/k")."""
+    return patience.call(fn, endpoint=endpoint_of(client), what=what)
 
 
 def transfer_config():
@@ -56,6 +68,10 @@ def transfer_config():
 
 def s3_nearby(client, bucket: str, key: str) -> str:
     """What the closest existing parent prefix holds ('s3://b/models/ holds: [a/, b.json]')."""
+    return retrying(client, f"listing s3://{bucket}/", lambda: _nearby(client, bucket, key))
+
+
+def _nearby(client, bucket: str, key: str) -> str:
     parts = [p for p in key.rstrip("/").split("/") if p][:-1]
     while True:
         prefix = "/".join(parts) + "/" if parts else ""
@@ -69,21 +85,27 @@ def s3_nearby(client, bucket: str, key: str) -> str:
 
 
 def list_objects(client, bucket: str, prefix: str) -> list[dict]:
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]  # skip folder markers
-    return out
+    def listing() -> list[dict]:  # a listing interrupted half-way is redone whole
+        out = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]  # skip folder markers
+        return out
+
+    return retrying(client, f"listing s3://{bucket}/{prefix}", listing)
 
 
 def head_object(client, bucket: str, key: str) -> Optional[dict]:
     from botocore.exceptions import ClientError
 
-    try:
-        return client.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if error_code(exc) in MISSING_CODES:
-            return None
-        raise
+    def head() -> Optional[dict]:
+        try:
+            return client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if error_code(exc) in MISSING_CODES:
+                return None
+            raise
+
+    return retrying(client, f"checking s3://{bucket}/{key}", head)
 
 
 class S3Backend:
@@ -98,21 +120,31 @@ class S3Backend:
         k = self._k(key)
         return k + "/" if k else ""
 
+    def _retrying(self, action: str, key: str, fn):
+        return retrying(self.client, f"{action} s3://{self.bucket}/{key}", fn)
+
     def put_file(self, local: Path, key: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self._k(key), Config=self.tc)
+        k = self._k(key)
+        self._retrying("uploading", k, lambda: self.client.upload_file(str(local), self.bucket, k, Config=self.tc))
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        k = self._k(key)
+        self._retrying("writing", k, lambda: self.client.put_object(Bucket=self.bucket, Key=k, Body=data))
 
     def read_bytes(self, key: str) -> Optional[bytes]:
         from botocore.exceptions import ClientError
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except ClientError as exc:
-            if error_code(exc) in MISSING_CODES:
-                return None
-            raise
+        k = self._k(key)
+
+        def read() -> Optional[bytes]:  # the body is read inside the retry: a reset mid-body is retried too
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
+            except ClientError as exc:
+                if error_code(exc) in MISSING_CODES:
+                    return None
+                raise
+
+        return self._retrying("reading", k, read)
 
     def is_object(self, key: str) -> bool:
         return bool(key) and head_object(self.client, self.bucket, self._k(key)) is not None
@@ -123,16 +155,22 @@ class S3Backend:
 
     def list_children(self, key: str) -> list[str]:
         prefix = self._dir(key)
-        names = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-            names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+
+        def listing() -> list[str]:
+            names = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+            return names
+
+        names = self._retrying("listing", prefix, listing)
         # Filer-backed stores (SeaweedFS) keep listing a folder after its last object is deleted: only folders
         # that still hold an object count.
         return sorted(n for n in names if n and self._has_objects(prefix + n + "/"))
 
     def _has_objects(self, prefix: str) -> bool:
-        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=2)
+        resp = self._retrying("listing", prefix,
+                              lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=2))
         return any(not o["Key"].endswith("/") for o in resp.get("Contents", []))
 
     def delete_tree(self, key: str) -> None:
@@ -148,8 +186,9 @@ class S3Backend:
     def _delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = keys[i:i + 1000]
-            resp = self.client.delete_objects(Bucket=self.bucket,
-                                              Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            resp = self._retrying(
+                "deleting", batch[0], lambda b=batch: self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in b], "Quiet": True}))
             errs = resp.get("Errors") or []
             if errs:
                 raise TrainerError(f"S3 refused to delete {len(errs)} objects under {self.uri} "
@@ -159,11 +198,14 @@ class S3Backend:
         files = self.list_files(src)
         # server-side copies (multipart copy above the threshold): nothing goes through the pod again
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda rel: self.client.copy({"Bucket": self.bucket, "Key": self._dir(src) + rel},
-                                                       self.bucket, self._dir(dst) + rel, Config=self.tc),
-                          sorted(files)))
+            list(pool.map(patience.in_pool(lambda rel: self._retrying(
+                "copying", self._dir(dst) + rel, lambda: self.client.copy(
+                    {"Bucket": self.bucket, "Key": self._dir(src) + rel}, self.bucket, self._dir(dst) + rel,
+                    Config=self.tc))), sorted(files)))
         self.delete_tree(src)
 
     def download(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self.client.download_file(self.bucket, self._k(key), str(dest), Config=self.tc)
+        k = self._k(key)
+        self._retrying("downloading", k,
+                       lambda: self.client.download_file(self.bucket, k, str(dest), Config=self.tc))

@@ -53,6 +53,7 @@ class Reason:
     CHILD_FORBIDDEN = "ChildCreationForbidden"  # 403 creating a child: quota on object counts, missing RBAC
     TRUST_REMOTE_CODE = "TrustRemoteCode"  # spec.model.trustRemoteCode: true runs code from the model repo
     FORGETTING = "ForgettingThresholdExceeded"
+    POD_REPLACED = "PodReplaced"  # an ignored pod end (preempted, deleted): the next pod started without backoff
     WITHIN_THRESHOLD = "WithinThreshold"
 
 

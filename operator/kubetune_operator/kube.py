@@ -140,14 +140,17 @@ class KubeApi:
     async def merge_patch(self, path: str, patch: dict) -> Optional[dict]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
-    async def delete(self, path: str, propagation: str = "Background") -> bool:
-        """True when deleted (or being deleted), False when it did not exist."""
+    async def delete(self, path: str, propagation: str = "Background", uid: Optional[str] = None) -> bool:
+        """True when deleted (or being deleted), False when it did not exist (or, with `uid`, when the object
+        of that name is another one: the uid precondition failed)."""
+        body: dict = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            await self.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
-                                                "propagationPolicy": propagation})
+            await self.request("DELETE", path, body)
             return True
         except ApiError as exc:
-            if exc.not_found:
+            if exc.not_found or (uid and exc.conflict):
                 return False
             raise
 

@@ -281,9 +281,9 @@ class Reconciler:
                 if ensure_all:
                     await self._ensure_children(ftj, job_model, create_job=False)
                 job = await self._align_job(st, ftj, job_model, job)
-                ended = S.waits_for_backoff(job, pods)
-                if ended is not None:
-                    job = await self._replace_job(ftj, job_model, job, ended)
+                why = S.waits_for_backoff(job, pods, self.now())
+                if why is not None and not (await self._pods_refused(job, pods, job_model))[0]:
+                    job = await self._replace_job(ftj, job_model, job, why)
         except ChildRejected as exc:
             log.info("%s/%s cannot run: %s", namespace, name, exc)
             await self._write(st, ftj, S.invalid_spec_status(ftj, str(exc), now=self.now(), reason=exc.reason))
@@ -485,14 +485,13 @@ class Reconciler:
             job["status"] = patched.get("status") or job.get("status") or {}
         return job
 
-    async def _replace_job(self, ftj: dict, job_model: FineTuneJob, job: dict, ended: dict) -> dict:
+    async def _replace_job(self, ftj: dict, job_model: FineTuneJob, job: dict, why: str) -> dict:
         """Delete a Job whose only pods ended in ways its podFailurePolicy ignores and create its successor at
         once (S.waits_for_backoff says why). The successor's backoffLimit is what is left of spec.retryLimit
         after the failures the Job controller counted (render.RETRIES_USED_ANNOTATION)."""
         meta = job["metadata"]
         used = retries_used_by(job) + int((job.get("status") or {}).get("failed") or 0)
         path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
-        cause = S.end_cause(ended) or "stopped"
         # the uid precondition: never delete a successor that another reconcile created meanwhile
         await self.api.delete(path, uid=meta["uid"])
         for _ in range(100):  # a Job has no finalizers: it is gone within a moment (its pods go with the GC)
@@ -506,11 +505,9 @@ class Reconciler:
         new, created = await self._ensure(children.job, ftj["metadata"]["uid"], job_model=job_model)
         if created:
             left = children.job["spec"]["backoffLimit"]
-            log.info("replaced Job %s: pod %s was %s; its successor starts now (%d of retryLimit left)", path,
-                     ended["metadata"]["name"], cause, left)
+            log.info("replaced Job %s: %s; its successor starts now (%d of retryLimit left)", path, why, left)
             await self.recorder.event(ftj, "Normal", Reason.POD_REPLACED,
-                                      f"pod {ended['metadata']['name']} was {cause} ({S.crash_summary(ended)}); "
-                                      f"started its replacement at once (not counted against retryLimit; "
+                                      f"{why}: started its replacement at once (not counted against retryLimit; "
                                       f"{left} retries left)")
         return new
 

@@ -373,26 +373,41 @@ def pods_of_run(pods: Iterable[dict], run_id: Optional[str], job: Optional[dict]
             or (p.get("metadata") or {}).get("uid") in mine]
 
 
-def waits_for_backoff(job: Optional[dict], pods: Iterable[dict]) -> Optional[dict]:
-    """The pod whose ignored end (ignored_end) leaves the Job with nothing running, or None.
+# How long a Job may exist without pods before the reconciler concludes that its pods were deleted (the Job
+# controller creates the first pods of a new Job within a moment).
+PODLESS_JOB_SECONDS = 5.0
 
-    The Job controller does not count such a pod against backoffLimit, but it still delays the replacement by
-    its exponential pod-failure backoff (10 s, 20 s, 40 s ... up to 10 min; it counts ignored failures too:
+
+def waits_for_backoff(job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None) -> Optional[str]:
+    """Why the Job sits out a pod-failure backoff it should not: its pods ended in ways its podFailurePolicy
+    ignores and nothing of it runs any more. None otherwise (also while the Job controller has not settled).
+
+    The Job controller does not count such pods against backoffLimit, but it still delays their replacement by
+    its exponential pod-failure backoff (10 s, 20 s, 40 s ... up to 10 min; ignored failures count too:
     kubernetes/kubernetes#130881), so a job preempted or deleted six times waited minutes for its sixth pod.
-    The reconciler replaces such a Job at once instead. Only when the Job controller has settled: no active
-    or terminating pods in its status, nothing uncounted, and every pod of the Job ended (none succeeded)."""
+    The reconciler replaces such a Job at once instead. Two shapes: every pod of the Job failed and the newest
+    one's end is ignored (ignored_end); or the Job has no pods at all a while after its creation: they were
+    deleted (a crashed pod stays; the node agent or kubelet removes only pods that were deleted)."""
     if not job or (job.get("metadata") or {}).get("deletionTimestamp") or job_finished(job) or \
             (job.get("spec") or {}).get("suspend"):
         return None
     st = job.get("status") or {}
     uncounted = st.get("uncountedTerminatedPods") or {}
-    if st.get("active") or st.get("terminating") or uncounted.get("failed") or uncounted.get("succeeded"):
+    if st.get("active") or st.get("terminating") or st.get("ready") or uncounted.get("failed") or \
+            uncounted.get("succeeded"):
         return None
     mine = pods_of_job(pods, job)
-    if not mine or any((p.get("status") or {}).get("phase") != "Failed" for p in mine):
+    if not mine:
+        age = seconds_between((job.get("metadata") or {}).get("creationTimestamp"), now or now_rfc3339())
+        if age is None or age < PODLESS_JOB_SECONDS or not st.get("startTime"):
+            return None
+        return "its pod was deleted"
+    if any((p.get("status") or {}).get("phase") != "Failed" for p in mine):
         return None
     newest = max(mine, key=_finished_at)
-    return newest if ignored_end(newest) else None
+    if not ignored_end(newest):
+        return None
+    return f"pod {newest['metadata']['name']} was {end_cause(newest) or 'stopped'} ({crash_summary(newest)})"
 
 
 # ------------------------------------------------------------------------------------------------ Job

@@ -387,16 +387,28 @@ def test_retries_used_adds_the_failures_of_replaced_jobs():
 
 def test_waits_for_backoff_only_for_an_ignored_end_of_a_settled_job():
     sigterm = pod(phase="Failed", exit_code=ExitCode.PREEMPTED)
-    assert S.waits_for_backoff(job_obj(), [sigterm]) is sigterm
+    assert "was killed (exit code 143" in S.waits_for_backoff(job_obj(), [sigterm], T1)
     evicted = pod(phase="Failed", exit_code=1, conditions=_disruption())
-    assert S.waits_for_backoff(job_obj(), [evicted]) is evicted
+    assert "was preempted" in S.waits_for_backoff(job_obj(), [evicted], T1)
     crash = pod(phase="Failed", exit_code=1)
-    assert S.waits_for_backoff(job_obj(failed=1), [crash]) is None, "a crash keeps the Job controller's backoff"
-    assert S.waits_for_backoff(job_obj(active=1), [sigterm]) is None, "the Job controller has not settled"
-    assert S.waits_for_backoff(job_obj(terminating=1), [sigterm]) is None
-    assert S.waits_for_backoff(job_obj(uncountedTerminatedPods={"failed": ["x"]}), [sigterm]) is None
-    assert S.waits_for_backoff(job_obj(), [sigterm, pod(phase="Pending")]) is None, "a replacement exists"
-    assert S.waits_for_backoff(job_obj(suspend=True), [sigterm]) is None
-    assert S.waits_for_backoff(job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")]), [sigterm]) is None
-    assert S.waits_for_backoff(job_obj(), []) is None
-    assert S.waits_for_backoff(job_obj(), [pod(phase="Failed", exit_code=143, job_uid="other")]) is None
+    assert S.waits_for_backoff(job_obj(failed=1), [crash], T1) is None, "a crash keeps the Job controller's backoff"
+    assert S.waits_for_backoff(job_obj(active=1), [sigterm], T1) is None, "the Job controller has not settled"
+    assert S.waits_for_backoff(job_obj(terminating=1), [sigterm], T1) is None
+    assert S.waits_for_backoff(job_obj(uncountedTerminatedPods={"failed": ["x"]}), [sigterm], T1) is None
+    assert S.waits_for_backoff(job_obj(), [sigterm, pod(phase="Pending")], T1) is None, "a replacement exists"
+    assert S.waits_for_backoff(job_obj(suspend=True), [sigterm], T1) is None
+    assert S.waits_for_backoff(job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")]), [sigterm], T1) is None
+
+
+def test_waits_for_backoff_when_the_deleted_pod_is_already_gone():
+    """A deleted pod disappears once the Job controller has let go of it: a Job that has run but has no pods
+    (crashed pods stay) lost them to deletion."""
+    job = job_obj(startTime="2026-01-01T00:00:02Z")
+    job["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert S.waits_for_backoff(job, [], "2026-01-01T00:00:30Z") == "its pod was deleted"
+    assert S.waits_for_backoff(job, [pod(job_uid="another-job", phase="Failed", exit_code=1)],
+                               "2026-01-01T00:00:30Z") == "its pod was deleted"
+    assert S.waits_for_backoff(job, [], "2026-01-01T00:00:03Z") is None, "a new Job gets its pods in a moment"
+    fresh = job_obj()
+    fresh["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert S.waits_for_backoff(fresh, [], "2026-01-01T00:00:30Z") is None, "the Job controller never synced it"

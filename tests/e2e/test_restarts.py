@@ -28,7 +28,7 @@ import yaml
 from tests.e2e.kubetune_fixtures import OperatorProcess, crd  # noqa: F401
 from tests.e2e.test_sft_lora_end_to_end import BUCKET, s3_client, upload_dir
 
-STEPS = 150
+STEPS = 40
 KILLS = 5
 
 

@@ -62,6 +62,7 @@ class Reason:
     # The trainer exited 75: the object store stayed unreachable for the whole patience budget; the message
     # names the endpoint and the call that failed last.
     STORAGE_UNAVAILABLE = "StorageUnavailable"
+    POD_REPLACED = "PodReplaced"  # an ignored pod end (preempted, deleted): the next pod started without backoff
     WITHIN_THRESHOLD = "WithinThreshold"
     # The job's runtime (spec.runtimeRef) is missing, not granted to the namespace, or forbids what the spec asks.
     RUNTIME_NOT_FOUND = "RuntimeNotFound"

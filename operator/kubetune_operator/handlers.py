@@ -31,6 +31,7 @@ from kubetune_api.constants import Label
 
 from .kube import EventRecorder, KubeApi
 from .metrics import OperatorMetrics
+from .outage import ENDLESS_BACKOFF, ApiHealth, install_log_filter
 from .peering import PeeringGate
 from .progress import ProgressLoop, aiohttp_fetcher, job_view
 from .reconciler import Reconciler, Result, snapshot_job, snapshot_pod
@@ -64,6 +65,9 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> No
     # Re-establish watches regularly: a silently dead connection would otherwise freeze the status.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # An API-server outage is waited out, however long (kopf's default gives up after 9 attempts, 54 s, and its
+    # watcher dies with a traceback); outage.py keeps the log to one warning each way.
+    settings.networking.error_backoffs = ENDLESS_BACKOFF
 
 
 def _counted(handler: str) -> Callable:
@@ -107,7 +111,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
                   trainer_jobs: kopf.Index, trainer_pods: kopf.Index, **_: Any) -> None:
     cfg: OperatorSettings = memo.get("settings") or OperatorSettings.from_env()
     configure_kopf(settings, cfg)
+    health = ApiHealth()
+    install_log_filter(health)  # kopf has configured logging by now: its handlers are on the root logger
     api = KubeApi.from_environment()
+    api.health = health
     metrics = OperatorMetrics()
     port = metrics.serve(cfg.metrics_host, cfg.metrics_port)
     log.info("serving metrics on http://%s:%d/metrics", cfg.metrics_host, port)
@@ -123,6 +130,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
     stopped = asyncio.Event()
     memo.update(settings=cfg, api=api, metrics=metrics, reconciler=reconciler, loop_stopped=stopped,
                 loop_task=asyncio.create_task(loop.run(stopped), name="kubetune progress loop"),
+                health_task=asyncio.create_task(health.watch(api, stopped=stopped), name="kubetune API health"),
                 close_fetch=close_fetch)
 
 
@@ -134,6 +142,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             await asyncio.wait_for(memo.loop_task, timeout=10)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             memo.loop_task.cancel()
+    if memo.get("health_task") is not None:
+        memo.health_task.cancel()
     if memo.get("close_fetch") is not None:
         await memo.close_fetch()
     if memo.get("metrics") is not None:

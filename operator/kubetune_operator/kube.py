@@ -23,6 +23,8 @@ from urllib.parse import urlencode
 
 from kubetune_api import constants as C
 
+from .outage import ApiHealth, ApiUnreachable, unreachable
+
 log = logging.getLogger(__name__)
 
 EVENT_MESSAGE_MAX = 1024
@@ -77,9 +79,11 @@ def object_path(obj: dict) -> str:
 class KubeApi:
     """async request() returning parsed JSON; ApiError for non-2xx answers."""
 
-    def __init__(self, api_client: Any = None, timeout: float = 30.0):
+    def __init__(self, api_client: Any = None, timeout: float = 30.0, health: Optional[ApiHealth] = None):
         self._client = api_client
         self.timeout = timeout
+        # told about every call: no answer -> ApiUnreachable (and one warning), an answer -> back (outage.py)
+        self.health = health
 
     @classmethod
     def from_environment(cls) -> "KubeApi":
@@ -99,8 +103,17 @@ class KubeApi:
         url_path = path + (("?" + urlencode(query)) if query else "")
         m, url, h, b, p = self._client.param_serialize(method, url_path, header_params=headers, body=body,
                                                        auth_settings=["BearerToken"])
-        resp = self._client.call_api(m, url, h, b, p, _request_timeout=self.timeout)
-        resp.read()
+        try:
+            resp = self._client.call_api(m, url, h, b, p, _request_timeout=self.timeout)
+            resp.read()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            if self.health is not None:
+                self.health.lost(type(exc).__name__)
+            raise ApiUnreachable(f"{method} {path}: the API server did not answer ({type(exc).__name__})") from exc
+        if self.health is not None:
+            self.health.ok()
         data = resp.data or b""
         if not 200 <= resp.status < 300:
             try:
@@ -140,14 +153,17 @@ class KubeApi:
     async def merge_patch(self, path: str, patch: dict) -> Optional[dict]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
-    async def delete(self, path: str, propagation: str = "Background") -> bool:
-        """True when deleted (or being deleted), False when it did not exist."""
+    async def delete(self, path: str, propagation: str = "Background", uid: Optional[str] = None) -> bool:
+        """True when deleted (or being deleted), False when it did not exist (or, with `uid`, when the object
+        of that name is another one: the uid precondition failed)."""
+        body: dict = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            await self.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
-                                                "propagationPolicy": propagation})
+            await self.request("DELETE", path, body)
             return True
         except ApiError as exc:
-            if exc.not_found:
+            if exc.not_found or (uid and exc.conflict):
                 return False
             raise
 

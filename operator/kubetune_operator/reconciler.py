@@ -17,6 +17,11 @@ server's causes mapped back to spec fields (render.spec_field_of); a 403 (quota 
 Created=False and retried. Pods the Job controller cannot create (quota, missing PriorityClass/ServiceAccount)
 show only as FailedCreate events on the Job: they become Running=False/PodsBlocked. Spec edits reach the live
 Job in one step (_align_job); status.observedGeneration is the generation the live Job reflects.
+
+Flat restarts: when a pod ended in a way the Job's podFailurePolicy ignores (preempted, deleted: exit 143) and
+nothing of the Job runs any more, the Job controller would still wait out its exponential pod-failure backoff
+before the next pod; the reconciler replaces the Job at once instead (_replace_job), handing the new Job what is
+left of spec.retryLimit (docs/restarts.md).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
 from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children,
-                     render_children, spec_field_of, template_hash)
+                     render_children, retries_used_by, spec_field_of, template_hash)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 
@@ -284,6 +289,9 @@ class Reconciler:
                 if ensure_all:
                     await self._ensure_children(ftj, job_model, runtime, create_job=False)
                 job = await self._align_job(st, ftj, job_model, job, runtime)
+                why = S.waits_for_backoff(job, pods, self.now())
+                if why is not None and not (await self._pods_refused(job, pods, job_model))[0]:
+                    job = await self._replace_job(ftj, job_model, job, why, runtime)
         except ChildRejected as exc:
             log.info("%s/%s cannot run: %s", namespace, name, exc)
             await self._write(st, ftj, S.invalid_spec_status(ftj, str(exc), now=self.now(), reason=exc.reason))
@@ -470,7 +478,7 @@ class Reconciler:
         running; observedGeneration stays at the generation the Job reflects."""
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
-        desired = render_children(job_model, ftj, self.settings, runtime).job
+        desired = render_children(job_model, ftj, self.settings, runtime, retries_used=retries_used_by(job)).job
         path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
         live_spec = job.get("spec") or {}
         annotations = (job.get("metadata") or {}).get("annotations") or {}
@@ -518,6 +526,33 @@ class Reconciler:
         if patched:
             job["status"] = patched.get("status") or job.get("status") or {}
         return job
+
+    async def _replace_job(self, ftj: dict, job_model: FineTuneJob, job: dict, why: str,
+                           runtime: FineTuneRuntimeSpec) -> dict:
+        """Delete a Job whose only pods ended in ways its podFailurePolicy ignores and create its successor at
+        once (S.waits_for_backoff says why). The successor's backoffLimit is what is left of spec.retryLimit
+        after the failures the Job controller counted (render.RETRIES_USED_ANNOTATION)."""
+        meta = job["metadata"]
+        used = retries_used_by(job) + int((job.get("status") or {}).get("failed") or 0)
+        path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
+        # the uid precondition: never delete a successor that another reconcile created meanwhile
+        await self.api.delete(path, uid=meta["uid"])
+        for _ in range(100):  # a Job has no finalizers: it is gone within a moment (its pods go with the GC)
+            live = await self.api.get(path)
+            if live is None or live["metadata"].get("uid") != meta["uid"]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise ChildConflict(f"Job {meta['name']} is still being deleted to replace it", delay=1)
+        children = render_children(job_model, ftj, self.settings, runtime, retries_used=used)
+        new, created = await self._ensure(children.job, ftj["metadata"]["uid"], job_model=job_model)
+        if created:
+            left = children.job["spec"]["backoffLimit"]
+            log.info("replaced Job %s: %s; its successor starts now (%d of retryLimit left)", path, why, left)
+            await self.recorder.event(ftj, "Normal", Reason.POD_REPLACED,
+                                      f"{why}: started its replacement at once (not counted against retryLimit; "
+                                      f"{left} retries left)")
+        return new
 
     # -------------------------------------------------------------------------------------------- status
     async def _write(self, st: _KeyState, ftj: dict, new: dict) -> None:

@@ -10,7 +10,11 @@ FineTuneJob with `controller: true`, so the garbage collector deletes them with 
 - Job `<name>-trainer` (batch/v1, Indexed, completions = parallelism = spec.resources.nodes): one pod per node.
   Its podFailurePolicy fails the Job at once on the trainer's permanent exit codes (bad config or data, NaN
   loss, forgetting with action fail: retrying only burns GPU hours) and ignores disruptions (preemption,
-  node drain), so those do not use up spec.retryLimit (the Job's backoffLimit).
+  node drain: DisruptionTarget) and SIGTERM ends (exit 143: checkpoint saved, e.g. a deleted pod), so those do
+  not use up spec.retryLimit (the Job's backoffLimit). The Job controller still delays the replacement of an
+  ignored pod by its exponential pod-failure backoff; the reconciler replaces the Job instead (see
+  docs/restarts.md), and a replacement Job's backoffLimit is what is left of spec.retryLimit
+  (RETRIES_USED_ANNOTATION).
 - Service `<name>-workers` (headless, multi-node only): gives each pod the DNS name
   `<name>-trainer-<index>.<name>-workers.<ns>.svc`; torchrun's c10d rendezvous runs on index 0.
 
@@ -45,6 +49,11 @@ CONTAINER_NAME = "trainer"
 TEMPLATE_HASH_ANNOTATION = f"{C.GROUP}/template-hash"
 # The FineTuneJob generation the live Job reflects (status.observedGeneration follows it, not the spec).
 GENERATION_ANNOTATION = f"{C.GROUP}/spec-generation"
+# Failures earlier Jobs of this run counted against spec.retryLimit: a Job that replaces one gets the rest.
+RETRIES_USED_ANNOTATION = f"{C.GROUP}/retries-used"
+# On trainer pods: the FineTuneJob's uid (the run id), so the pods of a run's replaced Jobs are still told
+# apart from those of an earlier FineTuneJob of the same name (status.restarts counts them).
+RUN_ID_LABEL = f"{C.GROUP}/run-id"
 # Job fields batch/v1 lets the operator change on a live Job; everything else needs a new Job.
 MUTABLE_JOB_FIELDS = ("backoffLimit", "activeDeadlineSeconds")
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
@@ -382,6 +391,8 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
     name = job.metadata.name
     # ours win (selectors use them), then the runtime's (cost allocation), then the job's
     labels = {**(r.pod_labels or {}), **(tmpl.pod_labels or {}), **child_labels(job, COMPONENT_TRAINER)}
+    if job.metadata.uid:
+        labels[RUN_ID_LABEL] = job.metadata.uid
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(s.trainer_metrics_port),
@@ -451,11 +462,20 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
 
 
 def pod_failure_policy() -> dict:
+    """First match wins: permanent exit codes fail the Job; a SIGTERM end (143: the trainer saved a checkpoint,
+    or was stopped before it had anything to save) and a disruption are not failures."""
     return {"rules": [
         {"action": "FailJob",
          "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": list(C.ExitCode.PERMANENT)}},
+        {"action": "Ignore",
+         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [C.ExitCode.PREEMPTED]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
+
+
+def retries_left(spec: FineTuneJobSpec, retries_used: int) -> int:
+    """The backoffLimit of a Job that replaces earlier ones of the same run: retryLimit less their failures."""
+    return max(0, spec.retry_limit - max(0, retries_used))
 
 
 def template_hash(job_spec: dict) -> str:
@@ -466,7 +486,8 @@ def template_hash(job_spec: dict) -> str:
 
 
 def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None,
-               runtime: FineTuneRuntimeSpec | None = None) -> dict:
+               runtime: FineTuneRuntimeSpec | None = None, retries_used: int = 0) -> dict:
+    """retries_used: failures earlier Jobs of this run counted (a replacement Job, see the module docstring)."""
     s = _settings(settings)
     spec = job.spec
     names = child_names(job.metadata.name)
@@ -475,7 +496,7 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
-        "backoffLimit": spec.retry_limit,
+        "backoffLimit": retries_left(spec, retries_used),
         "suspend": spec.suspend,
         "podFailurePolicy": pod_failure_policy(),
         # A replacement pod starts only after the failed one is gone: no two ranks with one hostname, and
@@ -489,12 +510,24 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
     meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(job_spec)}
     if job.metadata.generation is not None:
         meta["annotations"][GENERATION_ANNOTATION] = str(job.metadata.generation)
+    if retries_used:
+        meta["annotations"][RETRIES_USED_ANNOTATION] = str(retries_used)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def render_children(job: FineTuneJob, body: dict | None = None,
-                    settings: OperatorSettings | None = None, runtime: FineTuneRuntimeSpec | None = None) -> Children:
-    return Children(config_map=render_config_map(job, body, settings), job=render_job(job, body, settings, runtime),
+def retries_used_by(job: dict | None) -> int:
+    """Failures a live Job's predecessors counted (its annotation; 0 for the run's first Job)."""
+    value = (((job or {}).get("metadata") or {}).get("annotations") or {}).get(RETRIES_USED_ANNOTATION)
+    try:
+        return max(0, int(value)) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def render_children(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None,
+                    runtime: FineTuneRuntimeSpec | None = None, retries_used: int = 0) -> Children:
+    return Children(config_map=render_config_map(job, body, settings),
+                    job=render_job(job, body, settings, runtime, retries_used),
                     service=render_service(job, body, settings))
 
 

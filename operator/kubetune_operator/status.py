@@ -24,11 +24,11 @@ from kubetune_api.constants import ExitCode, Phase, Reason
 from kubetune_api.finetunejob import Progress
 from kubetune_api.report import TrainerReport
 
-from .render import COMPLETION_INDEX_LABEL, CONTAINER_NAME, child_names
+from .render import COMPLETION_INDEX_LABEL, CONTAINER_NAME, RUN_ID_LABEL, child_names, retries_used_by
 
 # The status fields this operator writes (everything else under .status is left alone).
 OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "completionTime", "workload",
-                "restartCount", "progress", "forgetting", "artifacts", "message")
+                "restartCount", "restarts", "progress", "forgetting", "artifacts", "message")
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
                    Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
@@ -268,6 +268,149 @@ def waiting_detail(pods: list[dict]) -> str:
     return ""
 
 
+# ------------------------------------------------------------------------------------------------ restarts
+RESTART_CAUSES = ("preempted", "killed", "crashed", "storage")
+# When one pod is seen twice, the better-informed cause wins (a deleted pod may show DisruptionTarget or its
+# exit code only later): preempted > storage > crashed > killed.
+_CAUSE_RANK = {"killed": 0, "crashed": 1, "storage": 2, "preempted": 3}
+# The trainer's exit code and report reason when the object store stayed unreachable (the storage patience of
+# issue 15; ExitCode.STORAGE_UNAVAILABLE where the constant exists).
+STORAGE_EXIT_CODE = getattr(ExitCode, "STORAGE_UNAVAILABLE", 75)
+STORAGE_REASON = "StorageUnavailable"
+SIGKILL_EXIT_CODE = 137
+
+
+def disrupted(pod: dict) -> bool:
+    """The pod carries DisruptionTarget=True: preempted, evicted, drained, node shutdown or lost."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def ignored_end(pod: dict) -> bool:
+    """The pod's end is one the Job's podFailurePolicy ignores (render.pod_failure_policy): a disruption or a
+    SIGTERM end (exit 143, checkpoint saved)."""
+    return disrupted(pod) or (terminated(pod) or {}).get("exitCode") == ExitCode.PREEMPTED
+
+
+def end_cause(pod: dict, job_suspended: bool = False) -> Optional[str]:
+    """Why a trainer pod ended (one of RESTART_CAUSES), or None while it has not ended (or it succeeded)."""
+    phase = (pod.get("status") or {}).get("phase")
+    deleting = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+    if phase == "Succeeded" or (phase != "Failed" and not deleting):
+        return None
+    if disrupted(pod) or (deleting and job_suspended):
+        return "preempted"
+    term = terminated(pod) or {}
+    code = term.get("exitCode")
+    report = TrainerReport.parse(term.get("message")) if term.get("message") else None
+    if code == STORAGE_EXIT_CODE or (report is not None and report.reason == STORAGE_REASON):
+        return "storage"
+    if code == ExitCode.PREEMPTED or (deleting and code in (None, SIGKILL_EXIT_CODE)):
+        return "killed"
+    return "crashed"
+
+
+def count_restarts(old: Optional[dict], pods: list[dict], job: Optional[dict]) -> dict:
+    """status.restarts from the previous value and the pods of every Job of this FineTuneJob: each pod that
+    ended is counted once by uid (status.restarts.pods remembers the counted pods that still exist, so neither
+    an operator restart nor a pod seen twice counts it again; a pod that vanished stays counted)."""
+    old = old or {}
+    counts = {c: int(old.get(c) or 0) for c in RESTART_CAUSES}
+    seen = dict(old.get("pods") or {})
+    suspended = bool(((job or {}).get("spec") or {}).get("suspend"))
+    for pod in pods:
+        uid = (pod.get("metadata") or {}).get("uid")
+        cause = end_cause(pod, suspended)
+        if not uid or cause is None:
+            continue
+        before = seen.get(uid)
+        if before == cause or (before in _CAUSE_RANK and _CAUSE_RANK[before] >= _CAUSE_RANK[cause]):
+            continue
+        if before in counts:
+            counts[before] = max(0, counts[before] - 1)
+        counts[cause] += 1
+        seen[uid] = cause
+    present = {(p.get("metadata") or {}).get("uid") for p in pods}
+    if pods:  # an empty list may be an index not filled yet: forget nothing then
+        seen = {uid: cause for uid, cause in seen.items() if uid in present}
+    used = retries_used_by(job) + int(((job or {}).get("status") or {}).get("failed") or 0) if job else 0
+    out: dict[str, Any] = {**counts, "retriesUsed": max(int(old.get("retriesUsed") or 0), used)}
+    if seen:
+        out["pods"] = dict(sorted(seen.items()))
+    return out
+
+
+def uncount(restarts: dict, pod: Optional[dict]) -> dict:
+    """restarts without `pod`: the pod that ended the run is not a restart."""
+    uid = ((pod or {}).get("metadata") or {}).get("uid")
+    cause = (restarts.get("pods") or {}).get(uid)
+    if cause is None:
+        return restarts
+    out = {**restarts, cause: max(0, int(restarts.get(cause) or 0) - 1),
+           "pods": {k: v for k, v in restarts["pods"].items() if k != uid}}
+    if not out["pods"]:
+        del out["pods"]
+    return out
+
+
+def restart_total(restarts: Optional[dict]) -> int:
+    return sum(int((restarts or {}).get(c) or 0) for c in RESTART_CAUSES)
+
+
+def restarts_summary(restarts: Optional[dict]) -> str:
+    """"2 preempted, 1 crashed" (causes with a count only)."""
+    return ", ".join(f"{n} {c}" for c in RESTART_CAUSES if (n := int((restarts or {}).get(c) or 0)))
+
+
+def _finished_at(pod: dict) -> str:
+    return (terminated(pod) or {}).get("finishedAt") or _created(pod)
+
+
+def pods_of_run(pods: Iterable[dict], run_id: Optional[str], job: Optional[dict]) -> list[dict]:
+    """The pods of every Job this FineTuneJob had (RUN_ID_LABEL), and those of the current Job (pods from an
+    operator version without the label)."""
+    mine = {(p.get("metadata") or {}).get("uid") for p in pods_of_job(pods, job)} if job else set()
+    return [p for p in pods if (run_id and ((p.get("metadata") or {}).get("labels") or {}).get(RUN_ID_LABEL) == run_id)
+            or (p.get("metadata") or {}).get("uid") in mine]
+
+
+# How long a Job may exist without pods before the reconciler concludes that its pods were deleted (the Job
+# controller creates the first pods of a new Job within a moment).
+PODLESS_JOB_SECONDS = 5.0
+
+
+def waits_for_backoff(job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None) -> Optional[str]:
+    """Why the Job sits out a pod-failure backoff it should not: its pods ended in ways its podFailurePolicy
+    ignores and nothing of it runs any more. None otherwise (also while the Job controller has not settled).
+
+    The Job controller does not count such pods against backoffLimit, but it still delays their replacement by
+    its exponential pod-failure backoff (10 s, 20 s, 40 s ... up to 10 min; ignored failures count too:
+    kubernetes/kubernetes#130881), so a job preempted or deleted six times waited minutes for its sixth pod.
+    The reconciler replaces such a Job at once instead. Two shapes: every pod of the Job failed and the newest
+    one's end is ignored (ignored_end); or the Job has no pods at all a while after its creation: they were
+    deleted (a crashed pod stays; the node agent or kubelet removes only pods that were deleted)."""
+    if not job or (job.get("metadata") or {}).get("deletionTimestamp") or job_finished(job) or \
+            (job.get("spec") or {}).get("suspend"):
+        return None
+    st = job.get("status") or {}
+    uncounted = st.get("uncountedTerminatedPods") or {}
+    if st.get("active") or st.get("terminating") or st.get("ready") or uncounted.get("failed") or \
+            uncounted.get("succeeded"):
+        return None
+    mine = pods_of_job(pods, job)
+    if not mine:
+        age = seconds_between((job.get("metadata") or {}).get("creationTimestamp"), now or now_rfc3339())
+        if age is None or age < PODLESS_JOB_SECONDS or not st.get("startTime"):
+            return None
+        return "its pod was deleted"
+    if any((p.get("status") or {}).get("phase") != "Failed" for p in mine):
+        return None
+    newest = max(mine, key=_finished_at)
+    if not ignored_end(newest):
+        return None
+    return f"pod {newest['metadata']['name']} was {end_cause(newest) or 'stopped'} ({crash_summary(newest)})"
+
+
 # ------------------------------------------------------------------------------------------------ Job
 def job_condition(job: dict, *types: str) -> Optional[dict]:
     for c in (job.get("status") or {}).get("conditions") or []:
@@ -461,7 +604,8 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
         out["phase"] = derive_phase(conds)
         return out
 
-    pods = pods_of_job(pods, job)
+    all_pods = list(pods)
+    pods = pods_of_job(all_pods, job)
     job_meta = job.get("metadata") or {}
     conds = set_condition(conds, CT.CREATED, True, Reason.JOB_CREATED,
                           f"Job {job_meta.get('name', names.job)} created", gen, now)
@@ -469,11 +613,15 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
     if nodes > 1:
         workload["service"] = names.service
     out["workload"] = workload
-    restarts = max(int(old.get("restartCount") or 0), len(pods) - nodes, 0)
-    if restarts:
-        out["restartCount"] = restarts
+    ledger = count_restarts(old.get("restarts"), pods_of_run(all_pods, meta.get("uid"), job), job)
 
     succeeded, failed = job_succeeded(job), job_failed(job)
+    if failed:
+        ledger = uncount(ledger, _failed_pod(pods))
+    restarts = restart_total(ledger)
+    if restarts or old.get("restarts") or any(ledger.get(k) for k in ("retriesUsed", "pods")):
+        out["restarts"] = ledger
+        out["restartCount"] = restarts
     if succeeded or failed:
         report = _final_report(pods, bool(succeeded))
         _apply_report(out, report)
@@ -515,15 +663,20 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
             msg = f"{n_running}/{nodes} trainer pod(s) running" if n_running else \
                 "all trainer pods finished; waiting for the Job to complete"
             if restarts:
-                msg += f" after {restarts} restart(s)"
+                msg += f" after {restarts} restart(s) ({restarts_summary(ledger)})"
             conds = set_condition(conds, CT.RUNNING, True, Reason.RUNNING, msg, gen, now)
             out["startTime"] = old.get("startTime") or _earliest_start(running or pods) or now
         else:
             failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
             if failed_pods:
                 limit = spec.get("retryLimit", 3)
-                msg = f"{failed_pods[-1]['metadata']['name']} failed ({crash_summary(failed_pods[-1])}); " \
-                      f"retrying ({len(failed_pods)} failure(s), retryLimit {limit})"
+                last = failed_pods[-1]
+                used = f"{ledger.get('retriesUsed', 0)} of retryLimit {limit} used"
+                if ignored_end(last):
+                    msg = f"{last['metadata']['name']} was {end_cause(last) or 'stopped'} " \
+                          f"({crash_summary(last)}); starting a replacement (not counted against retryLimit: {used})"
+                else:
+                    msg = f"{last['metadata']['name']} failed ({crash_summary(last)}); retrying ({used})"
                 conds = set_condition(conds, CT.RUNNING, False, Reason.RESTARTING, msg, gen, now)
             elif blocked and len(live) < nodes:
                 msg = blocked_message(blocked)

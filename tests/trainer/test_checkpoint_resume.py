@@ -331,7 +331,8 @@ def test_sigterm_saves_current_step_and_exits_143(s3, tmp_path, monkeypatch):  #
 @pytest.mark.slow
 def test_pod_entrypoint_sigterm_then_resume(s3, tmp_path, monkeypatch):  # noqa: F811
     """The same through the pod's entry point (`python -m kubetune_trainer --config job.yaml`, runner.py): SIGTERM
-    -> checkpoint + exit 143 + a 'preempted' termination message; the next pod resumes and succeeds."""
+    -> checkpoint + exit 143 + a 'preempted' termination message; the next pod resumes and succeeds, and the
+    published metrics.jsonl and manifest.json cover both pods (attempts.py); the step-0 evaluation runs once."""
     import yaml
 
     from kubetune_trainer import tiny
@@ -344,9 +345,10 @@ def test_pod_entrypoint_sigterm_then_resume(s3, tmp_path, monkeypatch):  # noqa:
     job = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": "cpt-term", "namespace": "t"},
            "spec": {"stage": "cpt", "model": {"source": f"file://{tiny.cached_model()}"},
-                    "dataset": {"format": "text", "train": [{"uri": f"file://{data['domain']}"}], "evalFraction": 0},
+                    "dataset": {"format": "text", "train": [{"uri": f"file://{data['domain']}"}], "evalFraction": 0.05},
                     "adapter": {"type": "lora", "rank": 8},
                     "training": {"maxSteps": steps, "batchSize": 4, "maxLength": 48, "checkpointEverySteps": 50,
+                                 "evalEverySteps": 50,
                                  "keepCheckpoints": 2, "logEverySteps": 1, "learningRate": 0.005},
                     "resources": {"gpus": 0},
                     "output": {"uri": f"s3://{bucket}/runs", "endpoint": s3.endpoint}}}
@@ -387,10 +389,24 @@ def test_pod_entrypoint_sigterm_then_resume(s3, tmp_path, monkeypatch):  # noqa:
 
     p2, metrics2, log2 = launch("pod2")
     assert _wait(p2, 600, log2) == 0, log2.read_text()[-3000:]
-    first = min(e["step"] for e in _events(metrics2) if e.get("event") == "train")
-    assert first == step + 1
+    assert "resuming at step" in log2.read_text()
+    # the run tells its whole story: pod 1's steps (up to its checkpoint) then pod 2's, each step once
+    events = _events(metrics2)
+    trained = [e["step"] for e in events if e.get("event") == "train"]
+    assert trained == list(range(1, steps + 1)), trained
+    resumed = [e for e in events if e.get("event") == "resumed"]
+    assert [(e["step"], e["attempt"]) for e in resumed] == [(step, 2)]
+    evals = [e["step"] for e in events if e.get("event") == "eval"]
+    assert evals.count(0) == 1, f"the step-0 baseline is not evaluated again on resume: {evals}"
+    published = store.read_text("metrics.jsonl").splitlines()
+    assert published == metrics2.read_text().splitlines()[:len(published)], "published: the run's lines so far"
+    assert [e["step"] for e in map(json.loads, published) if e.get("event") == "train"] == trained
     manifest = json.loads(store.read_text("manifest.json"))
     assert manifest["resumedFrom"] == store.uri(f"checkpoints/checkpoint-{step}")
+    attempts = manifest["attempts"]
+    assert [(a["fromStep"], a["toStep"]) for a in attempts] == [(0, step), (step, steps)]
+    assert manifest["wallSeconds"] == pytest.approx(sum(a["wallSeconds"] for a in attempts), abs=0.01)
+    assert attempts[0]["wallSeconds"] > 0 and attempts[1]["wallSeconds"] > 0
     assert store.is_complete("adapter")
     assert checkpointing.latest_checkpoint(store) == f"checkpoints/checkpoint-{steps}"
 

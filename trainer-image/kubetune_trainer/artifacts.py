@@ -71,8 +71,9 @@ class RunRecord:
     forgetting: Optional[Forgetting] = None
     forgetting_action: Optional[str] = None  # "warn" | "fail" when exceeded
     early_stopped: bool = False
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # every attempt of the run (attempts.py), not only the last pod's
     device_seconds: float = 0.0
+    attempts: list[dict] = field(default_factory=list)  # pod, startedAt, fromStep, toStep, wallSeconds
     devices: int = 1
     device_kind: str = "cpu"
     trainable_parameters: Optional[int] = None
@@ -287,6 +288,7 @@ def manifest(record: RunRecord, arts: Artifacts) -> dict:
         "earlyStopped": record.early_stopped,
         "resumedFrom": record.resumed_from,
         "wallSeconds": round(record.wall_seconds, 3),
+        "attempts": record.attempts,
         "deviceSeconds": round(record.device_seconds, 3),
         "devices": record.devices,
         "deviceKind": record.device_kind,

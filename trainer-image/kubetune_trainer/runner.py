@@ -288,7 +288,8 @@ def _resume_point(job: FineTuneJob, store, work: Path, record, digest_future) ->
 
 def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, started: float,
          extra_callbacks: list, console_logs: bool) -> TrainerReport:
-    from . import adapters, artifacts, checkpointing, data, distributed, modeling, runs, storage, training_args
+    from . import (adapters, artifacts, attempts, checkpointing, data, distributed, modeling, runs, storage,
+                   training_args)
     from .monitoring import reference_perplexity
     from .stages import StageContext, get_stage
 
@@ -376,7 +377,10 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     # ---- trainer
     model = adapters.prepare_base(model, spec)
     sync = checkpointing.CheckpointSync(store, monitor, keep=spec.training.keep_checkpoints)
-    callbacks = [monitor.callback(), sync, *extra_callbacks]
+    # Each checkpoint carries the run's metrics and attempts so far (attempts.py): placed before `sync`, which
+    # uploads the checkpoint folder.
+    history = attempts.RunHistory(monitor, started=started, pod=os.environ.get("POD_NAME"), is_main=is_main)
+    callbacks = [monitor.callback(), history.callback(), sync, *extra_callbacks]
     ctx = StageContext(
         job=job, model=model, tokenizer=tokenizer, peft_config=adapters.peft_config(spec, stage.model_kind),
         train_dataset=prepared.train, eval_dataset=prepared.eval,
@@ -409,6 +413,12 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     resume = _resume_point(job, store, work, record, digest_future)
     if resume:
         log.info("resuming from %s", record.resumed_from)
+        step = checkpointing.checkpoint_step(resume.name) or 0
+        if record.resumed_from == store.uri(f"{checkpointing.CHECKPOINTS}/{resume.name}"):
+            history.restore(resume, step)  # this run's own checkpoint: its earlier attempts and their metrics
+        # eval_on_start is the run's step-0 baseline, which the first attempt measured (and logged): a resumed
+        # pod would evaluate the restored weights once more and log them as a second, late "step 0".
+        trainer.args.eval_on_start = False
     try:
         # Checkpoints upload in the background; the sync's on_train_end waits for them (or raises the
         # StorageUnavailableError that ended the patience budget).
@@ -474,7 +484,9 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     # ---- publish (main process), manifest.json last
     arts = None
     if is_main:
-        record.wall_seconds = time.time() - started
+        # every attempt of the run (pods that were preempted, deleted or crashed before this one, attempts.py)
+        record.attempts = history.attempts(trainer.state.global_step)
+        record.wall_seconds = history.wall_seconds(record.attempts)
         record.device_seconds = record.wall_seconds * world
         record.model_digest = digest_future.result() if digest_future else None
         latest = sync.last_uri or (store.uri(rel) if (rel := checkpointing.latest_checkpoint(store)) else None)

@@ -80,6 +80,25 @@ class RuntimeSnapshot(Model):
         description="The resolved runtime spec this job's pods are rendered from.")
 
 
+class Restarts(Model):
+    """Every trainer pod that ended before the run did, by cause (status.restartCount is their sum). Counted by
+    pod uid, so deleted pods (which a Job's `failed` count may never see) count once, across operator restarts."""
+
+    preempted: Optional[int] = Field(
+        None, description="Pods taken away by the cluster: a DisruptionTarget condition (preemption, eviction, "
+        "node drain or shutdown) or the job was suspended (Kueue preemption). Not counted against retryLimit.")
+    killed: Optional[int] = Field(
+        None, description="Pods deleted or stopped by SIGTERM (exit 143 after saving a checkpoint; 137 when the "
+        "grace period ran out). Exit 143 is not counted against retryLimit.")
+    crashed: Optional[int] = Field(None, description="Pods whose trainer failed with a retriable error.")
+    storage: Optional[int] = Field(None, description="Pods that ended because the object store stayed unreachable.")
+    retries_used: Optional[int] = Field(
+        None, description="Failures counted against spec.retryLimit, over every Job of this run (the Job "
+        "controller's own count).")
+    pods: Optional[dict[str, str]] = Field(
+        None, description="uid -> cause of the counted pods that still exist (so that each is counted once).")
+
+
 class FineTuneJobStatus(Model):
     model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
 
@@ -92,7 +111,10 @@ class FineTuneJobStatus(Model):
     start_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the trainer first started running.")
     completion_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"}, description="When the job finished.")
     workload: Optional[Workload] = Field(None, description="Child objects.")
-    restart_count: Optional[int] = Field(None, description="Pod (re)starts after the first (failures and preemptions).")
+    restart_count: Optional[int] = Field(
+        None, description="Trainer pods that ended before the run did (crashes, preemptions, deletions): the sum of "
+        "status.restarts.")
+    restarts: Optional[Restarts] = Field(None, description="status.restartCount by cause.")
     progress: Optional[Progress] = Field(None, description="Training progress, updated while running.")
     forgetting: Optional[Forgetting] = Field(None, description="Result of the forgetting check.")
     artifacts: Optional[Artifacts] = Field(None, description="Where the results are.")

@@ -197,9 +197,11 @@ class FakeKube:
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
         return copy.deepcopy(obj)
 
-    async def delete(self, path: str, propagation: str = "Background") -> bool:
+    async def delete(self, path: str, propagation: str = "Background", uid: Optional[str] = None) -> bool:
         self.calls.append(("DELETE", path))
         await asyncio.sleep(0)  # a real call yields to other tasks
+        if uid and (self.objects.get(path) or {}).get("metadata", {}).get("uid") not in (None, uid):
+            return False  # the uid precondition failed (409 on a real server)
         return self.objects.pop(path, None) is not None
 
     async def list(self, path: str, **query: str) -> list[dict]:

@@ -249,6 +249,57 @@ def test_deleted_job_is_recreated_after_its_pods_are_gone():
     run(scenario())
 
 
+def test_an_ignored_pod_end_replaces_the_job_at_once_keeping_the_retry_budget():
+    """A pod that exited 143 (deleted, checkpoint saved) when nothing else of the Job runs: the Job controller
+    would wait out its pod-failure backoff; the reconciler replaces the Job, whose backoffLimit is what is left."""
+    from kubetune_operator.render import RETRIES_USED_ANNOTATION, RUN_ID_LABEL
+
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj(retryLimit=3))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (old,) = kube.find("Job")
+        old["status"] = {"failed": 1}  # one earlier crash, counted by the Job controller
+        lookup.pod_list = [pod(phase="Failed", exit_code=1, job_uid=old["metadata"]["uid"],
+                               created="2026-01-01T00:01:00Z"),
+                           pod(phase="Failed", exit_code=C.ExitCode.PREEMPTED, job_uid=old["metadata"]["uid"],
+                               created="2026-01-01T00:02:00Z")]
+        lookup.pod_list[1]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = \
+            "2026-01-01T00:55:00Z"
+        for p in lookup.pod_list:  # as the Job's template labels them
+            p["metadata"]["labels"][RUN_ID_LABEL] = UID
+        assert (await rec.reconcile(NS, "demo")).state == "ok"
+        (new,) = kube.find("Job")
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        assert new["spec"]["backoffLimit"] == 2 and new["metadata"]["annotations"][RETRIES_USED_ANNOTATION] == "1"
+        assert [e["reason"] for e in kube.events].count(Reason.POD_REPLACED) == 1
+        st = stored(kube)["status"]
+        assert st["restarts"]["retriesUsed"] == 1 and st["restartCount"] == 2
+        assert (st["restarts"]["crashed"], st["restarts"]["killed"]) == (1, 1)
+        # the successor runs: no second replacement, and its backoffLimit is not "aligned" back to retryLimit
+        new["status"] = {"active": 1}
+        lookup.pod_list.append(pod(job_uid=new["metadata"]["uid"]))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (same,) = kube.find("Job")
+        assert same["metadata"]["uid"] == new["metadata"]["uid"] and same["spec"]["backoffLimit"] == 2
+        assert stored(kube)["status"]["restartCount"] == 2
+    run(scenario())
+
+
+def test_a_crash_keeps_the_job_and_its_backoff():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (job,) = kube.find("Job")
+        job["status"] = {"failed": 1}
+        lookup.pod_list = [pod(phase="Failed", exit_code=1, job_uid=job["metadata"]["uid"])]
+        await rec.reconcile(NS, "demo")
+        assert kube.find("Job")[0]["metadata"]["uid"] == job["metadata"]["uid"]
+        assert Reason.POD_REPLACED not in [e["reason"] for e in kube.events]
+    run(scenario())
+
+
 def test_index_lag_right_after_creation_is_not_a_missing_job():
     async def scenario():
         kube, lookup, rec = make()

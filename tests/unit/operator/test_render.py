@@ -289,9 +289,24 @@ def test_pod_failure_policy():
     assert C.ExitCode.RETRIABLE not in fail[0]["onExitCodes"]["values"]
     assert C.ExitCode.PREEMPTED not in fail[0]["onExitCodes"]["values"]
     ignore = [r for r in rules if r["action"] == "Ignore"]
-    assert ignore == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert ignore == [
+        {"action": "Ignore", "onExitCodes": {"containerName": container(job)["name"], "operator": "In",
+                                             "values": [C.ExitCode.PREEMPTED]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert rules.index(fail[0]) < rules.index(ignore[0]), "a permanent error fails the Job even when disrupted"
     assert job["spec"]["backoffLimit"] == 5 and job["spec"]["activeDeadlineSeconds"] == 3600
     assert job["spec"]["podReplacementPolicy"] == "Failed"
+
+
+def test_a_replacement_job_gets_what_is_left_of_retry_limit():
+    body = ftj(retryLimit=3)
+    first = R.render_job(model(body), body)
+    assert first["spec"]["backoffLimit"] == 3 and R.RETRIES_USED_ANNOTATION not in first["metadata"]["annotations"]
+    later = R.render_job(model(body), body, retries_used=2)
+    assert later["spec"]["backoffLimit"] == 1 and R.retries_used_by(later) == 2
+    assert R.render_job(model(body), body, retries_used=7)["spec"]["backoffLimit"] == 0
+    assert R.template_hash(first["spec"]) == R.template_hash(later["spec"]), "the same pods"
+    assert first["spec"]["template"]["metadata"]["labels"][R.RUN_ID_LABEL] == body["metadata"]["uid"]
 
 
 def test_suspend():

@@ -324,3 +324,108 @@ def test_progress_dict_carries_the_stages_headline():
                                   metric="acc 0.81 margin 1.23"))
     assert data["rewardAccuracy"] == 0.8123 and data["rewardMargin"] == 1.235
     assert data["metric"] == "acc 0.81 margin 1.23" and "perplexity" not in data
+
+
+# ------------------------------------------------------------------------------------------------ restarts
+def _disruption() -> list[dict]:
+    return [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
+
+
+def test_every_ended_pod_is_counted_once_by_cause_and_stays_counted_after_it_is_gone():
+    body = ftj(retryLimit=3)
+    deleted = pod(phase="Running", deleting=True)                      # kubectl delete pod: still stopping
+    st = S.derive_status(body, job_obj(active=1), [deleted], now=T0)
+    assert st["restarts"]["killed"] == 1 and st["restartCount"] == 1
+    # the same pod again, now exited 143 after its SIGTERM checkpoint: not counted twice
+    stopped = {**deleted, "status": pod(phase="Failed", exit_code=ExitCode.PREEMPTED)["status"]}
+    st = S.derive_status(again(body, st), job_obj(), [stopped], now=T1)
+    assert st["restarts"]["killed"] == 1 and st["restartCount"] == 1
+    # it vanished (deleted pods do not stay); a preempted one and a crash follow
+    preempted = pod(phase="Failed", exit_code=ExitCode.PREEMPTED, conditions=_disruption())
+    crashed = pod(phase="Failed", exit_code=1, message="RuntimeError: boom")
+    st = S.derive_status(again(body, st), job_obj(failed=1), [preempted, crashed, pod()], now=T2)
+    r = st["restarts"]
+    assert (r["killed"], r["preempted"], r["crashed"], r["storage"]) == (1, 1, 1, 0)
+    assert st["restartCount"] == 3 and r["retriesUsed"] == 1
+    assert set(r["pods"]) == {preempted["metadata"]["uid"], crashed["metadata"]["uid"]}, "gone pods are forgotten"
+    # an operator restart re-reads the same pods from the status: nothing is counted again
+    st2 = S.derive_status(again(body, st), job_obj(failed=1), [preempted, crashed, pod()], now=T2)
+    assert st2["restarts"] == r and st2["restartCount"] == 3
+    assert "1 preempted, 1 killed, 1 crashed" in st2["message"]
+
+
+def test_a_cause_seen_later_replaces_a_guess_but_never_the_other_way():
+    body = ftj()
+    p = pod(phase="Running", deleting=True)
+    st = S.derive_status(body, job_obj(), [p], now=T0)
+    assert st["restarts"]["killed"] == 1
+    evicted = {**p, "status": {**pod(phase="Failed", exit_code=143)["status"], "conditions": _disruption()}}
+    st = S.derive_status(again(body, st), job_obj(), [evicted], now=T1)
+    assert (st["restarts"]["killed"], st["restarts"]["preempted"], st["restartCount"]) == (0, 1, 1)
+
+
+def test_storage_exit_and_suspension_have_their_own_causes():
+    storage = pod(phase="Failed", exit_code=S.STORAGE_EXIT_CODE)
+    report = TrainerReport(state="failed", reason="StorageUnavailable", message="s3 down", exit_code=1)
+    storage2 = pod(phase="Failed", exit_code=1, message=report.to_termination_message())
+    suspended = pod(phase="Running", deleting=True)
+    r = S.count_restarts(None, [storage, storage2, suspended], job_obj(suspend=True))
+    assert (r["storage"], r["preempted"], r["crashed"], r["killed"]) == (2, 1, 0, 0)
+
+
+def test_the_pod_that_ended_the_run_is_not_a_restart():
+    crash = pod(phase="Failed", exit_code=ExitCode.CONFIG_ERROR, message="bad")
+    earlier = pod(phase="Failed", exit_code=143, created="2026-01-01T00:00:30Z")
+    st = S.derive_status(ftj(), job_obj(conditions=[job_cond("Failed", "PodFailurePolicy")], failed=1),
+                         [earlier, crash], now=T1)
+    assert st["restartCount"] == 1 and st["restarts"]["killed"] == 1 and st["restarts"]["crashed"] == 0
+
+
+def test_pods_of_replaced_jobs_of_the_same_run_count_but_not_an_older_finetunejobs():
+    from kubetune_operator.render import RUN_ID_LABEL
+
+    body = ftj()
+    ours = pod(phase="Failed", exit_code=143, job_uid="replaced-job")
+    ours["metadata"]["labels"][RUN_ID_LABEL] = body["metadata"]["uid"]
+    older = pod(phase="Failed", exit_code=1, job_uid="older-ftj-job")
+    older["metadata"]["labels"][RUN_ID_LABEL] = "another-uid"
+    st = S.derive_status(body, job_obj(), [ours, older, pod()], now=T0)
+    assert st["restartCount"] == 1 and st["restarts"]["killed"] == 1
+
+
+def test_retries_used_adds_the_failures_of_replaced_jobs():
+    from kubetune_operator.render import RETRIES_USED_ANNOTATION
+
+    job = job_obj(failed=1)
+    job["metadata"]["annotations"] = {RETRIES_USED_ANNOTATION: "2"}
+    assert S.count_restarts(None, [], job)["retriesUsed"] == 3
+    assert S.count_restarts({"retriesUsed": 4}, [], job)["retriesUsed"] == 4, "never goes down"
+
+
+def test_waits_for_backoff_only_for_an_ignored_end_of_a_settled_job():
+    sigterm = pod(phase="Failed", exit_code=ExitCode.PREEMPTED)
+    assert "was killed (exit code 143" in S.waits_for_backoff(job_obj(), [sigterm], T1)
+    evicted = pod(phase="Failed", exit_code=1, conditions=_disruption())
+    assert "was preempted" in S.waits_for_backoff(job_obj(), [evicted], T1)
+    crash = pod(phase="Failed", exit_code=1)
+    assert S.waits_for_backoff(job_obj(failed=1), [crash], T1) is None, "a crash keeps the Job controller's backoff"
+    assert S.waits_for_backoff(job_obj(active=1), [sigterm], T1) is None, "the Job controller has not settled"
+    assert S.waits_for_backoff(job_obj(terminating=1), [sigterm], T1) is None
+    assert S.waits_for_backoff(job_obj(uncountedTerminatedPods={"failed": ["x"]}), [sigterm], T1) is None
+    assert S.waits_for_backoff(job_obj(), [sigterm, pod(phase="Pending")], T1) is None, "a replacement exists"
+    assert S.waits_for_backoff(job_obj(suspend=True), [sigterm], T1) is None
+    assert S.waits_for_backoff(job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")]), [sigterm], T1) is None
+
+
+def test_waits_for_backoff_when_the_deleted_pod_is_already_gone():
+    """A deleted pod disappears once the Job controller has let go of it: a Job that has run but has no pods
+    (crashed pods stay) lost them to deletion."""
+    job = job_obj(startTime="2026-01-01T00:00:02Z")
+    job["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert S.waits_for_backoff(job, [], "2026-01-01T00:00:30Z") == "its pod was deleted"
+    assert S.waits_for_backoff(job, [pod(job_uid="another-job", phase="Failed", exit_code=1)],
+                               "2026-01-01T00:00:30Z") == "its pod was deleted"
+    assert S.waits_for_backoff(job, [], "2026-01-01T00:00:03Z") is None, "a new Job gets its pods in a moment"
+    fresh = job_obj()
+    fresh["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert S.waits_for_backoff(fresh, [], "2026-01-01T00:00:30Z") is None, "the Job controller never synced it"

@@ -31,6 +31,13 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **{k: json_value(v) for k, v in record.items() if v is not None}}
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
+    def prepend(self, lines: list[str]) -> None:
+        """Put earlier lines (a resumed run's metrics so far, attempts.py) in front of what this log holds."""
+        self.close()
+        own = self.path.read_text() if self.path.exists() else ""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(line.rstrip("\n") + "\n" for line in lines) + own)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

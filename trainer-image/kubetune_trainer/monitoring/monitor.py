@@ -356,6 +356,11 @@ class RunMonitor:
             self._server.stop()
             self._server = None
 
+    def prepend_metrics(self, lines: list[str]) -> None:
+        """A resumed run: the metrics.jsonl lines earlier pods of the run logged go first (attempts.py)."""
+        if self.reporting:
+            self._jsonl.prepend(lines)
+
     def _write(self, record: dict) -> None:
         if self.reporting:
             self._jsonl.write(record)

@@ -1,0 +1,153 @@
+"""API-server outages, quietly: one warning when the API server stops answering, one when it answers again, and
+no tracebacks in between. Everything else keeps working as before: kopf's watchers retry (endlessly, with
+ENDLESS_BACKOFF) and re-list when the server is back, handlers that failed are retried by kopf, and the
+progress loop's resync catches up on whatever changed meanwhile.
+
+    health = ApiHealth()
+    install_log_filter(health)                    # after kopf configured logging (the startup handler)
+    settings.networking.error_backoffs = ENDLESS_BACKOFF
+    task = asyncio.create_task(health.watch(api))  # notices the return although no call is being made
+
+Where the noise came from (measured with the kube-apiserver stopped for 27 s, issue 15): kopf's API client logs
+every failed attempt of every watch at ERROR ("Request attempt #3/9 failed; will retry: ... ClientConnectorError")
+and, after its nine attempts (54 s), gives up with a traceback; urllib3 (the kubernetes client under KubeApi)
+warns on each of its own retries; a handler whose API call failed is logged by kopf with the whole traceback.
+The filter drops exactly those records while they are about an unreachable server (connection refused or reset,
+timeouts, 502/503/504 while the server starts), and turns the first one into the single warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+
+class ApiUnreachable(Exception):
+    """The API server did not answer (connection refused or reset, timeout): not an answer about the request.
+    Raised by KubeApi; the caller retries later (kopf retries failed handlers, the progress loop its next tick)."""
+
+
+class EndlessBackoff:
+    """kopf's settings.networking.error_backoffs: kopf gives up on a request after its backoffs run out (the
+    default: 9 attempts in 54 s, then a traceback and a dead watcher). These never run out, and each request
+    starts them afresh (an iterable, not an iterator)."""
+
+    def __init__(self, first: tuple[float, ...] = (1, 1, 2, 3), then: float = 5.0):
+        self.first, self.then = first, then
+
+    def __iter__(self) -> Iterator[float]:
+        yield from self.first
+        while True:
+            yield self.then
+
+
+ENDLESS_BACKOFF = EndlessBackoff()
+
+# Exceptions that mean "no answer from the server" (class names, so that this module needs neither aiohttp nor
+# urllib3 imported: kopf uses the first, the kubernetes client the second).
+_UNREACHABLE_TYPES = {
+    "ApiUnreachable", "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ClientOSError",
+    "ClientConnectionResetError", "ServerTimeoutError", "ConnectionTimeoutError", "SocketTimeoutError",
+    "MaxRetryError", "NewConnectionError", "ProtocolError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "TimeoutError",
+    "RemoteDisconnected",
+}
+# kopf's retry records carry the exception only as repr() in the message.
+_RETRY_RECORD = re.compile(r"^Request attempt #\d+(/\d+)? failed; (will retry|escalating): ")
+_UNREACHABLE_TEXT = re.compile("|".join(sorted(_UNREACHABLE_TYPES)) + r"|status=50[234]\b")
+
+
+def unreachable(exc: Optional[BaseException]) -> bool:
+    """exc, or an exception it was raised from, says the API server did not answer."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if any(t.__name__ in _UNREACHABLE_TYPES for t in type(exc).__mro__):
+            return True
+        status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+        if type(exc).__name__ == "APIServerError" and status in (502, 503, 504):
+            return True  # kopf: the server is starting ("... before all known HTTP paths have been installed")
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+class ApiHealth:
+    """Whether the API server answers, as the operator last saw it; logs each change once."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.down_since: Optional[float] = None
+        self.outages = 0
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def lost(self, detail: str = "") -> None:
+        if self.down_since is None:
+            self.down_since = self.clock()
+            self.outages += 1
+            log.warning("the Kubernetes API server is unreachable%s; the operator retries quietly and catches up "
+                        "when it answers again", f" ({detail[:200]})" if detail else "")
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            seconds = self.clock() - self.down_since
+            self.down_since = None
+            log.warning("the Kubernetes API server answers again (unreachable for %.0f s); status catches up now",
+                        seconds)
+
+    async def watch(self, api: Any, interval: float = 1.0, stopped: Optional[asyncio.Event] = None) -> None:
+        """While the server is down, ask it every `interval` s (GET /version) to notice its return even when
+        nothing else calls it; KubeApi reports the success."""
+        while stopped is None or not stopped.is_set():
+            if self.down:
+                try:
+                    await api.request("GET", "/version")
+                except Exception:  # noqa: BLE001 - still down (or answering oddly): ask again
+                    pass
+            await asyncio.sleep(interval)
+
+
+class OutageFilter(logging.Filter):
+    """Drops log records about an unreachable API server (see the module docstring), telling `health`."""
+
+    def __init__(self, health: ApiHealth):
+        super().__init__("kubetune-outage")
+        self.health = health
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == log.name:
+            return True  # our own two warnings
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None and isinstance(record.args, tuple):  # log.warning("... failed: %s", exc)
+            exc = next((a for a in record.args if isinstance(a, BaseException)), None)
+        if exc is not None and unreachable(exc):
+            self.health.lost(f"{type(exc).__name__}")
+            return False
+        if record.name.startswith("kopf") or record.name.startswith("urllib3"):
+            msg = record.getMessage()
+            if record.name.startswith("urllib3") and msg.startswith("Retrying (") and _UNREACHABLE_TEXT.search(msg):
+                self.health.lost("connection refused")
+                return False
+            if _RETRY_RECORD.match(msg) and _UNREACHABLE_TEXT.search(msg):
+                self.health.lost(msg.split(" -> ", 1)[-1].split("(", 1)[0])
+                return False
+            if "failed temporarily" in msg and ApiUnreachable.__name__ in msg:
+                return False
+        return True
+
+
+def install_log_filter(health: ApiHealth, logger: Optional[logging.Logger] = None) -> OutageFilter:
+    """Put the filter on every handler of `logger` (default: the root logger, where kopf's handlers are)."""
+    target = logger or logging.getLogger()
+    flt = OutageFilter(health)
+    for handler in target.handlers:
+        if not any(isinstance(f, OutageFilter) for f in handler.filters):
+            handler.addFilter(flt)
+    return flt

@@ -1,0 +1,119 @@
+"""API-server outages are quiet (outage.py): the log records kopf, urllib3 and our own handlers produce while the
+server does not answer are dropped, one warning goes out when it stops answering and one when it is back; other
+errors still get through. The e2e test stops a real kube-apiserver (test_restarts.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import socket
+
+import aiohttp
+import pytest
+import urllib3
+
+from kubetune_operator.kube import ApiError, KubeApi
+from kubetune_operator.outage import ENDLESS_BACKOFF, ApiHealth, ApiUnreachable, OutageFilter, unreachable
+
+
+@pytest.fixture
+def captured():
+    """A filtered handler on the loggers the records come from (in the operator it is kopf's root handler)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    health = ApiHealth(clock=iter(range(0, 1000, 7)).__next__)
+    handler.addFilter(OutageFilter(health))
+    loggers = [logging.getLogger(n) for n in ("kopf", "urllib3", "kubetune_operator")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    yield health, stream
+    for lg, level in zip(loggers, levels):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def _connector_error() -> aiohttp.ClientConnectorError:
+    key = aiohttp.client_reqrep.ConnectionKey("127.0.0.1", 6443, True, True, None, None, None)
+    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connect call failed"))
+
+
+def test_one_warning_each_way_and_no_traceback(captured):
+    health, stream = captured
+    kopf_watch = logging.getLogger("kopf._cogs.clients.watching")
+    for n in range(1, 6):
+        kopf_watch.error(f"Request attempt #{n} failed; will retry: GET https://127.0.0.1:6443/api/v1/pods?watch=true"
+                         f" -> {_connector_error()!r}")
+    try:
+        raise ApiUnreachable("GET /apis/...: the API server did not answer") from urllib3.exceptions.MaxRetryError(
+            None, "/x", urllib3.exceptions.NewConnectionError(None, "Connection refused"))
+    except ApiUnreachable:
+        logging.getLogger("kopf.objects").exception("Handler 'reconcile' failed with an exception. "
+                                                                "Will retry.")
+    logging.getLogger("urllib3.connectionpool").warning(
+        "Retrying (Retry(total=2, connect=None, read=None)) after connection broken by "
+        "'NewConnectionError(\"Failed to establish a new connection: [Errno 111] Connection refused\")': /api")
+    logging.getLogger("kubetune_operator.progress").warning(
+        "could not record progress of %s/%s: %s", "ns", "job", ApiUnreachable("no answer"))
+    health.ok()
+    health.ok()
+    text = stream.getvalue()
+    assert "Traceback" not in text and "Request attempt" not in text and "Retrying" not in text, text
+    lines = text.strip().splitlines()
+    assert len(lines) == 2, text
+    assert "unreachable" in lines[0] and "answers again (unreachable for 7 s)" in lines[1]
+    assert health.outages == 1 and not health.down
+
+
+def test_other_errors_still_get_through(captured):
+    health, stream = captured
+    try:
+        raise ApiError(422, "Invalid", "spec.foo: bad")
+    except ApiError:
+        logging.getLogger("kopf.objects").exception("Handler 'reconcile' failed with an exception.")
+    logging.getLogger("kopf._cogs.clients.api").error(
+        "Request attempt #1/9 failed; will retry: GET /x -> APIForbiddenError('forbidden', status=403)")
+    text = stream.getvalue()
+    assert "Traceback" in text and "spec.foo: bad" in text and "APIForbiddenError" in text
+    assert not health.down
+
+
+def test_unreachable_looks_through_the_cause_chain():
+    assert unreachable(ConnectionRefusedError())
+    assert unreachable(_connector_error())
+    try:
+        try:
+            raise urllib3.exceptions.MaxRetryError(None, "/x")
+        except Exception as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert unreachable(outer)
+    assert not unreachable(ValueError("bad json"))
+    assert not unreachable(ApiError(503, "ServiceUnavailable", "etcd"))
+
+
+def test_kopf_backoffs_never_run_out_and_restart_per_request():
+    first = list(zip(range(8), ENDLESS_BACKOFF))
+    second = list(zip(range(8), ENDLESS_BACKOFF))
+    assert first == second and [b for _, b in first] == [1, 1, 2, 3, 5, 5, 5, 5]
+    assert not hasattr(ENDLESS_BACKOFF, "__len__"), "kopf counts attempts only for sized backoffs"
+
+
+def test_kube_api_raises_api_unreachable_and_reports_health():
+    """A real kubernetes client against a port nothing listens on."""
+    from kubernetes import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    cfg.retries = 0
+    health = ApiHealth()
+    api = KubeApi(client.ApiClient(cfg), timeout=2, health=health)
+    with pytest.raises(ApiUnreachable):
+        asyncio.run(api.get("/api/v1/namespaces/x/pods/y"))
+    assert health.down

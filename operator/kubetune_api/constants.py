@@ -26,6 +26,8 @@ class ConditionType:
     FORGETTING_EXCEEDED = "ForgettingThresholdExceeded"
     # Informational: spec.model.trustRemoteCode is true, so the trainer runs Python code from the model's repo.
     TRUSTS_REMOTE_CODE = "TrustsRemoteCode"
+    # Queued jobs only (spec.queueName): whether Kueue admitted the trainer workload (False: waiting, preempted).
+    ADMITTED = "Admitted"
 
 
 class Reason:
@@ -54,18 +56,26 @@ class Reason:
     TRUST_REMOTE_CODE = "TrustRemoteCode"  # spec.model.trustRemoteCode: true runs code from the model repo
     FORGETTING = "ForgettingThresholdExceeded"
     WITHIN_THRESHOLD = "WithinThreshold"
+    # Kueue (condition Admitted and, while not admitted, Running=False)
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"
+    ADMITTED = "Admitted"
+    PREEMPTED = "Preempted"  # Kueue evicted the running job for a higher-priority one; requeued
+    EVICTED = "Evicted"  # Kueue evicted it for another reason (its message says which); requeued
+    WORKLOAD_INACTIVE = "WorkloadInactive"
+    KUEUE_NOT_INSTALLED = "KueueNotInstalled"
 
 
 class Phase:
     """The one-word summary derived from the conditions (never stored independently of them)."""
 
     PENDING = "Pending"
+    QUEUED = "Queued"  # waiting for Kueue to admit it (spec.queueName), also after a preemption
     SUSPENDED = "Suspended"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
-    ALL = [PENDING, SUSPENDED, RUNNING, SUCCEEDED, FAILED]
+    ALL = [PENDING, QUEUED, SUSPENDED, RUNNING, SUCCEEDED, FAILED]
     TERMINAL = {SUCCEEDED, FAILED}
 
 

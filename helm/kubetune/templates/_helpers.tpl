@@ -154,6 +154,11 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
+# Kueue Workloads of queued jobs (spec.queueName): read for status (Queued/Admitted/Preempted); patched only to
+# set spec.active for the FineTuneJob's spec.suspend (Kueue restarts an admitted Job that anyone else suspends)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "patch"]
 {{- end }}
 
 {{/*

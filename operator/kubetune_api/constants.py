@@ -32,6 +32,8 @@ class ConditionType:
     FORGETTING_EXCEEDED = "ForgettingThresholdExceeded"
     # Informational: spec.model.trustRemoteCode is true, so the trainer runs Python code from the model's repo.
     TRUSTS_REMOTE_CODE = "TrustsRemoteCode"
+    # Queued jobs only (spec.queueName): whether Kueue admitted the trainer workload (False: waiting, preempted).
+    ADMITTED = "Admitted"
 
 
 class Reason:
@@ -67,18 +69,26 @@ class Reason:
     # The job's runtime (spec.runtimeRef) is missing, not granted to the namespace, or forbids what the spec asks.
     RUNTIME_NOT_FOUND = "RuntimeNotFound"
     RUNTIME_VIOLATION = "RuntimePolicyViolation"
+    # Kueue (condition Admitted and, while not admitted, Running=False)
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"
+    ADMITTED = "Admitted"
+    PREEMPTED = "Preempted"  # Kueue evicted the running job for a higher-priority one; requeued
+    EVICTED = "Evicted"  # Kueue evicted it for another reason (its message says which); requeued
+    WORKLOAD_INACTIVE = "WorkloadInactive"
+    KUEUE_NOT_INSTALLED = "KueueNotInstalled"
 
 
 class Phase:
     """The one-word summary derived from the conditions (never stored independently of them)."""
 
     PENDING = "Pending"
+    QUEUED = "Queued"  # waiting for Kueue to admit it (spec.queueName), also after a preemption
     SUSPENDED = "Suspended"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
-    ALL = [PENDING, SUSPENDED, RUNNING, SUCCEEDED, FAILED]
+    ALL = [PENDING, QUEUED, SUSPENDED, RUNNING, SUCCEEDED, FAILED]
     TERMINAL = {SUCCEEDED, FAILED}
 
 

@@ -119,6 +119,12 @@ OPERATOR_METRICS: list[MetricDef] = [
               component="operator"),
     MetricDef("kubetune_job_forgetting_relative_change", "gauge", "Forgetting check result of each finished job.",
               labels=OPERATOR_LABELS_JOB, component="operator"),
+    MetricDef("kubetune_job_gpu_seconds_total", "counter",
+              "GPU-seconds each job has held: GPUs x run time of every trainer pod, summed over all attempts "
+              "(queued and suspended time excluded); mirrors status.gpuSeconds, so it continues across operator "
+              "restarts. Label queue = the Kueue LocalQueue (empty without one). For charge-back: "
+              "sum by (namespace) (increase(kubetune_job_gpu_seconds_total[30d])).",
+              labels=OPERATOR_LABELS_JOB + ("queue",), component="operator"),
     MetricDef("kubetune_job_forgetting_threshold", "gauge",
               "spec.evaluation.forgettingThreshold of each job that has a reference set.",
               labels=OPERATOR_LABELS_JOB, component="operator"),

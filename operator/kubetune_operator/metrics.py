@@ -54,6 +54,8 @@ class OperatorMetrics:
             self.metrics[m.name] = kind(_unsuffixed(m), m.help, list(m.labels), registry=self.registry, **kwargs)
         self._phases: dict[tuple[str, str], str] = {}
         self._job_series: dict[tuple[str, str], set[str]] = {}
+        self._queues: dict[tuple[str, str], str] = {}  # the queue label of each job's GPU-seconds series
+        self._gpu_seconds: dict[tuple[tuple[str, str], str], float] = {}  # what each counter series says
         self._server = None
         for phase in Phase.ALL:
             self.metrics["kubetune_operator_jobs"].labels(phase=phase).set(0)
@@ -124,6 +126,23 @@ class OperatorMetrics:
         if isinstance(forgetting.get("relativeChange"), (int, float)):
             self.metrics["kubetune_job_forgetting_relative_change"].labels(**labels).set(forgetting["relativeChange"])
             series.add("kubetune_job_forgetting_relative_change")
+        seconds = status.get("gpuSeconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            spec = body.get("spec") or {}
+            queue = spec.get("queueName") or (meta.get("labels") or {}).get("kueue.x-k8s.io/queue-name") or ""
+            counter = self.metrics["kubetune_job_gpu_seconds_total"].labels(**labels, queue=queue)
+            old_queue = self._queues.get(key)
+            if old_queue is not None and old_queue != queue:
+                self._remove("kubetune_job_gpu_seconds_total", key[0], key[1], old_queue)
+                self._gpu_seconds.pop((key, old_queue), None)
+            self._queues[key] = queue
+            # The counter mirrors status.gpuSeconds (cumulative, never decreasing): after an operator restart it
+            # comes back at the status's value, not at 0, so increase() neither loses nor repeats GPU time.
+            delta = float(seconds) - self._gpu_seconds.get((key, queue), 0.0)
+            if delta > 0:
+                counter.inc(delta)
+                self._gpu_seconds[(key, queue)] = float(seconds)
+            series.add("kubetune_job_gpu_seconds_total")
         evaluation = (body.get("spec") or {}).get("evaluation") or {}
         if evaluation.get("reference"):
             self.metrics["kubetune_job_forgetting_threshold"].labels(**labels).set(
@@ -138,6 +157,12 @@ class OperatorMetrics:
         self._phases.clear()
         self._recount()
 
+    def _remove(self, metric_name: str, *label_values: str) -> None:
+        try:
+            self.metrics[metric_name].remove(*label_values)
+        except KeyError:
+            pass
+
     def forget_job(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted FineTuneJob."""
         key = (namespace, name)
@@ -145,6 +170,11 @@ class OperatorMetrics:
         self._recount()
         for metric_name in self._job_series.pop(key, set()):
             metric = self.metrics[metric_name]
+            if metric_name == "kubetune_job_gpu_seconds_total":
+                queue = self._queues.pop(key, "")
+                self._gpu_seconds.pop((key, queue), None)
+                self._remove(metric_name, namespace, name, queue)
+                continue
             if metric_name == "kubetune_job_phase":
                 for p in Phase.ALL:
                     try:

@@ -40,6 +40,7 @@ from kubetune_api.finetuneruntime import FineTuneRuntimeSpec
 from kubetune_api.report import TrainerReport
 
 from . import runtimes
+from . import queueing
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
@@ -198,6 +199,8 @@ class Reconciler:
         self.now = now
         self._states: dict[tuple[str, str], _KeyState] = {}
         self._events_denied = False  # RBAC without `list` on events: warned once
+        self._workloads_denied = False  # RBAC without `list` on Kueue workloads: warned once
+        self._workload_version: Optional[str] = None  # the Workload API version the cluster serves
 
     def _state(self, namespace: str, name: str) -> _KeyState:
         return self._states.setdefault((namespace, name), _KeyState())
@@ -265,6 +268,13 @@ class Reconciler:
             return Result("invalid", message=message, status=st.status)
         job_model = runtimes.apply_defaults(job_model, runtime)
         try:
+            if job is None and queueing.queue_name(job_model) and job_model.spec.suspend:
+                # Kueue would admit (start) a new Job before the operator could deactivate its Workload: a queued
+                # job suspended before it ever ran gets its Job only when unsuspended.
+                await self._ensure_children(ftj, job_model, runtime, create_job=False)
+                alive = [p for p in pods if not S.pod_is_finished(p)]
+                await self._write(st, ftj, S.held_status(ftj, queueing.queue_name(job_model), alive, now=self.now()))
+                return Result("ok", status=st.status)
             if job is None:
                 ours = st.expected_deletion is not None
                 alive = [p for p in pods if not S.pod_is_finished(p)]
@@ -304,8 +314,9 @@ class Reconciler:
                                         "phase": S.derive_phase(conds), "message": str(exc)})
             return Result("conflict", message=str(exc), delay=exc.delay, status=st.status)
 
+        queue = await self._queue_state(job_model, job)
         blocked, since = await self._pods_refused(job, pods, job_model)
-        new = S.derive_status(ftj, job, pods, now=self.now(), blocked=blocked)
+        new = S.derive_status(ftj, job, pods, now=self.now(), blocked=blocked, queue=queue)
         new["observedGeneration"] = applied_generation(job, ftj)
         timeout = self.settings.pods_blocked_timeout_seconds
         waited = S.seconds_between(since, self.now()) if blocked else None
@@ -492,8 +503,8 @@ class Reconciler:
             job["metadata"]["deletionTimestamp"] = self.now()
             return job
         patch: dict = {}
-        want = bool(job_model.spec.suspend)
-        if bool(live_spec.get("suspend")) != want:
+        want = queueing.suspend_patch(job_model, live_spec.get("suspend"))  # None with a queue: Kueue's call
+        if want is not None:
             log.info("%s Job %s", "suspending" if want else "resuming", path)
             patch["suspend"] = want
         for key in MUTABLE_JOB_FIELDS:
@@ -553,6 +564,53 @@ class Reconciler:
                                       f"{why}: started its replacement at once (not counted against retryLimit; "
                                       f"{left} retries left)")
         return new
+
+    # -------------------------------------------------------------------------------------------- Kueue
+    async def _queue_state(self, job_model: FineTuneJob, job: dict) -> Optional[queueing.QueueState]:
+        """What Kueue says about a queued job's child (None without a queue), after handing spec.suspend to
+        Kueue as its Workload's spec.active (queueing.workload_active_patch)."""
+        queue = queueing.queue_name(job_model)
+        meta = job.get("metadata") or {}
+        if not queue or not meta.get("uid") or meta.get("deletionTimestamp"):
+            return None
+        suspended = bool((job.get("spec") or {}).get("suspend"))
+        workload, missing = await self._workload(meta["namespace"], meta["uid"])
+        patch = queueing.workload_active_patch(job_model, workload)
+        if patch and workload is not None:
+            wl_meta = workload["metadata"]
+            path = f"{queueing.workload_path(meta['namespace'], self._workload_version or 'v1beta2')}/{wl_meta['name']}"
+            log.info("%s Kueue Workload %s/%s for spec.suspend", "deactivating" if job_model.spec.suspend
+                     else "reactivating", meta["namespace"], wl_meta["name"])
+            try:
+                workload = await self.api.merge_patch(path, patch) or workload
+            except ApiError as exc:
+                if exc.status not in (403, 404, 409):
+                    raise
+                log.warning("cannot patch Kueue Workload %s: %s", path, exc.message)
+        return queueing.queue_state(queue, workload, suspended, kueue_missing=missing)
+
+    async def _workload(self, namespace: str, job_uid: str) -> tuple[Optional[dict], bool]:
+        """(Kueue Workload of the child with this uid or None, Kueue not installed)."""
+        versions = [self._workload_version] if self._workload_version else list(queueing.WORKLOAD_VERSIONS)
+        for version in versions:
+            try:
+                items = await self.api.list(queueing.workload_path(namespace, version),
+                                            labelSelector=f"{queueing.JOB_UID_LABEL}={job_uid}")
+            except ApiError as exc:
+                if exc.status == 404:
+                    continue
+                if exc.status == 403:
+                    if not self._workloads_denied:
+                        self._workloads_denied = True
+                        log.warning("cannot list Kueue workloads (%s): queued jobs show Queued/Admitted from the "
+                                    "Job's suspend only; grant get/list/patch on workloads.kueue.x-k8s.io",
+                                    exc.message)
+                    return None, False
+                raise
+            self._workload_version = version
+            live = [w for w in items if not (w.get("metadata") or {}).get("deletionTimestamp")]
+            return (live[0] if live else None), False
+        return None, True
 
     # -------------------------------------------------------------------------------------------- status
     async def _write(self, st: _KeyState, ftj: dict, new: dict) -> None:

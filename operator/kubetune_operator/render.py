@@ -8,6 +8,7 @@ FineTuneJob with `controller: true`, so the garbage collector deletes them with 
 - ConfigMap `<name>-config`: `job.yaml` = the resolved FineTuneJob (defaults applied by the API models, which
   the trainer parses with the same models), mounted at /etc/kubetune.
 - Job `<name>-trainer` (batch/v1, Indexed, completions = parallelism = spec.resources.nodes): one pod per node.
+  With a Kueue queue (spec.queueName) it is created suspended with Kueue's labels (queueing.py decides both).
   Its podFailurePolicy fails the Job at once on the trainer's permanent exit codes (bad config or data, NaN
   loss, forgetting with action fail: retrying only burns GPU hours) and ignores disruptions (preemption,
   node drain: DisruptionTarget) and SIGTERM ends (exit 143: checkpoint saved, e.g. a deleted pod), so those do
@@ -40,6 +41,7 @@ from kubetune_api.defaults import processes_per_node
 from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec, uri_fields
 from kubetune_api.finetuneruntime import FineTuneRuntimeSpec
 
+from . import queueing
 from .settings import OperatorSettings
 
 WORK_DIR = "/var/lib/kubetune"
@@ -497,7 +499,7 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": retries_left(spec, retries_used),
-        "suspend": spec.suspend,
+        "suspend": queueing.initial_suspend(job),  # with a Kueue queue: Kueue unsuspends it on admission
         "podFailurePolicy": pod_failure_policy(),
         # A replacement pod starts only after the failed one is gone: no two ranks with one hostname, and
         # a pod that is still writing its SIGTERM checkpoint is not raced by its successor.
@@ -507,6 +509,7 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     meta = _metadata(job, body, names.job, COMPONENT_TRAINER)
+    meta["labels"].update(queueing.workload_labels(job))
     meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(job_spec)}
     if job.metadata.generation is not None:
         meta["annotations"][GENERATION_ANNOTATION] = str(job.metadata.generation)

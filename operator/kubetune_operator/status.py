@@ -24,16 +24,18 @@ from kubetune_api.constants import ExitCode, Phase, Reason
 from kubetune_api.finetunejob import Progress
 from kubetune_api.report import TrainerReport
 
+from .queueing import QueueState
 from .render import COMPLETION_INDEX_LABEL, CONTAINER_NAME, RUN_ID_LABEL, child_names, retries_used_by
 
 # The status fields this operator writes (everything else under .status is left alone).
 OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "startTime", "completionTime", "workload",
-                "restartCount", "restarts", "progress", "forgetting", "artifacts", "message")
+                "restartCount", "restarts", "progress", "forgetting", "artifacts", "message",
+                "gpuSeconds", "gpuUsage")
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIMIT, Reason.DEADLINE,
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
                    Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
                    Reason.TRUST_REMOTE_CODE, Reason.RUNTIME_NOT_FOUND, Reason.RUNTIME_VIOLATION,
-                   Reason.STORAGE_UNAVAILABLE}
+                   Reason.STORAGE_UNAVAILABLE, Reason.KUEUE_NOT_INSTALLED}
 MESSAGE_MAX = 2048
 
 
@@ -104,6 +106,9 @@ def derive_phase(conditions: Iterable[dict] | None) -> str:
         return Phase.SUCCEEDED
     if condition_true(conditions, CT.SUSPENDED):
         return Phase.SUSPENDED
+    admitted = get_condition(conditions, CT.ADMITTED)
+    if admitted is not None and admitted.get("status") == "False":
+        return Phase.QUEUED
     if condition_true(conditions, CT.RUNNING):
         return Phase.RUNNING
     return Phase.PENDING
@@ -128,11 +133,11 @@ def condition_changes(old: Iterable[dict] | None, new: Iterable[dict] | None) ->
         before = get_condition(old, c["type"])
         if before and before.get("status") == c.get("status") and before.get("reason") == c.get("reason"):
             continue
-        if before is None and c.get("status") == "False" and c["type"] not in (CT.RUNNING, CT.CREATED):
+        if before is None and c.get("status") == "False" and c["type"] not in (CT.RUNNING, CT.CREATED, CT.ADMITTED):
             continue
         warning = (c.get("reason") in WARNING_REASONS and c.get("status") == "True") or \
             c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT, Reason.PODS_BLOCKED,
-                                Reason.CHILD_FORBIDDEN)
+                                Reason.CHILD_FORBIDDEN, Reason.PREEMPTED, Reason.EVICTED, Reason.KUEUE_NOT_INSTALLED)
         if c["type"] == CT.FORGETTING_EXCEEDED:
             warning = c.get("status") == "True"
         out.append(("Warning" if warning else "Normal", c))
@@ -411,6 +416,82 @@ def waits_for_backoff(job: Optional[dict], pods: Iterable[dict], now: Optional[s
     return f"pod {newest['metadata']['name']} was {end_cause(newest) or 'stopped'} ({crash_summary(newest)})"
 
 
+# ------------------------------------------------------------------------------------------------ cost
+RUNNING_RESOLUTION_SECONDS = 60
+CLOSED_PODS_KEPT = 64  # uids of ended pods remembered (a pod is counted once even if it lingers in the cache)
+
+
+def pod_run_interval(pod: dict) -> tuple[Optional[str], Optional[str]]:
+    """(start, end) of the trainer container in this pod: start from the running/terminated state (the pod's
+    startTime when the container never reported one), end when terminated (None while it runs or never ran)."""
+    cs = trainer_status(pod)
+    state = cs.get("state") or {}
+    term = state.get("terminated")
+    start = (state.get("running") or {}).get("startedAt") or (term or {}).get("startedAt")
+    if term:
+        return start or (pod.get("status") or {}).get("startTime"), term.get("finishedAt") or None
+    if state.get("running"):
+        return start or (pod.get("status") or {}).get("startTime"), None
+    return None, None  # waiting: not started, nothing held yet (scheduling and image pulls are not charged)
+
+
+def gpu_usage(old: Optional[dict], pods: Iterable[dict], gpus_per_pod: int, now: str) -> tuple[dict, int]:
+    """(status.gpuUsage, status.gpuSeconds): GPUs x run time of every trainer pod the operator has seen.
+
+    Level-based and restart-safe: ended pods are added to `closedSeconds` once (their uids are remembered in
+    `closedPods`); running pods are kept in `openPods` with their start and counted up to `now` (in whole
+    minutes; exact once they end). A pod that
+    vanished while open (deleted on preemption or suspend before the operator saw its end) is closed at `now`,
+    the moment the operator noticed: its end is not known, it held its GPUs at least until it was last seen
+    and at most until now. Time without pods (queued, suspended) is never counted."""
+    old = old or {}
+    closed = float(old.get("closedSeconds") or 0)
+    closed_pods = list(old.get("closedPods") or [])
+    open_pods = {p["uid"]: dict(p) for p in old.get("openPods") or [] if p.get("uid")}
+    seen = set()
+    for pod in pods:
+        uid = (pod.get("metadata") or {}).get("uid")
+        if not uid:
+            continue
+        seen.add(uid)
+        if uid in closed_pods:
+            continue
+        start, end = pod_run_interval(pod)
+        if start is None:
+            continue
+        gpus = int(open_pods.get(uid, {}).get("gpus", gpus_per_pod))
+        if end is not None:
+            closed += max(0.0, seconds_between(start, end) or 0.0) * gpus
+            closed_pods.append(uid)
+            open_pods.pop(uid, None)
+        elif uid not in open_pods:
+            open_pods[uid] = {"uid": uid, "start": start, "gpus": gpus}
+    for uid, p in list(open_pods.items()):
+        if uid not in seen:
+            closed += max(0.0, seconds_between(p["start"], now) or 0.0) * int(p["gpus"])
+            closed_pods.append(uid)
+            del open_pods[uid]
+    # Running pods count in whole minutes: reconciles within a minute write nothing new (no status churn).
+    running = sum(RUNNING_RESOLUTION_SECONDS * (max(0.0, seconds_between(p["start"], now) or 0.0)
+                                                // RUNNING_RESOLUTION_SECONDS) * int(p["gpus"])
+                  for p in open_pods.values())
+    usage: dict = {"closedSeconds": round(closed, 3)}
+    if closed_pods:
+        usage["closedPods"] = closed_pods[-CLOSED_PODS_KEPT:]
+    if open_pods:
+        usage["openPods"] = sorted(open_pods.values(), key=lambda p: (p["start"], p["uid"]))
+    return usage, int(round(closed + running))
+
+
+def _account(out: dict, old: dict, pods: list[dict], spec: dict, now: str) -> None:
+    gpus = int((spec.get("resources") or {}).get("gpus", 1) or 0)
+    if not pods and not old.get("gpuUsage"):
+        return
+    usage, seconds = gpu_usage(old.get("gpuUsage"), pods, gpus, now)
+    out["gpuUsage"] = usage
+    out["gpuSeconds"] = max(seconds, int(old.get("gpuSeconds") or 0))  # never goes down (a counter)
+
+
 # ------------------------------------------------------------------------------------------------ Job
 def job_condition(job: dict, *types: str) -> Optional[dict]:
     for c in (job.get("status") or {}).get("conditions") or []:
@@ -569,11 +650,13 @@ def _remote_code_condition(conds: list[dict], spec: dict, gen, now) -> list[dict
 
 
 def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Optional[str] = None,
-                  blocked: Optional[str] = None) -> dict:
+                  blocked: Optional[str] = None, queue: Optional[QueueState] = None) -> dict:
     """The operator-owned status fields of `ftj`, given its child Job (None if absent) and the Job's pods.
     `blocked`: the Job controller's latest FailedCreate event message while pods are missing (ResourceQuota,
     missing PriorityClass or ServiceAccount, ...). Idempotent: feeding the result back (as ftj.status) with the
-    same inputs gives the same result."""
+    same inputs gives the same result. `queue`: what Kueue says about a queued job's child (queueing.queue_state),
+    None without a queue. `pods`: every trainer pod of the FineTuneJob (those of earlier Jobs too: they are
+    charged in gpuSeconds)."""
     now = now or now_rfc3339()
     meta = ftj.get("metadata") or {}
     spec = ftj.get("spec") or {}
@@ -589,6 +672,8 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
         return out
 
     conds = _remote_code_condition(conds, spec, gen, now)
+    pods = list(pods)
+    _account(out, old, pods, spec, now)
     names = child_names(meta.get("name", ""))
     nodes = int((spec.get("resources") or {}).get("nodes", 1) or 1)
 
@@ -645,12 +730,25 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
             conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED, "the job finished", gen, now)
         out["message"] = msg
         conds = _forgetting_condition(conds, out.get("forgetting"), gen, now)
+    elif queue is not None and (job.get("spec") or {}).get("suspend") and not spec.get("suspend"):
+        # Kueue holds the Job: not admitted yet, or evicted (preempted) and requeued
+        conds = set_condition(conds, CT.ADMITTED, False, queue.reason, queue.message, gen, now)
+        conds = set_condition(conds, CT.RUNNING, False, queue.reason, queue.message, gen, now)
+        if condition_true(conds, CT.SUSPENDED):
+            conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED,
+                                  "resumed: queued for Kueue admission", gen, now)
+        out["message"] = queue.message
     elif (job.get("spec") or {}).get("suspend"):
         msg = "suspended: the trainer pods are deleted (they checkpoint on SIGTERM); unsuspend to resume"
+        if queue is not None:
+            msg = "suspended: the Kueue Workload is deactivated and the trainer pods are deleted (they " \
+                  "checkpoint on SIGTERM); unsuspend to queue it again"
         conds = set_condition(conds, CT.SUSPENDED, True, Reason.SUSPENDED, msg, gen, now)
         conds = set_condition(conds, CT.RUNNING, False, Reason.SUSPENDED, msg, gen, now)
         out["message"] = msg
     else:
+        if queue is not None and queue.state == "admitted":
+            conds = set_condition(conds, CT.ADMITTED, True, queue.reason, queue.message, gen, now)
         if get_condition(conds, CT.SUSPENDED) and condition_true(conds, CT.SUSPENDED):
             conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED,
                                   "resumed: training continues from the latest checkpoint", gen, now)
@@ -691,6 +789,23 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
 
     out["conditions"] = _refresh_generation(conds, gen)
     out["phase"] = derive_phase(conds)
+    return out
+
+
+def held_status(ftj: dict, queue: str, pods: list[dict], now: Optional[str] = None) -> dict:
+    """Status of a queued FineTuneJob suspended before its Job exists (or after the pods of one that was deleted
+    are gone): no Job, so Kueue has nothing to admit until spec.suspend is false."""
+    now = now or now_rfc3339()
+    old = ftj.get("status") or {}
+    gen = (ftj.get("metadata") or {}).get("generation")
+    out = base_status(old)
+    msg = f"suspended before Kueue admission: the trainer Job is created (and queued in LocalQueue {queue}) " \
+          "when spec.suspend is false"
+    conds = set_condition(old.get("conditions"), CT.SUSPENDED, True, Reason.SUSPENDED, msg, gen, now)
+    if get_condition(conds, CT.RUNNING):
+        conds = set_condition(conds, CT.RUNNING, False, Reason.SUSPENDED, msg, gen, now)
+    _account(out, old, pods, ftj.get("spec") or {}, now)
+    out.update({"observedGeneration": gen, "conditions": conds, "phase": derive_phase(conds), "message": msg})
     return out
 
 

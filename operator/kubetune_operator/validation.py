@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubetune_api.finetunejob import FineTuneJob, parse_job, validate_spec
 
+from . import queueing
 from .render import is_multi_node, pvc_claim, spec_uri_fields
 
 NAME_MAX = 50  # the CRD's rule: children append up to 8 characters, pod host names must stay within 63
@@ -74,7 +75,7 @@ def operator_problems(job: FineTuneJob) -> list[str]:
         if uri.startswith("pvc://") and (not claim or len(claim) > 253 or not _DNS_SUBDOMAIN.match(claim)):
             problems.append(f"{field}: {claim!r} (in {uri}) is not a valid PersistentVolumeClaim name "
                             "(lowercase letters, digits, '-' and '.')")
-    return problems
+    return problems + queueing.problems(job)
 
 
 def validate(body: dict) -> tuple[Optional[FineTuneJob], list[str]]:

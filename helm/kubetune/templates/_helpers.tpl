@@ -158,6 +158,11 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuneruntimes"]
   verbs: ["get", "list", "watch"]
+# Kueue Workloads of queued jobs (spec.queueName): read for status (Queued/Admitted/Preempted); patched only to
+# set spec.active for the FineTuneJob's spec.suspend (Kueue restarts an admitted Job that anyone else suspends)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "patch"]
 {{- end }}
 
 {{/*

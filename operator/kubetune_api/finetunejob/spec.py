@@ -518,7 +518,21 @@ class FineTuneJobSpec(Model):
     )
     suspend: bool = Field(
         False, description="Suspend the job: its pods are deleted (a checkpoint is saved on SIGTERM) and it "
-        "resumes from the latest checkpoint when unsuspended. Kueue manages jobs through this field.",
+        "resumes from the latest checkpoint when unsuspended. With a queue (queueName), Kueue decides when the "
+        "trainer runs: suspend deactivates the job's Kueue Workload, and the operator never resumes a trainer Job "
+        "that Kueue holds.",
+    )
+    queue_name: Optional[str] = Field(
+        None, max_length=63, pattern=rf"^{corev1.DNS_LABEL_RE}$",
+        description="Kueue LocalQueue (in this namespace) that admits the job: the trainer Job is created "
+        "suspended with the label kueue.x-k8s.io/queue-name and starts when Kueue admits it. The FineTuneJob "
+        "label kueue.x-k8s.io/queue-name does the same; this field wins when both are set.",
+    )
+    workload_priority_class_name: Optional[str] = Field(
+        None, max_length=63, pattern=rf"^{corev1.DNS_LABEL_RE}$",
+        description="Kueue WorkloadPriorityClass of the job (label kueue.x-k8s.io/priority-class on the trainer "
+        "Job; needs queueName). Kueue preempts lower-priority jobs for higher ones; a preempted trainer "
+        "checkpoints on SIGTERM and resumes from that step when admitted again.",
     )
     retry_limit: int = Field(
         3, ge=0, le=100, description="Pod restarts tolerated for retriable failures (the Job's backoffLimit). "

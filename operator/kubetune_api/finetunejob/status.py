@@ -99,11 +99,25 @@ class Restarts(Model):
         None, description="uid -> cause of the counted pods that still exist (so that each is counted once).")
 
 
+class GpuPod(Model):
+    uid: str = Field(..., description="The pod's uid.")
+    start: str = Field(..., json_schema_extra={"format": "date-time"}, description="When its trainer started.")
+    gpus: int = Field(..., description="GPUs the pod holds.")
+
+
+class GpuUsage(Model):
+    """The ledger behind gpuSeconds, kept in the status so an operator restart neither loses nor repeats a pod."""
+
+    closed_seconds: float = Field(0, description="GPU-seconds of trainer pods that have ended.")
+    closed_pods: Optional[list[str]] = Field(None, description="uids of the latest ended pods already counted.")
+    open_pods: Optional[list[GpuPod]] = Field(None, description="Trainer pods running (counted up to now).")
+
+
 class FineTuneJobStatus(Model):
     model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
 
     observed_generation: Optional[int] = Field(None, description="The .metadata.generation last reconciled.")
-    phase: Optional[str] = Field(None, json_schema_extra={"enum": Phase.ALL}, description="Pending, Suspended, Running, Succeeded or Failed (derived from conditions).")
+    phase: Optional[str] = Field(None, json_schema_extra={"enum": Phase.ALL}, description="Pending, Queued (waiting for Kueue), Suspended, Running, Succeeded or Failed (derived from conditions).")
     conditions: Optional[list[Condition]] = Field(
         None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         description="Latest observations (metav1.Condition).",
@@ -120,3 +134,7 @@ class FineTuneJobStatus(Model):
     artifacts: Optional[Artifacts] = Field(None, description="Where the results are.")
     message: Optional[str] = Field(None, description="Last notable event, human-readable.")
     runtime: Optional[RuntimeSnapshot] = Field(None, description="The runtime this job runs under, as resolved.")
+    gpu_seconds: Optional[int] = Field(
+        None, description="What the job cost so far: GPUs x seconds each trainer pod ran (container start to end), "
+        "summed over every attempt (retries, preemptions, resumes). Time queued or suspended (no pod) is free.")
+    gpu_usage: Optional[GpuUsage] = Field(None, description="The accounting behind gpuSeconds.")

@@ -126,6 +126,7 @@ class FakeKube:
         self.refusals: dict[str, ApiError] = {}
         self.core_events: list[dict] = []
         self.events: list[dict] = []
+        self.kueue_served = True  # whether workloads.kueue.x-k8s.io is served (Kueue installed)
         self.calls: list[tuple[str, str]] = []
         self._uids = itertools.count(1)
         self._rv = itertools.count(1)
@@ -150,7 +151,11 @@ class FakeKube:
         obj = copy.deepcopy(obj)
         obj["metadata"].setdefault("uid", f"uid-{next(self._uids)}")
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
-        self.objects[object_path(obj)] = obj
+        if obj["kind"] == "Workload":  # not a kind the operator creates (object_path does not know it)
+            meta = obj["metadata"]
+            self.objects[f"/apis/{obj['apiVersion']}/namespaces/{meta['namespace']}/workloads/{meta['name']}"] = obj
+        else:
+            self.objects[object_path(obj)] = obj
         return obj
 
     def find(self, kind: str, name: Optional[str] = None) -> list[dict]:
@@ -217,6 +222,14 @@ class FakeKube:
                             if p)
             items = [e for e in self.core_events
                      if all(str(_dig(e, k)) == v for k, v in selector.items())]
+            return {"items": copy.deepcopy(items)}
+        if method == "GET" and "/apis/kueue.x-k8s.io/" in path and path.endswith("/workloads"):
+            if not self.kueue_served:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            selector = dict(p.split("=", 1) for p in ((kw.get("query") or {}).get("labelSelector") or "").split(",")
+                            if p)
+            items = [o for p, o in self.objects.items() if p.startswith(path + "/") and
+                     all((o["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
             return {"items": copy.deepcopy(items)}
         raise NotImplementedError(f"{method} {path}")
 

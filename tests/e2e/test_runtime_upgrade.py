@@ -69,7 +69,8 @@ def test_helm_upgrade_from_the_chart_before_runtimes_keeps_jobs_running(cluster,
         job = json.loads(cluster.kubectl("get", "job", "before-trainer", "-n", namespace, "-o", "json").stdout)
         op.stop()
 
-        helm("upgrade", release, str(CHART), "-n", namespace, *values_args(PENDING))
+        # --take-ownership: earlier tests of this session left the runtime CRDs (kept) owned by their releases
+        helm("upgrade", release, str(CHART), "-n", namespace, "--take-ownership", *values_args(PENDING))
         assert json.loads(cluster.kubectl("get", "clusterfinetuneruntime", PENDING["runtime"]["name"],
                                           "-o", "json").stdout)["spec"]["template"]["image"]
         op = OperatorProcess(cluster, [namespace], tmp_path / "new-operator.log").start()

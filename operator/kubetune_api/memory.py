@@ -490,12 +490,15 @@ def parse_quantity(q: Any) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def declared_gpu_memory(spec: "FineTuneJobSpec", default: Optional[int] = None) -> tuple[Optional[int], str]:
+def declared_gpu_memory(spec: "FineTuneJobSpec", default: Optional[int] = None,
+                        runtime_gib: Optional[float] = None) -> tuple[Optional[int], str]:
     """(bytes of memory per GPU, where the number came from) for this job, or (None, why not).
 
-    THE hook for whatever declares GPU memory: today the job's nodeSelector (GPU feature discovery's
-    `nvidia.com/gpu.memory` label, in MiB, or a product name like NVIDIA-H100-80GB-HBM3) and then `default`
-    (an operator setting or a CLI flag). An admin-owned runtime (per GPU class) slots in here first."""
+    THE hook for whatever declares GPU memory: first the job's runtime (`gpu.memoryGiB`, the admin's word for
+    its GPU class), then the job's nodeSelector (GPU feature discovery's `nvidia.com/gpu.memory` label, in MiB,
+    or a product name like NVIDIA-H100-80GB-HBM3), then `default` (an operator setting or a CLI flag)."""
+    if runtime_gib:
+        return int(runtime_gib * 2 ** 30), "runtime gpu.memoryGiB"
     sel = spec.resources.node_selector or {}
     if GPU_MEMORY_LABEL in sel:
         try:

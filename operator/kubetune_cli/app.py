@@ -67,7 +67,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from .estimate import run
 
-    code, text = run(args.manifest, args.model_config, args.gpu_memory)
+    code, text = run(args.manifest, args.model_config, args.gpu_memory, args.runtime)
     print(text, file=sys.stderr if code == 2 else sys.stdout)
     return code
 

@@ -58,7 +58,20 @@ def read_model_config(source: str, model_config: Optional[str] = None, revision:
                         "hold it): download its config.json and pass --model-config PATH")
 
 
-def run(manifest: str, model_config: Optional[str] = None, gpu_memory: Optional[str] = None) -> tuple[int, str]:
+def _runtime_gib(path: Optional[str]) -> Optional[float]:
+    """gpu.memoryGiB of a ClusterFineTuneRuntime/FineTuneRuntime manifest (None without one)."""
+    if not path:
+        return None
+    import yaml
+
+    from kubetune_api.finetuneruntime import parse_runtime
+
+    rt = parse_runtime((yaml.safe_load(Path(path).read_text()) or {}).get("spec") or {})
+    return rt.gpu.memory_gib if rt.gpu else None
+
+
+def run(manifest: str, model_config: Optional[str] = None, gpu_memory: Optional[str] = None,
+        runtime: Optional[str] = None) -> tuple[int, str]:
     """(exit code, text) for one manifest."""
     try:
         import yaml
@@ -75,7 +88,11 @@ def run(manifest: str, model_config: Optional[str] = None, gpu_memory: Optional[
         return 2, str(exc)
     except ValueError as exc:
         return 2, f"--gpu-memory: {exc} (e.g. 80Gi)"
-    available, source = memory.declared_gpu_memory(spec, default)
+    try:
+        runtime_gib = _runtime_gib(runtime)
+    except Exception as exc:  # noqa: BLE001 - unreadable file, YAML or schema error: say which
+        return 2, f"--runtime {runtime}: not a runtime manifest: {str(exc).splitlines()[0][:300]}"
+    available, source = memory.declared_gpu_memory(spec, default, runtime_gib)
     if gpu_memory:  # an explicit flag wins over what the nodeSelector suggests
         available, source = default, "--gpu-memory"
     est = memory.estimate(spec, shape)
@@ -104,15 +121,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("manifest", help="FineTuneJob YAML")
     ap.add_argument("--model-config", help="the model's config.json (file or folder); default: read from "
                     "spec.model.source when it is file:// or hf://")
-    ap.add_argument("--gpu-memory", help="memory per GPU, e.g. 80Gi (default: the nodeSelector's "
-                    "nvidia.com/gpu.memory or gpu.product)")
+    ap.add_argument("--gpu-memory", help="memory per GPU, e.g. 80Gi (default: --runtime's gpu.memoryGiB, else the "
+                    "nodeSelector's nvidia.com/gpu.memory or gpu.product)")
+    ap.add_argument("--runtime", help="the job's ClusterFineTuneRuntime/FineTuneRuntime manifest (its gpu.memoryGiB "
+                    "is the memory per GPU), e.g. examples/runtimes/cluster-h100.yaml")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="kubetune estimate", description=__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
-    code, text = run(args.manifest, args.model_config, args.gpu_memory)
+    code, text = run(args.manifest, args.model_config, args.gpu_memory, args.runtime)
     print(text, file=sys.stdout if code != 2 else sys.stderr)
     return code
 

@@ -559,7 +559,9 @@ def test_plot_command_fetches_from_the_jobs_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kubetune_trainer, "storage", fake_storage, raising=False)
     job = ftj("Succeeded", 100)
-    job["spec"]["output"]["endpoint"] = "http://seaweed:8333"
+    # the endpoint the job's runtime named, as recorded in status.runtime
+    job["status"]["runtime"] = {"kind": "ClusterFineTuneRuntime", "name": "default",
+                                "spec": {"template": {"image": "t:1"}, "storage": {"endpoint": "http://seaweed:8333"}}}
     job["status"]["artifacts"] = {"outputUri": "s3://results/runs/ml/bot/"}
     monkeypatch.setattr(plot_mod, "get_job", lambda name, ns, kubeconfig=None: job)
     assert plot_mod.plot_command("bot", str(tmp_path / "job.png"), namespace="ml") == 0

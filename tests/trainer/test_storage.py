@@ -285,7 +285,7 @@ def test_wrong_credentials_clear_error_without_secret(s3env, bucket, tmp_path, m
     errors.append(ei.value)
     for e in errors:
         text = str(e)
-        assert "refused the credentials" in text and "spec.output.credentials" in text, text
+        assert "refused the credentials" in text and "storage.credentials" in text, text
         assert secret not in text and s3env.access_key not in text
         assert e.__cause__ is None and e.__suppress_context__  # no chained botocore text in tracebacks
     # HEAD responses have no body (the code reads "403"); the others name the S3 error code
@@ -306,7 +306,7 @@ def test_no_credentials_is_a_config_error(s3env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(ConfigError, match="spec.output.credentials"):
+    with pytest.raises(ConfigError, match="storage.credentials"):
         storage.fetch("s3://any-bucket/x", tmp_path / "cache")
 
 

@@ -67,3 +67,21 @@ def test_kubetune_estimate_subcommand_prints_and_returns_the_code(capsys):
     assert "per GPU:" in capsys.readouterr().out
     assert app.main(["estimate", str(EXAMPLE)]) == 2
     assert "--model-config" in capsys.readouterr().err
+
+
+def test_the_runtimes_gpu_memory_is_what_the_job_is_compared_with(tmp_path):
+    """--runtime: the admin's gpu.memoryGiB (the same value the operator gives the trainer's pre-flight check)."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"].pop("distributed")
+    doc["spec"]["resources"]["nodes"] = 1
+    m = tmp_path / "job.yaml"
+    m.write_text(yaml.safe_dump(doc))
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({"apiVersion": "kubetune.dev/v1alpha1", "kind": "ClusterFineTuneRuntime",
+                                     "metadata": {"name": "small"},
+                                     "spec": {"template": {"image": "t:1"}, "gpu": {"memoryGiB": 24}}}))
+    code, text = estimate.run(str(m), str(CONFIG_70B), runtime=str(small))
+    assert code == 1 and "have 24 (runtime gpu.memoryGiB)" in text, text
+    code, text = estimate.run(str(EXAMPLE), str(CONFIG_70B), runtime=str(REPO / "examples/runtimes/cluster-h100.yaml"))
+    assert code == 0 and "runtime gpu.memoryGiB" in text, text
+    assert estimate.run(str(m), str(CONFIG_70B), runtime=str(EXAMPLE))[0] == 2  # not a runtime

@@ -1,9 +1,8 @@
 """Whether this job may run code it brings along: custom `module:function` rewards and `code_execution`.
 
-The one place that decides it. Today the decision is a trainer flag the operator sets in the pod's env,
-`KUBETUNE_ALLOW_CUSTOM_CODE` (`true`/`false`; unset means allowed, the behaviour before the flag existed). The
-FineTuneRuntime's policy (`allowCustomCode`, issue 9) will set it: the runtime work only has to render that env
-var from the runtime; nothing else in the trainer changes. A FineTuneJob has no way to set trainer env itself.
+The one place that decides it: a trainer flag the operator sets in the pod's env, `KUBETUNE_ALLOW_CUSTOM_CODE`
+(`true`/`false`; unset means allowed, for `kubetune run` outside a cluster), rendered from the job's runtime
+(`policy.allowCustomCode`, kubetune_operator.render). A FineTuneJob has no way to set trainer env itself.
 
     from kubetune_trainer.rewards import policy
     policy.require_custom_code("code_execution", field="spec.training.grpo.rewards[0].name")

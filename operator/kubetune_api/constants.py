@@ -109,7 +109,8 @@ class ExitCode:
     PREEMPTED = 143  # 128 + SIGTERM: checkpoint written, a restart resumes
 
     # Exit codes on which the Job fails at once (podFailurePolicy FailJob): restarting the pod cannot help.
-    PERMANENT = (DATA_ERROR, CONFIG_ERROR, DIVERGED, FORGETTING, STORAGE_UNAVAILABLE)
+    # Ascending: the Job API refuses onExitCodes values that are not ordered.
+    PERMANENT = (DATA_ERROR, STORAGE_UNAVAILABLE, CONFIG_ERROR, DIVERGED, FORGETTING)
 
 
 class Label:

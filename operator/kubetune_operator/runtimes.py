@@ -9,7 +9,8 @@ catches the rest (and everything, on clusters without the policy) before any pod
   status.runtime at the job's first reconcile, and every later render reads that copy: editing a runtime
   changes new jobs only. Status, because users who may edit FineTuneJobs and ConfigMaps cannot write it.
 - `violations`: pure; what the job asks that the runtime forbids, each "field: what; fix".
-- `apply_defaults`: the runtime's defaults (cpu, memory, /dev/shm, cache claim, deadline) filled into the job.
+- `apply_defaults`: the runtime's defaults (cpu, memory, /dev/shm, cache claim, deadline, storage patience) filled
+  into the job; storage.patienceSeconds also caps the job's spec.output.storagePatienceSeconds.
 
     rt, problem = await runtimes.resolve(api, ftj)
     problems = runtimes.violations(job, rt.spec)
@@ -236,6 +237,11 @@ def apply_defaults(job: FineTuneJob, rt: FineTuneRuntimeSpec) -> FineTuneJob:
     deadline = rt.policy.max_active_deadline_seconds
     if job.spec.active_deadline_seconds is None and deadline is not None:
         update["active_deadline_seconds"] = deadline
+    # Storage patience: the runtime's value is the default and the ceiling (a job may wait less, never longer
+    # than the platform allows a stuck pod to hold its GPUs).
+    rt_patience, own = rt.storage.patience_seconds, job.spec.output.storage_patience_seconds
+    if rt_patience is not None and (own is None or own > rt_patience):
+        update["output"] = job.spec.output.model_copy(update={"storage_patience_seconds": rt_patience})
     if not update:
         return job
     return job.model_copy(update={"spec": job.spec.model_copy(update=update)})

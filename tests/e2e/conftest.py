@@ -106,6 +106,7 @@ class Cluster:
         run = self.dir / "run"
         pgid = int((run / "s3.pid").read_text().strip())
         self._s3_argv = (Path(f"/proc/{pgid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0"))
+        self._s3_stopped = True
         os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and _group_alive(pgid):
@@ -115,7 +116,11 @@ class Cluster:
 
     def start_s3(self, timeout: float = 60) -> None:
         """Starts the S3 server stop_s3() stopped, with the same command line (ports, data dir, credentials),
-        records it as up.sh does (so down.sh stops it) and waits until signed requests work again."""
+        records it as up.sh does (so down.sh stops it) and waits until signed requests work again. A no-op when
+        it was not stopped (safe in a fixture's cleanup)."""
+        if not getattr(self, "_s3_stopped", False):
+            return  # running (never stopped, or started again already): a second weed would fight for the ports
+        self._s3_stopped = False
         argv = [a.decode() for a in self._s3_argv]
         run, logs = self.dir / "run", self.dir / "logs"
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.env["AWS_ACCESS_KEY_ID"],

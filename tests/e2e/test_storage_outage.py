@@ -57,6 +57,8 @@ def env(cluster, crd, tmp_path_factory):
                          "logEverySteps": 1, "checkpointEverySteps": 4, "keepCheckpoints": 2},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
                           "nodeSelector": {"kubetune.dev/local-runner": "true"}},
+            # endpoint and credentials come from the runtime (the fixtures' ClusterFineTuneRuntime/default and
+            # the operator's configured endpoint: this cluster's SeaweedFS)
             "output": {"uri": f"s3://{BUCKET}/runs-{tag}"},
             "retryLimit": 2,
         },

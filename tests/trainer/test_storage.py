@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kubetune_trainer import storage
-from kubetune_trainer.errors import ConfigError, TrainerError
+from kubetune_trainer.errors import ConfigError, StorageUnavailableError, TrainerError
+from kubetune_trainer.storage import patience
 from kubetune_trainer.storage import s3 as storage_s3
 from tests.s3_server import s3  # noqa: F401  (session fixture: a real SeaweedFS)
 
@@ -382,7 +383,17 @@ def test_retriable_error_when_store_unreachable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(botocore.config, "Config", fast)
     st = storage.OutputStore("s3://b/runs", endpoint=f"http://127.0.0.1:{dead}")
-    with pytest.raises(TrainerError) as ei:
+    # one attempt (best-effort calls such as pruning): the plain retriable error
+    with patience.once(), pytest.raises(TrainerError) as ei:
         st.read_text("manifest.json")
     assert type(ei.value) is TrainerError and ei.value.exit_code == 1
     assert "cannot reach S3" in str(ei.value)
+    # otherwise the patience budget is waited out first (0 here), then exit 75 naming the endpoint and the call
+    patience.configure(0)
+    try:
+        with pytest.raises(StorageUnavailableError) as ei:
+            st.read_text("manifest.json")
+    finally:
+        patience.configure(None)
+    assert ei.value.exit_code == 75 and f"127.0.0.1:{dead}" in str(ei.value)
+    assert "reading s3://b/runs/manifest.json" in str(ei.value)

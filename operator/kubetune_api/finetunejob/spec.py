@@ -463,7 +463,8 @@ class OutputSpec(Model):
         "checkpoint uploads wait in the background (a newer checkpoint replaces one still waiting) and every other "
         "storage call retries with backoff. When the outage outlasts it, the trainer exits 75 and the job fails "
         "at once with reason StorageUnavailable, naming the endpoint and the call, without using retryLimit. "
-        "Denied access, missing buckets or objects fail at once whatever this says. Default: 600.",
+        "Denied access, missing buckets or objects fail at once whatever this says. Default: the runtime's "
+        "storage.patienceSeconds, else 600; the runtime's value is also the maximum.",
     )
 
 

@@ -154,7 +154,10 @@ class RuntimeStorage(Model):
         description="PersistentVolumeClaims a job may mount (pvc:// URIs, cacheClaim). Unset or empty: none.")
     patience_seconds: Optional[int] = Field(
         None, ge=0, le=86400,
-        description="How long the trainer waits out an unreachable object store before failing the job.")
+        description="How long the trainer waits out an unreachable object store before failing the job with reason "
+        "StorageUnavailable: the default of the runtime's jobs and the most a job's "
+        "spec.output.storagePatienceSeconds gets (a larger value is lowered to this). Unset: 600 s, and jobs may "
+        "choose.")
 
 
 class RuntimePolicy(Model):

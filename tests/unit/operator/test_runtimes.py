@@ -89,6 +89,18 @@ def test_defaults_fill_only_what_the_job_leaves_unset():
     assert job.spec.resources.memory == "8Gi" and job.spec.active_deadline_seconds == 60
 
 
+def test_runtime_storage_patience_defaults_and_caps_the_jobs():
+    def patience(runtime_s, job_s):
+        rt = parse_runtime({**STRICT, "storage": {**STRICT["storage"], "patienceSeconds": runtime_s}})
+        out = {"uri": "s3://kubetune/out", **({"storagePatienceSeconds": job_s} if job_s is not None else {})}
+        return runtimes.apply_defaults(model(ftj(output=out)), rt).spec.output.storage_patience_seconds
+
+    assert patience(120, None) == 120   # the runtime's default
+    assert patience(120, 30) == 30      # a job may wait less
+    assert patience(120, 900) == 120    # never longer than the runtime allows
+    assert patience(None, 900) == 900 and patience(None, None) is None  # no runtime value: the job's (or 600)
+
+
 # ------------------------------------------------------------------------------------------------ reconciler
 class _Recorder:
     async def event(self, *a, **k):

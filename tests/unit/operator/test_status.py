@@ -210,6 +210,7 @@ def test_storage_unavailable_has_its_own_reason_naming_endpoint_and_call():
     assert failed["message"].startswith("StorageUnavailable: object storage at http://seaweedfs:8333")
     assert "uploading s3://kubetune/ns/j/runs/u/adapter/x" in failed["message"]
     assert ExitCode.STORAGE_UNAVAILABLE in ExitCode.PERMANENT  # the podFailurePolicy's FailJob rule holds it
+    assert list(ExitCode.PERMANENT) == sorted(ExitCode.PERMANENT)  # the Job API wants onExitCodes ordered
 
 
 def test_backoff_limit_with_a_plain_text_crash():

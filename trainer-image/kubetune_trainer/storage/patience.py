@@ -191,7 +191,7 @@ class Patience:
                 self._reported[endpoint] = now
         if report:
             log.warning("object storage at %s failing for %.0f s (%s while %s); retrying for up to %.0f s "
-                        "(spec.output.storagePatienceSeconds); training continues", endpoint, now - start,
+                        "(spec.output.storagePatienceSeconds)", endpoint, now - start,
                         _describe(exc), what, self.seconds)
         return now - start
 

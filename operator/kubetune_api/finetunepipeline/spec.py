@@ -122,17 +122,17 @@ def _handover_rules() -> list[dict]:
             f"size(self.stages) <= {i} || !has({cur}.handover) || {cur}.handover != 'merge' || "
             f"{prev}.job.adapter.type in {list(ADAPTER_TYPES)!r}",
             f"stages[{i}].handover merge needs an adapter (lora, qlora, dora) in stages[{i - 1}]; it trains full "
-            "weights: use handover weights (or omit it)", field_path=f".stages[{i}].handover"))
+            "weights: use handover weights (or omit it)", field_path=".stages"))
         rules.append(cel(
             f"size(self.stages) <= {i} || !has({cur}.handover) || {cur}.handover != 'weights' || "
             f"{prev}.job.adapter.type in {list(FULL_TYPES)!r}",
             f"stages[{i}].handover weights needs full weights (full, galore) in stages[{i - 1}]; it trains an "
-            "adapter: use handover merge (or omit it)", field_path=f".stages[{i}].handover"))
+            "adapter: use handover merge (or omit it)", field_path=".stages"))
         rules.append(cel(
             f"size(self.stages) <= {i} || {prev}.job.stage != 'reward'",
             f"stages[{i - 1}] trains a reward model (a classifier), which no later stage can train on: make it "
             "the last stage, or train it in its own FineTuneJob and reference it (rewardModel)",
-            field_path=f".stages[{i - 1}].job.stage"))
+            field_path=".stages"))
     return rules
 
 

@@ -182,3 +182,17 @@ def test_fixed_threshold_continues_without_rerunning_and_final_adapter_loads(clu
     original = AutoModelForCausalLM.from_pretrained(stack["model_dir"])
     with torch.no_grad():
         assert not torch.allclose(original(ids).logits, base(ids).logits)
+
+
+def test_apiserver_refuses_unsupported_handover_and_misplaced_gates(cluster, stack):
+    """The CRD's CEL (server-side dry run): each refusal names the field and the fix."""
+    bad = json.loads(json.dumps(stack["pipeline"]))
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["stages"][1]["handover"] = "weights"  # sft trained a LoRA adapter
+    bad["spec"]["stages"][2]["gate"] = {"minRewardAccuracy": 0.5}  # grpo reports no reward accuracy
+    bad["spec"]["retryFrom"] = "nope"
+    r = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert r.returncode != 0
+    assert "stages[1].handover weights needs full weights (full, galore) in stages[0]" in r.stderr
+    assert "spec.stages[2].gate.minRewardAccuracy: Forbidden: gate.minRewardAccuracy needs stage dpo" in r.stderr
+    assert "spec.retryFrom: Forbidden: retryFrom must name a stage" in r.stderr

@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
-
 import pytest
 import yaml
 
 from tests.e2e.kubetune_fixtures import OperatorProcess, crd  # noqa: F401
 from tests.e2e.test_sft_lora_end_to_end import BUCKET, download_prefix, s3_client, upload_dir
 
-REPO = Path(__file__).resolve().parents[2]
-PIPELINE_CRD = REPO / "crds" / "kubetune.dev_finetunepipelines.yaml"
 
 
 def _get(cluster, kind: str, name: str, ns: str) -> dict | None:
@@ -66,8 +62,6 @@ def _stage_job(run_id: str, endpoint: str, stage: str, fmt: str, data: str, trai
 def stack(cluster, crd, tmp_path_factory):
     from kubetune_trainer import tiny
 
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(PIPELINE_CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunepipelines.kubetune.dev")
     work = tmp_path_factory.mktemp("pipeline-e2e")
     ns = f"e2e-pipe-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)

@@ -45,7 +45,7 @@ def wait_pipeline(cluster, ns: str, name: str, want: str, timeout: float, op) ->
                 f"operator log:\n{op.logs()[-3000:]}")
 
 
-def _stage_job(run_id: str, endpoint: str, stage: str, fmt: str, data: str, training: dict) -> dict:
+def _stage_job(run_id: str, stage: str, fmt: str, data: str, training: dict) -> dict:
     return {
         "stage": stage,
         "dataset": {"format": fmt, "train": [{"uri": f"s3://{BUCKET}/data/{run_id}/{data}.jsonl"}],
@@ -53,7 +53,7 @@ def _stage_job(run_id: str, endpoint: str, stage: str, fmt: str, data: str, trai
         "adapter": {"type": "lora", "rank": 4},
         "training": {"batchSize": 4, "learningRate": 0.002, "maxLength": 48, "logEverySteps": 1, **training},
         "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi", "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-        "output": {"uri": f"s3://{BUCKET}/pipelines", "endpoint": endpoint, "credentials": {"secretName": "s3-creds"}},
+        "output": {"uri": f"s3://{BUCKET}/pipelines"},  # endpoint and credentials: the default runtime
         "retryLimit": 0,
     }
 
@@ -86,13 +86,13 @@ def stack(cluster, crd, tmp_path_factory):
         "spec": {
             "model": {"source": f"s3://{BUCKET}/models/tiny-{run_id}"},
             "stages": [
-                {"name": "sft", "job": _stage_job(run_id, cluster.s3_endpoint, "sft", "chat", "chat", {
+                {"name": "sft", "job": _stage_job(run_id, "sft", "chat", "chat", {
                     "maxSteps": 6, "evalEverySteps": 6, "checkpointEverySteps": 6}),
                  "gate": {"maxEvalLoss": 100.0}},
-                {"name": "dpo", "job": _stage_job(run_id, cluster.s3_endpoint, "dpo", "preference", "preference", {
+                {"name": "dpo", "job": _stage_job(run_id, "dpo", "preference", "preference", {
                     "maxSteps": 3, "evalEverySteps": 3, "checkpointEverySteps": 3}),
                  "gate": {"maxEvalLoss": 1e-6}},  # impossible: the pipeline must stop here
-                {"name": "grpo", "job": _stage_job(run_id, cluster.s3_endpoint, "grpo", "prompt_only", "prompt_only", {
+                {"name": "grpo", "job": _stage_job(run_id, "grpo", "prompt_only", "prompt_only", {
                     "maxSteps": 2, "checkpointEverySteps": 2, "grpo": {
                         "numGenerations": 2, "maxCompletionLength": 6,
                         "rewards": [{"name": "regex_match", "params": {"pattern": "[0-9]"}}]}}),

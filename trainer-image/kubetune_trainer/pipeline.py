@@ -27,7 +27,6 @@ from kubetune_api.finetunejob import FineTuneJob
 from kubetune_api.finetunejob.status import Artifacts, Forgetting, Progress
 from kubetune_api.finetunepipeline import (FineTunePipeline, child_name, evaluate_gate, handed_over,
                                            stage_job_spec, validate_pipeline)
-from kubetune_api.finetunepipeline.spec import PIPELINE_NAME_MAX
 from kubetune_api.report import TrainerReport
 
 from .errors import ConfigError
@@ -204,8 +203,6 @@ def summary(result: PipelineResult) -> str:
 def main_local(args: Any, docs: list, source: str, output: Path, run_stage_factory: Callable[[], Callable]) -> int:
     """`kubetune run pipeline.yaml` after the CLI parsed the manifest (kubetune_trainer.cli.cmd_run)."""
     pipeline = load_pipeline(docs, source)
-    if len(pipeline.metadata.name) > PIPELINE_NAME_MAX:  # validate_pipeline says so too; kept for clarity
-        raise ConfigError(f"metadata.name: at most {PIPELINE_NAME_MAX} characters", field="metadata.name")
     if args.output:
         # --output decides where every stage's results go, whatever the manifest said (as for a FineTuneJob)
         for stage in pipeline.spec.stages:

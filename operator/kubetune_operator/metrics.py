@@ -208,15 +208,9 @@ class OperatorMetrics:
                 self.metrics["kubetune_operator_pipeline_stage"].labels(*labels).set(i + 1)
                 now.add(("kubetune_operator_pipeline_stage", *labels))
         for series in old - now:
-            self._remove(series)
+            self._remove(*series)
         self._pipeline_series[key] = now
 
     def forget_pipeline(self, namespace: str, name: str) -> None:
         for series in self._pipeline_series.pop((namespace, name), set()):
-            self._remove(series)
-
-    def _remove(self, series: tuple) -> None:
-        try:
-            self.metrics[series[0]].remove(*series[1:])
-        except KeyError:
-            pass
+            self._remove(*series)

@@ -18,6 +18,10 @@ CLUSTER_RUNTIME_PLURAL = "clusterfinetuneruntimes"
 RUNTIME_KIND = "FineTuneRuntime"
 RUNTIME_PLURAL = "finetuneruntimes"
 DEFAULT_RUNTIME_NAME = "default"
+PIPELINE_KIND = "FineTunePipeline"
+PIPELINE_PLURAL = "finetunepipelines"
+PIPELINE_SINGULAR = "finetunepipeline"
+PIPELINE_SHORT_NAMES = ["ftp"]
 
 
 class ConditionType:

@@ -121,8 +121,14 @@ def _bound_strings(node: Any, limit: int = 1024) -> None:
 def spec_schema(resource: Resource = FINETUNEJOB) -> dict:
     schema = model_schema(resource.spec_model)
     _bound_strings(schema)
-    for name in resource.object_defaults:
-        schema["properties"][name]["default"] = {}
+    for path in resource.object_defaults:
+        # "adapter", or a nested path through lists: "stages[].job.adapter"
+        node = schema
+        for part in path.split("."):
+            node = node["properties"][part.removesuffix("[]")]
+            if part.endswith("[]"):
+                node = node["items"]
+        node["default"] = {}
     return schema
 
 

@@ -128,6 +128,15 @@ OPERATOR_METRICS: list[MetricDef] = [
     MetricDef("kubetune_job_forgetting_threshold", "gauge",
               "spec.evaluation.forgettingThreshold of each job that has a reference set.",
               labels=OPERATOR_LABELS_JOB, component="operator"),
+    MetricDef("kubetune_operator_pipeline_phase", "gauge",
+              "1 for each FineTunePipeline's current phase, 0 for the others (removed when the pipeline is deleted).",
+              labels=("namespace", "pipeline", "phase"), component="operator"),
+    MetricDef("kubetune_operator_pipeline_current_stage", "gauge", "Number (1-based) of each pipeline's current stage.",
+              labels=("namespace", "pipeline"), component="operator"),
+    MetricDef("kubetune_operator_pipeline_stage", "gauge",
+              "Stage number of each started stage's FineTuneJob: join kubetune_job_* series on (namespace, "
+              "finetunejob) to give them the pipeline and stage labels.",
+              labels=("namespace", "pipeline", "stage", JOB_LABEL), component="operator"),
 ]
 
 ALL_METRICS = TRAINER_METRICS + OPERATOR_METRICS

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from . import constants as C
 from .finetunejob import FineTuneJobSpec, FineTuneJobStatus
 from .finetuneruntime import FineTuneRuntimeSpec, RuntimeStatus
+from .finetunepipeline import FineTunePipelineSpec, FineTunePipelineStatus
+from .finetunepipeline.spec import PIPELINE_NAME_MAX
 
 
 @dataclass(frozen=True)
@@ -120,5 +122,33 @@ NAMESPACED_RUNTIME = Resource(
     printer_columns=_RUNTIME_COLUMNS,
 )
 
+FINETUNEPIPELINE = Resource(
+    kind=C.PIPELINE_KIND, plural=C.PIPELINE_PLURAL, singular=C.PIPELINE_SINGULAR,
+    short_names=C.PIPELINE_SHORT_NAMES, categories=C.CATEGORIES,
+    spec_model=FineTunePipelineSpec, status_model=FineTunePipelineStatus,
+    description="FineTunePipeline chains training stages (e.g. cpt -> sft -> dpo -> grpo): the operator runs one "
+    "FineTuneJob per stage, hands each stage's model to the next and starts a stage only after the previous "
+    "one passed its gate.",
+    spec_description="Desired state: the base model and the ordered, gated stages.",
+    status_description="Observed state, written by the operator: per-stage phase, metric, artifacts and gate.",
+    object_defaults=("stages[].job.adapter", "stages[].job.training", "stages[].job.resources"),
+    root_validations=[{
+        "rule": f"size(self.metadata.name) <= {PIPELINE_NAME_MAX}",
+        "message": f"metadata.name must be at most {PIPELINE_NAME_MAX} characters (each stage's FineTuneJob is "
+        "named <pipeline>-<stage> and must stay within 50)",
+        "reason": "FieldValueForbidden",
+    }],
+    printer_columns=[
+        {"name": "Stage", "type": "string", "jsonPath": ".status.progress", "description": "stage number/stages"},
+        {"name": "Current", "type": "string", "jsonPath": ".status.currentStage", "description": "Current stage"},
+        {"name": "Status", "type": "string", "jsonPath": ".status.phase", "description": "Phase"},
+        {"name": "Metric", "type": "string", "jsonPath": ".status.metric",
+         "description": "The current stage's headline figure"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
+        {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+    ],
+)
+
 # Every CRD kubetune installs, in generation order. Add new resources here.
-RESOURCES: list[Resource] = [FINETUNEJOB, CLUSTER_RUNTIME, NAMESPACED_RUNTIME]
+RESOURCES: list[Resource] = [FINETUNEJOB, CLUSTER_RUNTIME, NAMESPACED_RUNTIME, FINETUNEPIPELINE]

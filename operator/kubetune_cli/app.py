@@ -7,6 +7,7 @@ kubernetes client; each command imports what it needs when it runs.
     kubetune run examples/local/sft-lora.yaml      # any FineTuneJob manifest (same trainer as the pods)
     kubetune run job.yaml --output ./out           # a new run beside the earlier ones (runs/<run-id>/)
     kubetune run --resume                          # continue the newest interrupted run (or --resume RUN_ID)
+    kubetune run pipeline.yaml [--from STAGE]      # a FineTunePipeline: its stages in order, gated, locally
     kubetune tiny model /tmp/tiny-llama            # build the tiny model / synthetic data (trainer extra)
     kubetune estimate job.yaml --model-config config.json   # per-GPU memory breakdown; exit 1 if it cannot fit
 
@@ -74,8 +75,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ parser
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run a FineTuneJob manifest on this machine (no cluster; trainer extra)",
-                       description="Run a FineTuneJob locally with the same trainer the pods run. Without a "
+    p = sub.add_parser("run", help="run a FineTuneJob or FineTunePipeline manifest on this machine (no cluster; "
+                       "trainer extra)",
+                       description="Run a FineTuneJob (or a FineTunePipeline: its stages in order, each gated as "
+                       "the operator gates it) locally with the same trainer the pods run. Without a "
                        f"manifest: an SFT + LoRA job on a tiny model built locally. Needs {TRAINER_INSTALL}.")
     p.add_argument("manifest", nargs="?", help="FineTuneJob YAML (default: the built-in SFT + LoRA job)")
     p.add_argument("--output", "-o", help=f"results folder (default: ./{DEFAULT_OUTPUT}); overrides "
@@ -83,6 +86,11 @@ def _add_run(sub) -> None:
     p.add_argument("--resume", nargs="?", const="newest", metavar="RUN_ID",
                    help="continue an interrupted run of this job from its latest checkpoint: the newest unfinished "
                    "one, or RUN_ID (default: start a fresh run beside the earlier ones)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="FineTunePipeline only: re-run from this stage, reusing the earlier stages' results "
+                   "(their gates are judged again with the manifest's thresholds)")
+    p.add_argument("--approve", action="append", metavar="STAGE[,STAGE]",
+                   help="FineTunePipeline only: approve these stages' manualApproval gates")
     p.add_argument("--verbose", "-v", action="store_true", help="show library logs and the Trainer's log lines")
     p.set_defaults(func=cmd_run)
 

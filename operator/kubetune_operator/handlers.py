@@ -35,6 +35,7 @@ from .outage import ENDLESS_BACKOFF, ApiHealth, install_log_filter
 from .peering import PeeringGate
 from .progress import ProgressLoop, aiohttp_fetcher, job_view
 from .reconciler import Reconciler, Result, snapshot_job, snapshot_pod
+from . import pipeline_handlers  # noqa: F401  (registers the FineTunePipeline handlers with kopf)
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)

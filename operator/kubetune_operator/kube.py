@@ -69,7 +69,7 @@ PLURALS = {("v1", "ConfigMap"): "configmaps", ("v1", "Service"): "services", ("v
 
 def object_path(obj: dict) -> str:
     """Path of a namespaced object from its apiVersion/kind/metadata."""
-    plurals = {**PLURALS, (C.API_VERSION, C.KIND): C.PLURAL}
+    plurals = {**PLURALS, (C.API_VERSION, C.KIND): C.PLURAL, (C.API_VERSION, C.PIPELINE_KIND): C.PIPELINE_PLURAL}
     plural = plurals[(obj["apiVersion"], obj["kind"])]
     meta = obj["metadata"]
     return f"{collection_path(obj['apiVersion'], plural, meta['namespace'])}/{meta['name']}"

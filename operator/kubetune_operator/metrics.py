@@ -57,6 +57,7 @@ class OperatorMetrics:
         self._queues: dict[tuple[str, str], str] = {}  # the queue label of each job's GPU-seconds series
         self._gpu_seconds: dict[tuple[tuple[str, str], str], float] = {}  # what each counter series says
         self._server = None
+        self._pipeline_series: dict[tuple[str, str], set[tuple]] = {}
         for phase in Phase.ALL:
             self.metrics["kubetune_operator_jobs"].labels(phase=phase).set(0)
         # Export 0 for every handler from the start: a counter series that appears only with the first error
@@ -186,3 +187,30 @@ class OperatorMetrics:
                     metric.remove(namespace, name)
                 except KeyError:
                     pass
+
+    # per pipeline ---------------------------------------------------------------------------------------
+    def observe_pipeline(self, namespace: str, name: str, status: dict) -> None:
+        """Set a FineTunePipeline's series from the status the pipeline reconciler just derived."""
+        key = (namespace, name)
+        old = self._pipeline_series.get(key, set())
+        now: set[tuple] = set()
+        phase = status.get("phase") or Phase.PENDING
+        for p in Phase.ALL:
+            self.metrics["kubetune_operator_pipeline_phase"].labels(namespace, name, p).set(1 if p == phase else 0)
+            now.add(("kubetune_operator_pipeline_phase", namespace, name, p))
+        progress = str(status.get("progress") or "")
+        if "/" in progress and progress.split("/")[0].isdigit():
+            self.metrics["kubetune_operator_pipeline_current_stage"].labels(namespace, name).set(int(progress.split("/")[0]))
+            now.add(("kubetune_operator_pipeline_current_stage", namespace, name))
+        for i, stage in enumerate(status.get("stages") or []):
+            if stage.get("jobUid") and stage.get("job"):
+                labels = (namespace, name, stage["name"], stage["job"])
+                self.metrics["kubetune_operator_pipeline_stage"].labels(*labels).set(i + 1)
+                now.add(("kubetune_operator_pipeline_stage", *labels))
+        for series in old - now:
+            self._remove(*series)
+        self._pipeline_series[key] = now
+
+    def forget_pipeline(self, namespace: str, name: str) -> None:
+        for series in self._pipeline_series.pop((namespace, name), set()):
+            self._remove(*series)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "kubetune.dev_finetunejobs.yaml"
 RUNTIME_CRDS = [REPO / "crds" / "kubetune.dev_clusterfinetuneruntimes.yaml",
                 REPO / "crds" / "kubetune.dev_finetuneruntimes.yaml"]
+PIPELINE_CRD = REPO / "crds" / "kubetune.dev_finetunepipelines.yaml"
 # What the chart installs as ClusterFineTuneRuntime/default, as the e2e tests need it: the Secret they create
 # (s3-creds), custom rewards and remote code allowed, scheduling overrides allowed (the bad-input tests set them).
 DEFAULT_RUNTIME = {
@@ -33,10 +34,11 @@ DEFAULT_RUNTIME = {
 
 @pytest.fixture(scope="session")
 def crd(cluster):
-    for path in (CRD_FILE, *RUNTIME_CRDS):
+    for path in (CRD_FILE, *RUNTIME_CRDS, PIPELINE_CRD):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.dev",
-                    "crd/clusterfinetuneruntimes.kubetune.dev", "crd/finetuneruntimes.kubetune.dev")
+                    "crd/clusterfinetuneruntimes.kubetune.dev", "crd/finetuneruntimes.kubetune.dev",
+                    "crd/finetunepipelines.kubetune.dev")
     cluster.apply(DEFAULT_RUNTIME)
     return CRD_FILE
 

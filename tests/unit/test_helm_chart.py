@@ -25,6 +25,7 @@ from kubetune_api import constants as C
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubetune"
 CRD_FILE = REPO / "crds" / f"{C.GROUP}_{C.PLURAL}.yaml"
+PIPELINE_CRD_FILE = REPO / "crds" / f"{C.GROUP}_{C.PIPELINE_PLURAL}.yaml"
 RULES_FILE = CHART / "files" / "prometheus-rules" / "kubetune.rules.yaml"
 DASHBOARD_FILE = CHART / "files" / "dashboards" / "kubetune.json"
 RELEASE, NAMESPACE = "kt", "kubetune-system"
@@ -113,7 +114,8 @@ USER_ROLES = ("kubetune-edit", "kubetune-view")
 
 
 # Scenarios: name -> values. Each is linted with --strict and rendered by the tests below.
-KUBETUNE_CRDS = {C.CRD_NAME, f"{C.CLUSTER_RUNTIME_PLURAL}.{C.GROUP}", f"{C.RUNTIME_PLURAL}.{C.GROUP}"}
+KUBETUNE_CRDS = {C.CRD_NAME, f"{C.CLUSTER_RUNTIME_PLURAL}.{C.GROUP}", f"{C.RUNTIME_PLURAL}.{C.GROUP}",
+                 f"{C.PIPELINE_PLURAL}.{C.GROUP}"}
 NAMESPACED = {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"]}
 MONITORING_ON = {"monitoring": {"force": True, "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                                 "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}}
@@ -193,10 +195,12 @@ def test_defaults_render_the_expected_objects():
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
-def test_crd_equals_the_generated_file():
+@pytest.mark.parametrize("crd_file", [CRD_FILE, PIPELINE_CRD_FILE], ids=lambda p: p.name)
+def test_crd_equals_the_generated_file(crd_file):
+    CRD_FILE = crd_file
     objs = render()
-    crd = one(objs, "CustomResourceDefinition", C.CRD_NAME)
     generated = yaml.safe_load(CRD_FILE.read_text())
+    crd = one(objs, "CustomResourceDefinition", generated["metadata"]["name"])
     annotations = dict(crd["metadata"]["annotations"])
     assert annotations.pop("helm.sh/resource-policy") == "keep", "crds.keep defaults to true"
     assert annotations == generated["metadata"]["annotations"]
@@ -209,8 +213,10 @@ def test_crd_equals_the_generated_file():
 
 
 def test_crds_keep_false_drops_the_resource_policy():
-    crd = one(render({"crds": {"keep": False}}), "CustomResourceDefinition", C.CRD_NAME)
-    assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {})
+    crds = find(render({"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert {c["metadata"]["name"] for c in crds} == KUBETUNE_CRDS
+    for crd in crds:
+        assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {})
 
 
 def test_crds_install_false_renders_no_crd():
@@ -290,8 +296,10 @@ def test_values_reach_the_deployment():
 
 # ---------------------------------------------------------------------------------------------- RBAC
 NEEDED = [  # (group, resource, verbs) the operator needs in every namespace it reconciles
-    ("kubetune.dev", "finetunejobs", ["get", "list", "watch", "patch", "delete"]),
+    ("kubetune.dev", "finetunejobs", ["get", "list", "watch", "patch", "delete", "create"]),
     ("kubetune.dev", "finetunejobs/status", ["get", "patch"]),
+    ("kubetune.dev", "finetunepipelines", ["get", "list", "watch", "patch"]),
+    ("kubetune.dev", "finetunepipelines/status", ["get", "patch"]),
     ("batch", "jobs", ["get", "list", "watch", "create", "patch", "delete"]),
     ("", "pods", ["get", "list", "watch"]),
     ("", "services", ["get", "create", "patch", "delete"]),
@@ -301,7 +309,8 @@ NEEDED = [  # (group, resource, verbs) the operator needs in every namespace it 
 # Verbs the operator does not use (it merge-patches, never PUTs; it never lists its ConfigMaps and Services): the
 # chart must not grant them.
 NOT_NEEDED = [
-    ("kubetune.dev", "finetunejobs", ["update", "create"]),
+    ("kubetune.dev", "finetunejobs", ["update"]),
+    ("kubetune.dev", "finetunepipelines", ["update", "create", "delete"]),
     ("kubetune.dev", "finetunejobs/status", ["update"]),
     ("batch", "jobs", ["update"]),
     ("", "services", ["list", "watch", "update"]),
@@ -324,7 +333,11 @@ def _assert_least_privilege(objs: list[dict]):
     for verb in ("create", "delete", "patch", "update"):
         assert not allows(rules, "", "pods", verb), f"pods {verb}"
     assert not allows(rules, "", "pods/exec", "create")
-    assert not allows(rules, "kubetune.dev", "finetunejobs", "create"), "users create FineTuneJobs, not the operator"
+    # the operator creates FineTuneJobs only as a FineTunePipeline's stages; users create the pipelines
+    assert allows(rules, "kubetune.dev", "finetunejobs", "create"), "pipeline stages are FineTuneJobs"
+    assert not allows(rules, "kubetune.dev", "finetunepipelines", "create"), "users create pipelines"
+    assert not allows(rules, "kubetune.dev", "finetunejobs", "update"), "merge patches only, never PUT"
+    assert allows(rules, "kubetune.dev", "finetunepipelines/status", "patch")
 
 
 def test_cluster_rbac():

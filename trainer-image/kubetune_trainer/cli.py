@@ -6,6 +6,8 @@ installed; `main` is that same parser, so `python -m kubetune_trainer.cli` is th
     kubetune run examples/local/sft-lora.yaml      # any FineTuneJob manifest (same trainer as the pods)
     kubetune run job.yaml --output ./out           # results under ./out/<namespace>/<name>/runs/<run-id>/
     kubetune run --resume                          # continue the newest interrupted run of the job (or --resume ID)
+    kubetune run examples/local/pipeline-sft-dpo-grpo.yaml   # a FineTunePipeline: stages in order, gated
+    kubetune run pipeline.yaml --from dpo          # re-run from a stage, reusing earlier stages' results
     kubetune tiny model /tmp/tiny-llama            # build the tiny model / synthetic data yourself
     kubetune tiny data /tmp/tiny-data
 
@@ -297,7 +299,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             source = args.manifest
         else:
             text, source = DEFAULT_JOB, "the built-in default job"
-        job = config.load_job_text(expand_local_vars(text, output), source)
+        expanded = expand_local_vars(text, output)
+        from . import pipeline as local_pipeline
+
+        docs = config.parse_yaml(expanded, source)
+        if local_pipeline.is_pipeline_text(docs):
+            if args.resume:
+                raise config.ConfigError("--resume is for one FineTuneJob; a pipeline re-runs from a stage: --from "
+                                         "STAGE", field="--resume")
+            return local_pipeline.main_local(args, docs, source, output, lambda: _stage_runner(args))
+        if getattr(args, "from_stage", None) or getattr(args, "approve", None):
+            raise config.ConfigError("--from and --approve are for FineTunePipeline manifests", field="--from")
+        job = config.load_job_text(expanded, source)
         if args.output or not args.manifest:
             # --output (or the default job) decides where results go, whatever the manifest said.
             job = job.model_copy(update={"spec": job.spec.model_copy(update={
@@ -324,6 +337,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress.end()
     print(summary(report, _read_manifest(report)), file=sys.stderr if report.state != "succeeded" else sys.stdout)
     return int(report.exit_code or 0)
+
+
+def _stage_runner(args: argparse.Namespace):
+    """One pipeline stage as a local run: a fresh run id and work folder, the progress bar, the summary."""
+    from . import config, runs
+    from .runner import run
+
+    def run_stage(job):
+        run_id = runs.new_run_id()
+        out = Path(job.spec.output.uri[len("file://"):]) if job.spec.output.uri.startswith("file://") else \
+            Path(DEFAULT_OUTPUT).resolve()
+        work = out / ".work" / job.metadata.namespace / job.metadata.name / run_id
+        settings = config.RunSettings.from_env(
+            work_dir=work, run_id=run_id, metrics_port=int(os.environ.get("KUBETUNE_METRICS_PORT", "0")))
+        progress = _Progress()
+        report = run(job, settings, extra_callbacks=[progress.callback()], console_logs=args.verbose)
+        progress.end()
+        print(summary(report, _read_manifest(report)), file=sys.stderr)
+        return report
+
+    return run_stage
 
 
 # ------------------------------------------------------------------------------------------------ tiny

@@ -136,6 +136,20 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
+# FineTunePipelines: watched like FineTuneJobs; patch for kopf's annotations and to clear a handled retry
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunepipelines"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunepipelines/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunepipelines/finalizers"]
+  verbs: ["update"]
+# A pipeline's stages are FineTuneJobs it creates (owned by it) and replaces on a retry
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["create"]
 # The trainer Job: created and deleted with its FineTuneJob, watched for completion, patched for spec.suspend
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -731,9 +731,12 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
         out["message"] = msg
         conds = _forgetting_condition(conds, out.get("forgetting"), gen, now)
     elif queue is not None and (job.get("spec") or {}).get("suspend") and not spec.get("suspend"):
-        # Kueue holds the Job: not admitted yet, or evicted (preempted) and requeued
-        conds = set_condition(conds, CT.ADMITTED, False, queue.reason, queue.message, gen, now)
-        conds = set_condition(conds, CT.RUNNING, False, queue.reason, queue.message, gen, now)
+        # Kueue holds the Job: not admitted yet, or evicted (preempted) and requeued; or admitted a moment ago
+        # and about to unsuspend it
+        admitted = queue.state == "admitted"
+        conds = set_condition(conds, CT.ADMITTED, admitted, queue.reason, queue.message, gen, now)
+        conds = set_condition(conds, CT.RUNNING, False, Reason.PENDING if admitted else queue.reason,
+                              queue.message, gen, now)
         if condition_true(conds, CT.SUSPENDED):
             conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED,
                                   "resumed: queued for Kueue admission", gen, now)

@@ -257,3 +257,11 @@ def test_gpu_seconds_counter_mirrors_status_across_operator_restarts():
     restarted.forget_job(NS, "demo")
     assert value(restarted, **labels) is None
     parse_job(body)  # the status shape parses with the typed model
+
+
+def test_admitted_but_not_yet_unsuspended_is_admitted_not_queued():
+    job = job_obj(suspend=True)
+    state = Q.queue_state("team", workload(job, admitted=True), child_suspended=True)
+    st = S.derive_status(queued(), job, [], now=NOW, queue=state)
+    c = {x["type"]: x for x in st["conditions"]}
+    assert c[CT.ADMITTED]["status"] == "True" and st["phase"] == Phase.PENDING

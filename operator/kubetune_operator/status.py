@@ -475,11 +475,9 @@ def gpu_usage(old: Optional[dict], pods: Iterable[dict], gpus_per_pod: int, now:
     running = sum(RUNNING_RESOLUTION_SECONDS * (max(0.0, seconds_between(p["start"], now) or 0.0)
                                                 // RUNNING_RESOLUTION_SECONDS) * int(p["gpus"])
                   for p in open_pods.values())
-    usage: dict = {"closedSeconds": round(closed, 3)}
-    if closed_pods:
-        usage["closedPods"] = closed_pods[-CLOSED_PODS_KEPT:]
-    if open_pods:
-        usage["openPods"] = sorted(open_pods.values(), key=lambda p: (p["start"], p["uid"]))
+    # Both lists always present (maybe empty): the status is merge-patched, where a missing key keeps the old value
+    usage: dict = {"closedSeconds": round(closed, 3), "closedPods": closed_pods[-CLOSED_PODS_KEPT:],
+                   "openPods": sorted(open_pods.values(), key=lambda p: (p["start"], p["uid"]))}
     return usage, int(round(closed + running))
 
 

@@ -230,6 +230,7 @@ def test_higher_priority_job_preempts_a_trainer_which_resumes_from_its_sigterm_c
     high_done = cluster.wait_job(namespace, "high", timeout=120, context=context)
     done = cluster.wait_job(namespace, "low", timeout=300, context=context)
     timeline["low succeeded"] = round(time.monotonic() - t0)
+    print(f"\ntimeline (s): {timeline}")
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs-{tag}/{namespace}/low/runs/{uid}/manifest.json")
                           ["Body"].read())
     resumed = int(manifest["resumedFrom"].rstrip("/").rsplit("checkpoint-", 1)[1])
@@ -245,4 +246,3 @@ def test_higher_priority_job_preempts_a_trainer_which_resumes_from_its_sigterm_c
     assert _cond(done, "Admitted")["status"] == "True"
     # both attempts are in the cost ledger (0 GPUs here: the local runner has none, so 0 GPU-seconds)
     assert len(done["status"]["gpuUsage"]["closedPods"]) == 2, done["status"]["gpuUsage"]
-    print(f"timeline (s): {timeline}")

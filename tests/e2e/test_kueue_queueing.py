@@ -33,7 +33,7 @@ FAKE = {
     "spec": {
         "stage": "sft", "model": {"source": "s3://models/tiny"},
         "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-        "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+        "output": {"uri": "s3://kubetune/runs"},
         "resources": {"gpus": 8, "podAnnotations": {"kubetune.dev/kwok-duration": "4s"}},
         "retryLimit": 0,
     },
@@ -186,8 +186,7 @@ def test_higher_priority_job_preempts_a_trainer_which_resumes_from_its_sigterm_c
                          "logEverySteps": 2, "checkpointEverySteps": 4, "keepCheckpoints": 3},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
                           "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-            "output": {"uri": f"s3://{BUCKET}/runs-{tag}", "endpoint": cluster.s3_endpoint,
-                       "credentials": {"secretName": "s3-creds"}},
+            "output": {"uri": f"s3://{BUCKET}/runs-{tag}"},  # endpoint and credentials: the default runtime's
             "queueName": "preempt", "workloadPriorityClassName": env["low"], "retryLimit": 1,
         },
     }

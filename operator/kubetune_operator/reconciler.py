@@ -272,8 +272,7 @@ class Reconciler:
                 # Kueue would admit (start) a new Job before the operator could deactivate its Workload: a queued
                 # job suspended before it ever ran gets its Job only when unsuspended.
                 await self._ensure_children(ftj, job_model, runtime, create_job=False)
-                alive = [p for p in pods if not S.pod_is_finished(p)]
-                await self._write(st, ftj, S.held_status(ftj, queueing.queue_name(job_model), alive, now=self.now()))
+                await self._write(st, ftj, S.held_status(ftj, queueing.queue_name(job_model), pods, now=self.now()))
                 return Result("ok", status=st.status)
             if job is None:
                 ours = st.expected_deletion is not None

@@ -475,11 +475,9 @@ def gpu_usage(old: Optional[dict], pods: Iterable[dict], gpus_per_pod: int, now:
     running = sum(RUNNING_RESOLUTION_SECONDS * (max(0.0, seconds_between(p["start"], now) or 0.0)
                                                 // RUNNING_RESOLUTION_SECONDS) * int(p["gpus"])
                   for p in open_pods.values())
-    usage: dict = {"closedSeconds": round(closed, 3)}
-    if closed_pods:
-        usage["closedPods"] = closed_pods[-CLOSED_PODS_KEPT:]
-    if open_pods:
-        usage["openPods"] = sorted(open_pods.values(), key=lambda p: (p["start"], p["uid"]))
+    # Both lists always present (maybe empty): the status is merge-patched, where a missing key keeps the old value
+    usage: dict = {"closedSeconds": round(closed, 3), "closedPods": closed_pods[-CLOSED_PODS_KEPT:],
+                   "openPods": sorted(open_pods.values(), key=lambda p: (p["start"], p["uid"]))}
     return usage, int(round(closed + running))
 
 
@@ -731,9 +729,12 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
         out["message"] = msg
         conds = _forgetting_condition(conds, out.get("forgetting"), gen, now)
     elif queue is not None and (job.get("spec") or {}).get("suspend") and not spec.get("suspend"):
-        # Kueue holds the Job: not admitted yet, or evicted (preempted) and requeued
-        conds = set_condition(conds, CT.ADMITTED, False, queue.reason, queue.message, gen, now)
-        conds = set_condition(conds, CT.RUNNING, False, queue.reason, queue.message, gen, now)
+        # Kueue holds the Job: not admitted yet, or evicted (preempted) and requeued; or admitted a moment ago
+        # and about to unsuspend it
+        admitted = queue.state == "admitted"
+        conds = set_condition(conds, CT.ADMITTED, admitted, queue.reason, queue.message, gen, now)
+        conds = set_condition(conds, CT.RUNNING, False, Reason.PENDING if admitted else queue.reason,
+                              queue.message, gen, now)
         if condition_true(conds, CT.SUSPENDED):
             conds = set_condition(conds, CT.SUSPENDED, False, Reason.RESUMED,
                                   "resumed: queued for Kueue admission", gen, now)

@@ -89,6 +89,8 @@ def test_manifest_fields(finished, tiny_data, tiny_model):
     assert m["forgetting"]["referencePerplexityBefore"] > 1 and m["forgetting"]["exceeded"] is False
     assert m["forgetting"] == report.forgetting.to_k8s()
     assert m["wallSeconds"] > 0 and m["deviceSeconds"] == pytest.approx(m["wallSeconds"] * m["devices"])
+    gpus = job.spec.resources.gpus * job.spec.resources.nodes  # GPUs the job holds, CPU or not
+    assert m["gpuSeconds"] == pytest.approx(gpus * m["wallSeconds"], abs=0.01 * max(gpus, 1))
     assert m["earlyStopped"] is False and m["forgettingAction"] is None
     assert m["parameters"]["trainable"] < m["parameters"]["total"]
     assert m["artifacts"]["adapterUri"] == report.artifacts.adapter_uri

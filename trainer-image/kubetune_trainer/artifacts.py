@@ -290,6 +290,9 @@ def manifest(record: RunRecord, arts: Artifacts) -> dict:
         "wallSeconds": round(record.wall_seconds, 3),
         "attempts": record.attempts,
         "deviceSeconds": round(record.device_seconds, 3),
+        # What the run cost in GPU time: the GPUs the job holds (per node x nodes) x wallSeconds, for charge-back
+        # next to the operator's status.gpuSeconds (which counts pods as Kubernetes saw them run).
+        "gpuSeconds": round(spec.resources.gpus * spec.resources.nodes * record.wall_seconds, 3),
         "devices": record.devices,
         "deviceKind": record.device_kind,
         "parameters": {"trainable": record.trainable_parameters, "total": record.total_parameters},

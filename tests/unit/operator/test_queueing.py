@@ -20,7 +20,7 @@ from kubetune_operator.reconciler import Reconciler, ftj_path
 from kubetune_operator.render import render_job
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validation import validate
-from tests.unit.operator.builders import NS, FakeKube, FakeLookup, ftj, job_obj, pod
+from tests.unit.operator.builders import NS, FakeKube, FakeLookup, ftj, job_obj, merge, pod
 
 NOW = "2026-01-01T03:00:00Z"
 
@@ -153,15 +153,21 @@ def test_status_queued_admitted_preempted():
 def test_gpu_seconds_sum_every_attempt_and_survive_restarts():
     first = pod(phase="Failed", exit_code=143, started="2026-01-01T00:10:00Z")   # ends 00:50: 40 min
     second = pod(started="2026-01-01T01:00:00Z")                                 # running since 01:00
-    usage, secs = S.gpu_usage(None, [first, second], gpus_per_pod=8, now="2026-01-01T01:30:30Z")
-    assert secs == 8 * 40 * 60 + 8 * 30 * 60  # the running one in whole minutes
+    stored: dict = {}
+
+    def account(pods, now):  # as the reconciler does: the result is merge-patched onto the stored status
+        nonlocal stored
+        usage, secs = S.gpu_usage(stored or None, pods, gpus_per_pod=8, now=now)
+        stored = merge(stored, usage)
+        return secs
+    assert account([first, second], "2026-01-01T01:30:30Z") == 8 * 40 * 60 + 8 * 30 * 60  # running: whole minutes
     # the first pod is gone (garbage-collected), the status is the memory: counted once, not again or never
-    usage2, secs2 = S.gpu_usage(usage, [second], gpus_per_pod=8, now="2026-01-01T01:31:00Z")
-    assert secs2 == 8 * 40 * 60 + 8 * 31 * 60
-    assert usage2["closedSeconds"] == 8 * 40 * 60
-    # the running pod vanished (deleted on preemption) before its end was seen: closed when noticed
-    usage3, secs3 = S.gpu_usage(usage2, [], gpus_per_pod=8, now="2026-01-01T01:32:00Z")
-    assert secs3 == 8 * 40 * 60 + 8 * 32 * 60 and "openPods" not in usage3
+    assert account([second], "2026-01-01T01:31:00Z") == 8 * 40 * 60 + 8 * 31 * 60
+    assert stored["closedSeconds"] == 8 * 40 * 60
+    # the running pod vanished (deleted on preemption) before its end was seen: closed when noticed, once
+    assert account([], "2026-01-01T01:32:00Z") == 8 * 40 * 60 + 8 * 32 * 60
+    assert account([], "2026-01-01T01:40:00Z") == 8 * 40 * 60 + 8 * 32 * 60
+    assert stored["openPods"] == [] and len(stored["closedPods"]) == 2
     # pods that never started (pending) cost nothing
     assert S.gpu_usage(None, [pod(phase="Pending")], gpus_per_pod=8, now=NOW)[1] == 0
 
@@ -257,3 +263,11 @@ def test_gpu_seconds_counter_mirrors_status_across_operator_restarts():
     restarted.forget_job(NS, "demo")
     assert value(restarted, **labels) is None
     parse_job(body)  # the status shape parses with the typed model
+
+
+def test_admitted_but_not_yet_unsuspended_is_admitted_not_queued():
+    job = job_obj(suspend=True)
+    state = Q.queue_state("team", workload(job, admitted=True), child_suspended=True)
+    st = S.derive_status(queued(), job, [], now=NOW, queue=state)
+    c = {x["type"]: x for x in st["conditions"]}
+    assert c[CT.ADMITTED]["status"] == "True" and st["phase"] == Phase.PENDING

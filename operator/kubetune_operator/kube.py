@@ -112,9 +112,12 @@ class KubeApi:
             if self.health is not None:
                 self.health.lost(type(exc).__name__)
             raise ApiUnreachable(f"{method} {path}: the API server did not answer ({type(exc).__name__})") from exc
-        if self.health is not None:
-            self.health.ok()
         data = resp.data or b""
+        if resp.status in (429, 503) and (b"initializing" in data or b"HTTP paths have been installed" in data):
+            # the server is starting: as good as no answer (outage.py)
+            if self.health is not None:
+                self.health.lost("starting")
+            raise ApiUnreachable(f"{method} {path}: the API server is starting ({resp.status})")
         if not 200 <= resp.status < 300:
             try:
                 status = json.loads(data)
@@ -125,6 +128,20 @@ class KubeApi:
                                (status.get("details") or {}).get("causes"))
                 raise ApiError(resp.status, "", data[:200].decode(errors="replace")) from None
         return json.loads(data) if data else None
+
+    def _ready_sync(self) -> bool:
+        m, url, h, b, p = self._client.param_serialize("GET", "/readyz", header_params={"Accept": "text/plain"},
+                                                       auth_settings=["BearerToken"])
+        try:
+            resp = self._client.call_api(m, url, h, b, p, _request_timeout=5)
+            resp.read()
+        except Exception:  # noqa: BLE001 - no answer: not ready
+            return False
+        return resp.status == 200
+
+    async def ready(self) -> bool:
+        """GET /readyz answered 200: the API server is up and serves everything (outage.py's health watch)."""
+        return await asyncio.to_thread(self._ready_sync)
 
     async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                       content_type: str = "application/json") -> Optional[dict]:

@@ -59,7 +59,9 @@ _UNREACHABLE_TYPES = {
 }
 # kopf's retry records carry the exception only as repr() in the message.
 _RETRY_RECORD = re.compile(r"^Request attempt #\d+(/\d+)? failed; (will retry|escalating): ")
-_UNREACHABLE_TEXT = re.compile("|".join(sorted(_UNREACHABLE_TYPES)) + r"|status=50[234]\b")
+# ... and while it starts: 503 "the request has been made before all known HTTP paths have been installed",
+# 429 "storage is (re)initializing".
+_UNREACHABLE_TEXT = re.compile("|".join(sorted(_UNREACHABLE_TYPES)) + r"|status=50[234]\b|\(re\)initializing")
 
 
 def unreachable(exc: Optional[BaseException]) -> bool:
@@ -71,6 +73,8 @@ def unreachable(exc: Optional[BaseException]) -> bool:
         status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
         if type(exc).__name__ == "APIServerError" and status in (502, 503, 504):
             return True  # kopf: the server is starting ("... before all known HTTP paths have been installed")
+        if type(exc).__name__ == "APITooManyRequestsError" and "initializing" in str(exc):
+            return True  # kopf: "storage is (re)initializing" right after the server started
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
@@ -103,13 +107,15 @@ class ApiHealth:
                         seconds)
 
     async def watch(self, api: Any, interval: float = 1.0, stopped: Optional[asyncio.Event] = None) -> None:
-        """While the server is down, ask it every `interval` s (GET /version) to notice its return even when
-        nothing else calls it; KubeApi reports the success."""
+        """While the server is down, ask it every `interval` s whether it is ready (GET /readyz): only then is it
+        back. A server that is starting answers some requests and refuses others (503, 429) for a while; calling
+        it back at its first answer would make one outage look like several."""
         while stopped is None or not stopped.is_set():
             if self.down:
                 try:
-                    await api.request("GET", "/version")
-                except Exception:  # noqa: BLE001 - still down (or answering oddly): ask again
+                    if await api.ready():
+                        self.ok()
+                except Exception:  # noqa: BLE001 - still down: ask again
                     pass
             await asyncio.sleep(interval)
 

@@ -278,10 +278,10 @@ RESTART_CAUSES = ("preempted", "killed", "crashed", "storage")
 # When one pod is seen twice, the better-informed cause wins (a deleted pod may show DisruptionTarget or its
 # exit code only later): preempted > storage > crashed > killed.
 _CAUSE_RANK = {"killed": 0, "crashed": 1, "storage": 2, "preempted": 3}
-# The trainer's exit code and report reason when the object store stayed unreachable (the storage patience of
-# issue 15; ExitCode.STORAGE_UNAVAILABLE where the constant exists).
-STORAGE_EXIT_CODE = getattr(ExitCode, "STORAGE_UNAVAILABLE", 75)
-STORAGE_REASON = "StorageUnavailable"
+# The trainer's exit code and report reason when the object store stayed unreachable for the whole patience
+# budget (trainer storage/patience.py).
+STORAGE_EXIT_CODE = ExitCode.STORAGE_UNAVAILABLE
+STORAGE_REASON = Reason.STORAGE_UNAVAILABLE
 SIGKILL_EXIT_CODE = 137
 
 

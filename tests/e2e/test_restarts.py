@@ -72,7 +72,7 @@ def manifest(env: dict, name: str, steps: int, **training) -> dict:
                          "logEverySteps": 1, "evalEverySteps": 50, "checkpointEverySteps": 50, **training},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi",
                           "nodeSelector": {"kubetune.dev/local-runner": "true"}},
-            "output": {"uri": f"s3://{BUCKET}/runs"},
+            "output": {"uri": f"s3://{BUCKET}/runs"},  # credentials: the default runtime (s3-creds)
             "retryLimit": 1,
         },
     }

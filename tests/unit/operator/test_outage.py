@@ -53,6 +53,10 @@ def test_one_warning_each_way_and_no_traceback(captured):
     except ApiUnreachable:
         logging.getLogger("kopf.objects").exception("Handler 'reconcile' failed with an exception. "
                                                                 "Will retry.")
+    kopf_watch.error("Request attempt #10 failed; will retry: GET https://127.0.0.1:6443/apis/x?watch=true -> "
+                     "APITooManyRequestsError('storage is (re)initializing', {'code': 429}, status=429)")
+    kopf_watch.error("Request attempt #11 failed; will retry: GET /x -> APIServerError('the request has been made "
+                     "before all known HTTP paths have been installed, please try again', status=503)")
     logging.getLogger("urllib3.connectionpool").warning(
         "Retrying (Retry(total=2, connect=None, read=None)) after connection broken by "
         "'NewConnectionError(\"Failed to establish a new connection: [Errno 111] Connection refused\")': /api")
@@ -117,3 +121,4 @@ def test_kube_api_raises_api_unreachable_and_reports_health():
     with pytest.raises(ApiUnreachable):
         asyncio.run(api.get("/api/v1/namespaces/x/pods/y"))
     assert health.down
+    assert asyncio.run(api.ready()) is False

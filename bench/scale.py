@@ -20,8 +20,8 @@ What one run of an arm does (each in a fresh namespace, deleted afterwards):
   (N Running jobs: progress scraping and resync), whose CPU is reported per 1000 jobs per minute;
   reconcile errors = kubetune_operator_reconcile_errors_total from its /metrics plus ERROR lines and
   tracebacks in its log.
-- Pods land on `bench-node-*` KWOK nodes the script adds (2000 pods, 4000 GPUs each; removed with
-  --cleanup-nodes), so that node capacity never limits either arm.
+- Pods land on `bench-node-*` KWOK nodes the script adds (2000 pods, 4000 GPUs each, a taint of their own
+  that only the bench's pods tolerate; removed with --cleanup-nodes), so node capacity never limits either arm.
 
 Arms alternate between repeats (ftj, job, job, ftj, ...); the table shows the median and the spread
 (min-max) per arm and the ratio of the medians, all from this one run. The cluster is shared with the API
@@ -55,6 +55,9 @@ sys.path[:0] = [str(REPO / "operator")]
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
 HOLD = {"kubetune.dev/kwok-outcome": "hold"}
 NODE_PODS = 2000
+# bench nodes carry their own taint too: other tests' pods (which expect gpu-node-0/1) never land on them
+BENCH_TAINT = {"key": "kubetune.dev/bench", "value": "scale", "effect": "NoSchedule"}
+BENCH_TOLERATION = {"key": "kubetune.dev/bench", "operator": "Equal", "value": "scale", "effect": "NoSchedule"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -66,7 +69,8 @@ def finetunejob(name: str) -> dict:
             "model": {"source": "s3://models/tiny"},
             "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
             "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
-            "resources": {"gpus": 1, "podAnnotations": dict(HOLD)},
+            "resources": {"gpus": 1, "podAnnotations": dict(HOLD), "nodeSelector": {"type": "kwok-bench"},
+                          "tolerations": [BENCH_TOLERATION]},
             "retryLimit": 0,
         },
     }
@@ -125,7 +129,7 @@ def bench_node(name: str) -> dict:
             "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
                          "labels": {"kubernetes.io/hostname": name, "type": "kwok-bench",
                                     "nvidia.com/gpu.present": "true"}},
-            "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+            "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}, BENCH_TAINT]},
             "status": {"capacity": cap, "allocatable": cap}}
 
 
@@ -203,6 +207,19 @@ class Counter(threading.Thread):
                     return None
                 self.cond.wait(min(left, 1.0))
             return self.times[n - 1]
+
+
+def api_requests(api) -> dict[str, float]:
+    """apiserver_request_total summed by verb and resource (all clients), from the API server's /metrics."""
+    resp = request(api, "GET", "/metrics", timeout=60)
+    resp.read()
+    out: dict[str, float] = {}
+    for line in resp.data.decode().splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            key = f"{labels.get('verb')} {labels.get('resource')}{'/' + labels['subresource'] if labels.get('subresource') else ''}"
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def scheduled(pod: dict) -> bool:
@@ -303,6 +320,7 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         objs = [plain_job(f"j{i:05d}", ns) for i in range(n)]
         path = f"/apis/batch/v1/namespaces/{ns}/jobs"
     timeout = args.timeout_base + args.timeout_per_job * n
+    requests0 = api_requests(api)
     t0 = time.monotonic()
     create_all(api, ns, objs, path)
     t_created = time.monotonic()
@@ -314,6 +332,11 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         cpu1 = op.cpu_seconds()
         row.update(status_s=(t_status - t0) if t_status else None, running_count=len(status.times),
                    cpu_per_job_ms=1000 * (cpu1 - cpu0) / n)
+    requests1 = api_requests(api)
+    delta = {k: v - requests0.get(k, 0.0) for k, v in requests1.items() if v - requests0.get(k, 0.0) > 0}
+    row["api_requests_per_job"] = sum(delta.values()) / n
+    row["api_requests_top"] = {k: round(v / n, 2) for k, v in sorted(delta.items(), key=lambda kv: -kv[1])[:8]}
+    if op:
         if args.hold > 0:
             time.sleep(args.hold)
             row["hold_cpu_per_1k_jobs_min"] = (op.cpu_seconds() - cpu1) / args.hold * 60 * 1000 / n
@@ -322,6 +345,10 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     pods.stopped.set()
     if status:
         status.stopped.set()
+    # the namespace controller alone was seen leaving Jobs behind for minutes on a loaded machine
+    for coll in (f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}", f"/apis/batch/v1/namespaces/{ns}/jobs"):
+        request(api, "DELETE", coll, body={"kind": "DeleteOptions", "apiVersion": "v1",
+                                           "propagationPolicy": "Background"}).read()
     kubectl("delete", "namespace", ns, "--wait=false")
     if not args.keep:
         wait_gone(ns, timeout=max(120.0, n * 0.2))
@@ -347,8 +374,9 @@ def spread(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| N | FineTuneJobs: pods scheduled s | plain Jobs: pods scheduled s | ratio | FTJ status Running s "
-           "| operator CPU ms/job | operator peak RSS MB | idle CPU s/1k jobs/min | reconcile errors (metric / log) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| operator CPU ms/job | operator peak RSS MB | idle CPU s/1k jobs/min | API requests/job (FTJ / Job) "
+           "| reconcile errors (metric / log) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted({r["n"] for r in rows}):
         f = [r for r in rows if r["n"] == n and r["arm"] == "ftj"]
         j = [r for r in rows if r["n"] == n and r["arm"] == "job"]
@@ -362,6 +390,7 @@ def table(rows: list[dict]) -> str:
             f"{n:,}", spread(fs), spread(js), ratio,
             spread([r["status_s"] for r in f if r.get("status_s") is not None]),
             spread([r["cpu_per_job_ms"] for r in f]), spread([r["rss_mb"] for r in f]), spread(hold),
+            f"{spread([r['api_requests_per_job'] for r in f])} / {spread([r['api_requests_per_job'] for r in j])}",
             " ".join(f"{r['reconcile_errors']}/{r['log_errors']}" for r in f) or "-"]) + " |")
     return "\n".join(out)
 

@@ -113,7 +113,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
     configure_kopf(settings, cfg)
     health = ApiHealth()
     install_log_filter(health)  # kopf has configured logging by now: its handlers are on the root logger
-    api = KubeApi.from_environment()
+    api = KubeApi.from_environment(concurrency=cfg.api_concurrency)
     api.health = health
     metrics = OperatorMetrics()
     port = metrics.serve(cfg.metrics_host, cfg.metrics_port)

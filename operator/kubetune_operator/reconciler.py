@@ -329,8 +329,10 @@ class Reconciler:
         jobs = [j for j in self.lookup.jobs(namespace, name) if controller_uid(j) in (uid, None)]
         job = next((j for j in jobs if not j["metadata"].get("deletionTimestamp")), jobs[0] if jobs else None)
         pods = [p for p in self.lookup.pods(namespace, name)]
-        if job is None:
-            # the index may lag behind a Job created a moment ago: ask the API before calling it missing
+        if job is None and S.condition_true(old_status.get("conditions"), CT.CREATED):
+            # the index may lag behind a Job created a moment ago: ask the API before calling it missing (a job
+            # never Created has no Job to find; should one exist all the same, creating it answers 409 and
+            # _ensure reads it back)
             live = await self.api.get(f"{collection_path('batch/v1', 'jobs', namespace)}/{child_names(name).job}")
             if live is not None and controller_uid(live) == uid:
                 job = live
@@ -357,7 +359,9 @@ class Reconciler:
                     await self._write(st, ftj, new)
                     return Result("waiting", message=new.get("message", ""), status=st.status)
                 existed = S.condition_true(old_status.get("conditions"), CT.CREATED)
-                job, created = await self._ensure_children(ftj, job_model, runtime, create_job=True)
+                job, created = await self._ensure_children(ftj, job_model, runtime, create_job=True,
+                                                           existed=existed)
+                check_blocked = check_blocked and not created  # the Job controller has not even seen it yet
                 if created and existed:
                     if ours:
                         await self.recorder.event(ftj, "Normal", Reason.JOB_CREATED,
@@ -478,7 +482,7 @@ class Reconciler:
 
     # -------------------------------------------------------------------------------------------- children
     async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec, *,
-                               create_job: bool) -> tuple[dict, bool]:
+                               create_job: bool, existed: bool = True) -> tuple[dict, bool]:
         children = render_children(job_model, ftj, self.settings, runtime)
         uid = ftj["metadata"]["uid"]
         if create_job:
@@ -491,7 +495,7 @@ class Reconciler:
         await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
         if children.service is not None:
             await self._ensure(children.service, uid, job_model=job_model)
-        elif create_job:
+        elif create_job and existed:  # a Service of an earlier multi-node spec (a job never Created has none)
             await self._delete_if_ours(
                 {"apiVersion": "v1", "kind": "Service",
                  "metadata": {"name": child_names(job_model.metadata.name).service,

@@ -193,6 +193,12 @@ def newer(candidate: dict, held: Optional[dict]) -> bool:
 _VOLATILE_META = ("resourceVersion", "managedFields")
 
 
+def _slim(obj: dict) -> dict:
+    """The object without metadata.managedFields: never read, and often its biggest part (kept per job)."""
+    meta = obj.get("metadata") or {}
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 def spec_key(ftj: dict) -> str:
     """What validation and rendering read: metadata (less what changes on every write) and spec."""
     meta = {k: v for k, v in (ftj.get("metadata") or {}).items() if k not in _VOLATILE_META}
@@ -255,7 +261,7 @@ class Reconciler:
         meta = body.get("metadata") or {}
         st = self._state(meta.get("namespace", ""), meta.get("name", ""))
         if newer(body, st.body):
-            st.body = copy.deepcopy(body)
+            st.body = copy.deepcopy(_slim(body))
         st.watched = True
 
     def _validated(self, st: _KeyState, ftj: dict) -> tuple[Optional[FineTuneJob], list[str]]:
@@ -753,7 +759,7 @@ class Reconciler:
             return
         if resp and resp.get("metadata"):
             if newer(resp, st.body):
-                st.body = resp
+                st.body = _slim(resp)
         else:
             st.body = None  # no answer to trust: the next run GETs the FineTuneJob
 

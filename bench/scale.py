@@ -55,6 +55,13 @@ sys.path[:0] = [str(REPO / "operator")]
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
 HOLD = {"kubetune.dev/kwok-outcome": "hold"}
 NODE_PODS = 2000
+# the runtime every bench FineTuneJob names (what the chart's default runtime allows, plus the bench's taint)
+RUNTIME = {
+    "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterFineTuneRuntime", "metadata": {"name": "kubetune-bench"},
+    "spec": {"template": {"image": "ghcr.io/kubetune/trainer:0.1.0"},
+             "storage": {"credentials": {"secretName": "s3-creds"}},
+             "policy": {"overrides": ["nodeSelector", "tolerations"]}},
+}
 # bench nodes carry their own taint too: other tests' pods (which expect gpu-node-0/1) never land on them
 BENCH_TAINT = {"key": "kubetune.dev/bench", "value": "scale", "effect": "NoSchedule"}
 BENCH_TOLERATION = {"key": "kubetune.dev/bench", "operator": "Equal", "value": "scale", "effect": "NoSchedule"}
@@ -68,7 +75,8 @@ def finetunejob(name: str) -> dict:
             "stage": "sft",
             "model": {"source": "s3://models/tiny"},
             "dataset": {"format": "chat", "train": [{"uri": "s3://data/chat.jsonl"}]},
-            "output": {"uri": "s3://kubetune/runs", "credentials": {"secretName": "s3-creds"}},
+            "output": {"uri": "s3://kubetune/runs"},
+            "runtimeRef": {"kind": "ClusterFineTuneRuntime", "name": RUNTIME["metadata"]["name"]},
             "resources": {"gpus": 1, "podAnnotations": dict(HOLD), "nodeSelector": {"type": "kwok-bench"},
                           "tolerations": [BENCH_TOLERATION]},
             "retryLimit": 0,
@@ -77,7 +85,9 @@ def finetunejob(name: str) -> dict:
 
 
 def plain_job(name: str, namespace: str) -> dict:
-    """The Job the operator would create for finetunejob(name), without owner reference (nothing owns it)."""
+    """The Job the operator would create for finetunejob(name) under the bench's runtime, without owner
+    reference (nothing owns it)."""
+    from kubetune_operator import runtimes
     from kubetune_operator.render import render_children
     from kubetune_operator.settings import OperatorSettings
     from kubetune_operator.validation import validate
@@ -86,7 +96,8 @@ def plain_job(name: str, namespace: str) -> dict:
     body["metadata"].update(namespace=namespace, uid="00000000-0000-0000-0000-000000000000", generation=1)
     model, problems = validate(body)
     assert not problems, problems
-    job = render_children(model, body, OperatorSettings()).job
+    runtime = runtimes.parse_runtime(RUNTIME["spec"])
+    job = render_children(runtimes.apply_defaults(model, runtime), body, OperatorSettings(), runtime).job
     job["metadata"].pop("ownerReferences", None)
     return job
 
@@ -151,13 +162,17 @@ def ensure_nodes(count: int) -> None:
 
 
 def ensure_crd() -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / "kubetune.dev_finetunejobs.yaml"))
-    for _ in range(30):  # `wait` fails at once while the new CRD is not visible yet
+    """The CRDs from crds/ and the bench's ClusterFineTuneRuntime."""
+    for path in sorted((REPO / "crds").glob("kubetune.dev_*.yaml")):
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    for _ in range(30):  # `wait` fails at once while a new CRD is not visible yet
         if kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.dev",
-                   check=False).returncode == 0:
-            return
+                   "crd/clusterfinetuneruntimes.kubetune.dev", check=False).returncode == 0:
+            break
         time.sleep(1)
-    raise SystemExit("the FineTuneJob CRD is not Established")
+    else:
+        raise SystemExit("the kubetune CRDs are not Established")
+    kubectl("apply", "-f", "-", input=json.dumps(RUNTIME))
 
 
 # ------------------------------------------------------------------------------------------------ watching

@@ -468,7 +468,8 @@ def pod_failure_policy() -> dict:
     or was stopped before it had anything to save) and a disruption are not failures."""
     return {"rules": [
         {"action": "FailJob",
-         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": sorted(C.ExitCode.PERMANENT)}},  # the API server requires them ordered
+         # sorted: the API server refuses onExitCodes values out of order
+         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": sorted(C.ExitCode.PERMANENT)}},
         {"action": "Ignore",
          "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [C.ExitCode.PREEMPTED]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},

@@ -114,7 +114,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
     configure_kopf(settings, cfg)
     health = ApiHealth()
     install_log_filter(health)  # kopf has configured logging by now: its handlers are on the root logger
-    api = KubeApi.from_environment()
+    api = KubeApi.from_environment(concurrency=cfg.api_concurrency)
     api.health = health
     metrics = OperatorMetrics()
     port = metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -214,6 +214,7 @@ async def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, namespace: st
         memo.reconciler.forget(namespace, name)
     else:
         memo.metrics.observe_job(body)
+        memo.reconciler.observe(event["object"])  # later reconciles read it instead of GETting it
 
 
 @kopf.on.delete(*FTJ, optional=True)
@@ -228,10 +229,11 @@ async def finetunejob_deleted(namespace: str, name: str, memo: kopf.Memo, **_: A
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @_counted("job-event")
 async def trainer_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME])
+    # the Job controller is at work: no need to look for its FailedCreate events (the progress loop does)
+    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME], check_blocked=False)
 
 
 @kopf.on.event("v1", "pods", labels=CHILD_LABELS)
 @_counted("pod-event")
 async def trainer_pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME])
+    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME], check_blocked=False)

@@ -4,7 +4,9 @@ recorder.
 Why not the typed kubernetes client methods: they convert to and from generated models, which drop fields the
 client version does not know (new Job status fields) and refuse plain dicts. This wrapper sends and returns the
 API's JSON as dicts, over the official client's connection pool and authentication (kubeconfig or in-cluster
-service account, with token refresh). Calls are blocking and run in worker threads.
+service account, with token refresh). Calls are blocking and run in worker threads of the client's own pool
+(`concurrency` threads and as many HTTP connections): asyncio's default executor has only cpu+4 threads,
+which a burst of hundreds of new FineTuneJobs (each several calls) queued behind for minutes.
 
 Events are posted here rather than with `kopf.event()` because the progress loop runs outside kopf's handler
 context, where kopf's event queue is not available; one recorder keeps all of the operator's events alike.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
@@ -79,21 +82,25 @@ def object_path(obj: dict) -> str:
 class KubeApi:
     """async request() returning parsed JSON; ApiError for non-2xx answers."""
 
-    def __init__(self, api_client: Any = None, timeout: float = 30.0, health: Optional[ApiHealth] = None):
+    def __init__(self, api_client: Any = None, timeout: float = 30.0, health: Optional[ApiHealth] = None,
+                 concurrency: int = 32):
         self._client = api_client
         self.timeout = timeout
         # told about every call: no answer -> ApiUnreachable (and one warning), an answer -> back (outage.py)
         self.health = health
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kube-api")
 
     @classmethod
-    def from_environment(cls) -> "KubeApi":
+    def from_environment(cls, concurrency: int = 32) -> "KubeApi":
         from kubernetes import client, config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        return cls(client.ApiClient())
+        cfg = client.Configuration.get_default_copy()
+        cfg.connection_pool_maxsize = concurrency  # one connection per thread: none waits for a connection
+        return cls(client.ApiClient(cfg), concurrency=concurrency)
 
     def _request_sync(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                       content_type: str = "application/json") -> Optional[dict]:
@@ -145,7 +152,8 @@ class KubeApi:
 
     async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                       content_type: str = "application/json") -> Optional[dict]:
-        return await asyncio.to_thread(self._request_sync, method, path, body, query, content_type)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._request_sync, method, path, body, query, content_type)
 
     # conveniences -------------------------------------------------------------------------------------
     async def get(self, path: str) -> Optional[dict]:

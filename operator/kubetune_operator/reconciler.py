@@ -4,7 +4,10 @@ handlers, watch events of the child Jobs and pods, and the periodic resync. Leve
 FineTuneJob fresh and works out everything from what exists, so a missed or repeated event does no harm.
 
 Runs for one FineTuneJob are serialised by a per-job lock and coalesced (events arriving while a run is in
-progress cause one more run, not one each). The Job and pods come from kopf indices (no list calls).
+progress cause one more run, not one each). The Job and pods come from kopf indices (no list calls); the
+FineTuneJob itself comes from kopf's watch (`observe`, fed by the FineTuneJob event handler) or from our own
+status write's answer, whichever is newer, so a child event costs no GET. The validated model and the
+rendered Job are kept per FineTuneJob until its metadata or spec change (every child event needs them).
 
 Idempotent children: deterministic names; create, and on 409 read the existing object back. Ours (controller
 owner reference with this FineTuneJob's uid): use it. Labelled ours but without an owner (e.g. a manifest
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
@@ -45,7 +49,7 @@ from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
 from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children,
-                     render_children, retries_used_by, spec_field_of, template_hash)
+                     render_children, render_job, retries_used_by, spec_field_of, template_hash)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 
@@ -167,6 +171,40 @@ def ftj_path(namespace: str, name: str) -> str:
     return f"{collection_path(C.API_VERSION, C.PLURAL, namespace)}/{name}"
 
 
+def _rv(obj: Optional[dict]) -> Optional[int]:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return None
+
+
+def newer(candidate: dict, held: Optional[dict]) -> bool:
+    """Whether `candidate` may replace `held` (the same FineTuneJob): a watch event can arrive after our own
+    status write's answer and must not roll it back. resourceVersions are etcd revisions (integers) on every
+    API server in use; an unparsable one is taken as newer, as if the cache did not exist."""
+    new, old = _rv(candidate), _rv(held)
+    if held is None or new is None or old is None:
+        return True
+    if ((candidate.get("metadata") or {}).get("uid")) != ((held.get("metadata") or {}).get("uid")):
+        return True  # deleted and created again under the same name
+    return new >= old
+
+
+_VOLATILE_META = ("resourceVersion", "managedFields")
+
+
+def _slim(obj: dict) -> dict:
+    """The object without metadata.managedFields: never read, and often its biggest part (kept per job)."""
+    meta = obj.get("metadata") or {}
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def spec_key(ftj: dict) -> str:
+    """What validation and rendering read: metadata (less what changes on every write) and spec."""
+    meta = {k: v for k, v in (ftj.get("metadata") or {}).items() if k not in _VOLATILE_META}
+    return json.dumps([meta, ftj.get("spec")], sort_keys=True, separators=(",", ":"), default=str)
+
+
 # ------------------------------------------------------------------------------------------------ results
 @dataclass
 class Result:
@@ -185,7 +223,12 @@ class _KeyState:
     uid: Optional[str] = None
     status: Optional[dict] = None
     body: Optional[dict] = None
+    watched: bool = False  # kopf's watch feeds `body` (observe): reconciles read it instead of GETting it
     expected_deletion: Optional[str] = None  # uid of a Job this operator deleted to re-create it
+    validated: Optional[tuple] = None  # (spec_key, model, problems)
+    desired: Optional[tuple] = None  # (spec_key + runtime, rendered Job)
+    blocked: tuple = (None, None)  # last _pods_refused answer, reused by runs that do not list events
+    check_blocked: bool = False
 
 
 class Reconciler:
@@ -207,32 +250,68 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         st = self._states.get((namespace, name))
+        if st is not None:
+            st.body, st.watched, st.validated, st.desired = None, False, None, None
         if st is not None and not st.lock.locked():
             self._states.pop((namespace, name), None)
 
+    def observe(self, body: dict) -> None:
+        """The FineTuneJob as kopf's watch delivered it (a plain dict, not kopf's live view): later reconciles of
+        this job read it instead of GETting it. Kept only when newer than what is held (see `newer`)."""
+        meta = body.get("metadata") or {}
+        st = self._state(meta.get("namespace", ""), meta.get("name", ""))
+        if newer(body, st.body):
+            st.body = copy.deepcopy(_slim(body))
+        st.watched = True
+
+    def _validated(self, st: _KeyState, ftj: dict) -> tuple[Optional[FineTuneJob], list[str]]:
+        """validate(ftj), kept while metadata and spec stay the same (status is not validated: the operator
+        writes it, and it changes on most runs)."""
+        key = spec_key(ftj)
+        if st.validated is None or st.validated[0] != key:
+            model, problems = validate({k: v for k, v in ftj.items() if k != "status"})
+            st.validated = (key, model, problems)
+        return st.validated[1], st.validated[2]
+
+    def _desired_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec,
+                     retries_used: int) -> dict:
+        """render_job for this spec, runtime and retry count (only the Job: _align_job needs nothing else), kept
+        until one of them changes. Callers must not modify the result."""
+        key = f"{spec_key(ftj)}{runtime.model_dump_json()}{retries_used}"
+        if st.desired is None or st.desired[0] != key:
+            st.desired = (key, render_job(job_model, ftj, self.settings, runtime, retries_used))
+        return st.desired[1]
+
     # -------------------------------------------------------------------------------------------- entry
-    async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False) -> Result:
+    async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False,
+                        check_blocked: bool = True) -> Result:
         """Bring one FineTuneJob in line. `ensure_all` also checks the ConfigMap and Service (kopf's
-        create/resume/update handlers); child events only need the Job and the status."""
+        create/resume/update handlers); child events only need the Job and the status. `check_blocked=False`
+        (child events: the Job and pods changed, so Kubernetes is creating pods) skips listing the Job's
+        FailedCreate events and keeps the last answer; the progress loop checks Pending jobs every tick."""
         st = self._state(namespace, name)
         st.requested = True
         st.ensure_all = st.ensure_all or ensure_all
+        st.check_blocked = st.check_blocked or check_blocked
         async with st.lock:
             if not st.requested and st.result is not None:
                 return st.result  # a run that started after our request already covered it
             st.requested, ensure, st.ensure_all = False, st.ensure_all, False
+            check, st.check_blocked = st.check_blocked, False
             try:
-                st.result = await self._reconcile_once(st, namespace, name, ensure)
+                st.result = await self._reconcile_once(st, namespace, name, ensure, check)
             except BaseException:
                 st.requested = True  # let the next caller retry
                 st.ensure_all = st.ensure_all or ensure
+                st.check_blocked = st.check_blocked or check
                 raise
             return st.result
 
-    async def _reconcile_once(self, st: _KeyState, namespace: str, name: str, ensure_all: bool) -> Result:
+    async def _reconcile_once(self, st: _KeyState, namespace: str, name: str, ensure_all: bool,
+                              check_blocked: bool = True) -> Result:
         if not ensure_all and st.status is not None and S.is_terminal(st.status):
             return Result("terminal", status=st.status)  # a finished job's pods come and go: nothing to do
-        ftj = await self.api.get(ftj_path(namespace, name))
+        ftj = st.body if st.watched and st.body is not None else await self.api.get(ftj_path(namespace, name))
         if ftj is None or (ftj.get("metadata") or {}).get("deletionTimestamp"):
             st.status = st.body = None
             return Result("gone")
@@ -247,7 +326,7 @@ class Reconciler:
             await self._write(st, ftj, new)
             return Result("terminal", status=st.status)
 
-        job_model, problems = validate(ftj)
+        job_model, problems = self._validated(st, ftj)
         if problems:
             message = describe_problems(problems)
             await self._write(st, ftj, S.invalid_spec_status(ftj, message, now=self.now()))
@@ -256,8 +335,10 @@ class Reconciler:
         jobs = [j for j in self.lookup.jobs(namespace, name) if controller_uid(j) in (uid, None)]
         job = next((j for j in jobs if not j["metadata"].get("deletionTimestamp")), jobs[0] if jobs else None)
         pods = [p for p in self.lookup.pods(namespace, name)]
-        if job is None:
-            # the index may lag behind a Job created a moment ago: ask the API before calling it missing
+        if job is None and S.condition_true(old_status.get("conditions"), CT.CREATED):
+            # the index may lag behind a Job created a moment ago: ask the API before calling it missing (a job
+            # never Created has no Job to find; should one exist all the same, creating it answers 409 and
+            # _ensure reads it back)
             live = await self.api.get(f"{collection_path('batch/v1', 'jobs', namespace)}/{child_names(name).job}")
             if live is not None and controller_uid(live) == uid:
                 job = live
@@ -283,7 +364,9 @@ class Reconciler:
                     await self._write(st, ftj, new)
                     return Result("waiting", message=new.get("message", ""), status=st.status)
                 existed = S.condition_true(old_status.get("conditions"), CT.CREATED)
-                job, created = await self._ensure_children(ftj, job_model, runtime, create_job=True)
+                job, created = await self._ensure_children(ftj, job_model, runtime, create_job=True,
+                                                           existed=existed)
+                check_blocked = check_blocked and not created  # the Job controller has not even seen it yet
                 if created and existed:
                     if ours:
                         await self.recorder.event(ftj, "Normal", Reason.JOB_CREATED,
@@ -314,7 +397,9 @@ class Reconciler:
             return Result("conflict", message=str(exc), delay=exc.delay, status=st.status)
 
         queue = await self._queue_state(job_model, job)
-        blocked, since = await self._pods_refused(job, pods, job_model)
+        if check_blocked or not self._missing_pods(job, pods, job_model):
+            st.blocked = await self._pods_refused(job, pods, job_model)
+        blocked, since = st.blocked
         new = S.derive_status(ftj, job, pods, now=self.now(), blocked=blocked, queue=queue)
         new["observedGeneration"] = applied_generation(job, ftj)
         timeout = self.settings.pods_blocked_timeout_seconds
@@ -329,16 +414,22 @@ class Reconciler:
         await self._write(st, ftj, new)
         return Result("ok", status=st.status)
 
+    @staticmethod
+    def _missing_pods(job: dict, pods: list[dict], job_model: FineTuneJob) -> bool:
+        """The Job should have pods it lacks (so the Job controller may be failing to create them)."""
+        meta, spec = job.get("metadata") or {}, job.get("spec") or {}
+        if not meta.get("uid") or meta.get("deletionTimestamp") or spec.get("suspend") or S.job_finished(job):
+            return False
+        live = [p for p in S.pods_of_job(pods, job) if not S.pod_is_finished(p)
+                and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        return len(live) < job_model.spec.resources.nodes
+
     async def _pods_refused(self, job: dict, pods: list[dict], job_model: FineTuneJob) -> tuple[Optional[str], Optional[str]]:
         """(message, first seen) of the Job controller's latest FailedCreate event while the Job lacks pods:
         ResourceQuota, a missing PriorityClass or ServiceAccount, a LimitRange... Those live only in the Job's
         events; the Job's status does not change. (None, None) when pods are not missing or nothing refused them."""
-        meta, spec = job.get("metadata") or {}, job.get("spec") or {}
-        if not meta.get("uid") or meta.get("deletionTimestamp") or spec.get("suspend") or S.job_finished(job):
-            return None, None
-        live = [p for p in S.pods_of_job(pods, job) if not S.pod_is_finished(p)
-                and not (p.get("metadata") or {}).get("deletionTimestamp")]
-        if len(live) >= job_model.spec.resources.nodes:
+        meta = job.get("metadata") or {}
+        if not self._missing_pods(job, pods, job_model):
             return None, None
         try:
             events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
@@ -396,7 +487,7 @@ class Reconciler:
 
     # -------------------------------------------------------------------------------------------- children
     async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec, *,
-                               create_job: bool) -> tuple[dict, bool]:
+                               create_job: bool, existed: bool = True) -> tuple[dict, bool]:
         children = render_children(job_model, ftj, self.settings, runtime)
         uid = ftj["metadata"]["uid"]
         if create_job:
@@ -409,7 +500,7 @@ class Reconciler:
         await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
         if children.service is not None:
             await self._ensure(children.service, uid, job_model=job_model)
-        elif create_job:
+        elif create_job and existed:  # a Service of an earlier multi-node spec (a job never Created has none)
             await self._delete_if_ours(
                 {"apiVersion": "v1", "kind": "Service",
                  "metadata": {"name": child_names(job_model.metadata.name).service,
@@ -488,7 +579,7 @@ class Reconciler:
         running; observedGeneration stays at the generation the Job reflects."""
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
-        desired = render_children(job_model, ftj, self.settings, runtime, retries_used=retries_used_by(job)).job
+        desired = self._desired_job(st, ftj, job_model, runtime, retries_used_by(job))
         path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
         live_spec = job.get("spec") or {}
         annotations = (job.get("metadata") or {}).get("annotations") or {}
@@ -620,6 +711,7 @@ class Reconciler:
         meta = ftj["metadata"]
         resp = await self.api.merge_patch(ftj_path(meta["namespace"], meta["name"]) + "/status", {"status": patch})
         st.status = (resp or {}).get("status") or {**old, **{k: v for k, v in patch.items() if v is not None}}
+        self._hold(st, resp)
         for type_, cond in S.condition_changes(old.get("conditions"), new.get("conditions")):
             await self.recorder.event(ftj, type_, cond["reason"], cond.get("message", ""))
         old_phase, new_phase = old.get("phase"), new.get("phase")
@@ -656,7 +748,19 @@ class Reconciler:
                 return False
             resp = await self.api.merge_patch(ftj_path(namespace, name) + "/status", {"status": patch})
             st.status = (resp or {}).get("status") or {**status, **patch}
+            self._hold(st, resp)
             return True
+
+    @staticmethod
+    def _hold(st: _KeyState, resp: Optional[dict]) -> None:
+        """Our status write's answer is the whole object, newer than any watch event before it."""
+        if not st.watched:
+            return
+        if resp and resp.get("metadata"):
+            if newer(resp, st.body):
+                st.body = _slim(resp)
+        else:
+            st.body = None  # no answer to trust: the next run GETs the FineTuneJob
 
     async def delete_expired(self, namespace: str, name: str, uid: str) -> bool:
         """ttlSecondsAfterFinished: delete the finished FineTuneJob (its children go with it; artifacts stay)."""

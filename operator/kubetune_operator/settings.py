@@ -23,6 +23,7 @@ override the matching variables.
 | KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS | 300 | trainer pods' terminationGracePeriodSeconds (time to checkpoint on SIGTERM) |
 | KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
+| KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (threads and connections) |
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ ENV_VARS: dict[str, str] = {
     "pods_blocked_timeout_seconds": "KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS",
     "trainer_termination_grace_seconds": "KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS",
     "trainer_metrics_port": "KUBETUNE_TRAINER_METRICS_PORT",
+    "api_concurrency": "KUBETUNE_API_CONCURRENCY",
 }
 
 
@@ -88,6 +90,7 @@ class OperatorSettings(BaseModel):
     pods_blocked_timeout_seconds: float = Field(0.0, ge=0)
     trainer_termination_grace_seconds: int = Field(300, ge=0)
     trainer_metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=1, le=65535)
+    api_concurrency: int = Field(32, ge=1, le=256)
 
     @field_validator("trainer_resources")
     @classmethod

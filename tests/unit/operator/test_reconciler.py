@@ -393,3 +393,115 @@ def test_concurrent_triggers_are_coalesced():
             sum(1 for c in kube.calls[:gets] if c[0] == "GET" and c[1] == ftj_path(NS, "demo"))
         assert 1 <= runs <= 2, f"{runs} runs for 20 triggers"
     run(scenario())
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def gets_of_ftj(kube: FakeKube) -> int:
+    return sum(1 for m, p in kube.calls if m == "GET" and p == ftj_path(NS, "demo"))
+
+
+def test_watched_job_is_read_from_the_watch_not_fetched():
+    """With kopf's watch feeding the FineTuneJob (observe), child events cost no GET; the status write's
+    answer is held, and a watch event older than it does not roll it back."""
+    async def scenario():
+        kube, lookup, rec = make()
+        first = kube.put(ftj())
+        rec.observe(first)
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        # a new job costs its runtime's lookup and record, dry runs, creates, one status write and its events:
+        # neither the FineTuneJob nor a Job or Service is read
+        assert [p for m, p in kube.calls if m == "GET"] == ["/apis/kubetune.dev/v1alpha1/clusterfinetuneruntimes/default"]
+        assert sorted(m for m, _ in kube.calls if m != "GET") == ["DRYRUN", "DRYRUN", "PATCH", "PATCH", "POST", "POST",
+                                                                 "POST", "POST"]
+        job_uid = kube.find("Job")[0]["metadata"]["uid"]
+        lookup.pod_list = [pod(job_uid=job_uid)]
+        rec.observe(first)  # a late watch event from before our status write: ignored
+        await rec.reconcile(NS, "demo", check_blocked=False)
+        assert gets_of_ftj(kube) == 0
+        assert stored(kube)["status"]["phase"] == Phase.RUNNING
+        events = len(kube.events)
+        await rec.reconcile(NS, "demo", check_blocked=False)  # nothing changed: no write, no duplicate events
+        assert len(kube.events) == events and gets_of_ftj(kube) == 0
+        # a spec edit arrives through the watch: the next run sees it (suspend reaches the Job)
+        edited = stored(kube)
+        edited["spec"]["suspend"] = True
+        edited["metadata"]["generation"] = 2
+        rec.observe(kube.put(edited))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert kube.find("Job")[0]["spec"]["suspend"] is True and gets_of_ftj(kube) == 0
+        # deleted: forgotten; the next trigger asks the API server and finds nothing
+        del kube.objects[ftj_path(NS, "demo")]
+        rec.forget(NS, "demo")
+        assert (await rec.reconcile(NS, "demo")).state == "gone" and gets_of_ftj(kube) == 1
+    run(scenario())
+
+
+def test_unwatched_reconcile_still_reads_the_api_server():
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        await rec.reconcile(NS, "demo")
+        assert gets_of_ftj(kube) == 2
+    run(scenario())
+
+
+def test_spec_is_validated_and_rendered_once_per_change(monkeypatch):
+    from kubetune_operator import reconciler as R
+
+    counts = {"validate": 0, "render_job": 0}
+
+    def counting(name, fn):
+        def wrapper(*a, **kw):
+            counts[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(R, "validate", counting("validate", R.validate))
+    monkeypatch.setattr(R, "render_job", counting("render_job", R.render_job))
+
+    async def scenario():
+        kube, lookup, rec = make()
+        rec.observe(kube.put(ftj()))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        job_uid = kube.find("Job")[0]["metadata"]["uid"]
+        for phase in ("Pending", "Running", "Running"):
+            lookup.pod_list = [pod(job_uid=job_uid, phase=phase)]
+            await rec.reconcile(NS, "demo", check_blocked=False)
+        assert counts["validate"] == 1 and counts["render_job"] == 1
+        edited = stored(kube)
+        edited["spec"]["retryLimit"] = 5
+        edited["metadata"]["generation"] = 2
+        rec.observe(kube.put(edited))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert counts["validate"] == 2 and counts["render_job"] == 2
+        assert kube.find("Job")[0]["spec"]["backoffLimit"] == 5
+    run(scenario())
+
+
+def test_child_events_do_not_list_events_but_keep_pods_blocked():
+    """Listing the Job's FailedCreate events on every Job/pod event costs one LIST per event while pods are
+    being created; only the progress loop's runs (check_blocked, the default) list them, and child-event runs
+    keep the last answer instead of flipping PodsBlocked off and on."""
+    from tests.unit.operator.test_bad_inputs import QUOTA, failed_create
+
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        lists = [c for c in kube.calls if c[0] == "GET" and c[1].endswith("/events")]
+        (job,) = kube.find("Job")
+        kube.core_events.append(failed_create(job, QUOTA))
+        before = len([c for c in kube.calls if c[1].endswith("/events") and c[0] == "GET"])
+        await rec.reconcile(NS, "demo", check_blocked=False)
+        assert len([c for c in kube.calls if c[1].endswith("/events") and c[0] == "GET"]) == before
+        assert conds(kube)[CT.RUNNING]["reason"] != Reason.PODS_BLOCKED
+        await rec.reconcile(NS, "demo")  # the progress loop's run
+        assert conds(kube)[CT.RUNNING]["reason"] == Reason.PODS_BLOCKED
+        await rec.reconcile(NS, "demo", check_blocked=False)  # a Job event in between: still blocked
+        assert conds(kube)[CT.RUNNING]["reason"] == Reason.PODS_BLOCKED
+        lookup.pod_list = [pod(job_uid=job["metadata"]["uid"])]
+        await rec.reconcile(NS, "demo", check_blocked=False)  # pods exist: no longer blocked, without a LIST
+        assert conds(kube)[CT.RUNNING]["reason"] == Reason.RUNNING
+        assert lists == [], "the run that created the Job does not look: the Job controller has not seen it yet"
+    run(scenario())

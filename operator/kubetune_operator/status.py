@@ -781,7 +781,8 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
             msg = f"{n_running}/{nodes} trainer pod(s) running" if n_running else \
                 "all trainer pods finished; waiting for the Job to complete"
             if restarts:
-                msg += f" after {restarts} restart(s) ({restarts_summary(ledger)})"
+                summary = restarts_summary(ledger)  # empty for a JobSet whose pods were all deleted
+                msg += f" after {restarts} restart(s)" + (f" ({summary})" if summary else "")
             conds = set_condition(conds, CT.RUNNING, True, Reason.RUNNING, msg, gen, now)
             out["startTime"] = old.get("startTime") or _earliest_start(running or pods) or now
         else:

@@ -450,7 +450,6 @@ def test_jobset_paths_map_back_to_spec_fields():
     single = R.render_job(model(ftj(resources={"gpus": 1, "nodeSelector": {"pool": "a"}})))
     for path in ("nodeSelector[pool]", "containers[0].image", "containers[0].resources.limits[nvidia.com/gpu]"):
         assert R.spec_field_of(job, js, f"{base}.{path}") == R.spec_field_of(job, single, f"spec.template.spec.{path}")
-    assert R.spec_field_of(job, js, f"{base}.containers[0].image") == "spec.resources.image"
     assert R.spec_field_of(job, js, "spec.replicatedJobs[0].template.spec.activeDeadlineSeconds") == \
         "spec.activeDeadlineSeconds"
     assert R.spec_field_of(job, js, "spec.failurePolicy.maxRestarts") == "spec.retryLimit"

@@ -508,3 +508,10 @@ def test_jobset_restarting_says_the_gang_restarts_and_what_counted():
     running = cond(st, CT.RUNNING)
     assert running["status"] == "False" and running["reason"] == Reason.RESTARTING
     assert "restarts the whole gang" in running["message"] and "0 of retryLimit 3 used" in running["message"]
+
+
+def test_a_restarting_jobset_is_never_replaced_by_the_operator():
+    """JobSet restarts its gang itself: the single-node Job's at-once replacement must not delete it."""
+    pods = [gang_pod(0, 0, phase="Failed", exit_code=143), gang_pod(1, 0, phase="Failed", exit_code=143)]
+    assert S.waits_for_backoff(jobset_obj(restarts=0), pods, T1) is None
+    assert S.waits_for_backoff(jobset_obj(), [], "2026-01-01T05:00:00Z") is None

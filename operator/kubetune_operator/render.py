@@ -459,7 +459,7 @@ def pod_failure_policy() -> dict:
     or was stopped before it had anything to save) and a disruption are not failures."""
     return {"rules": [
         {"action": "FailJob",
-         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": list(C.ExitCode.PERMANENT)}},
+         "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": sorted(C.ExitCode.PERMANENT)}},
         {"action": "Ignore",
          "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [C.ExitCode.PREEMPTED]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},

@@ -74,7 +74,7 @@ def pod_failure_policy(container: str) -> dict:
     JobSet's failurePolicy (which sees only Job failures) can tell them apart by rule index."""
     return {"rules": [
         {"action": "FailJob",  # RULE_PERMANENT
-         "onExitCodes": {"containerName": container, "operator": "In", "values": list(C.ExitCode.PERMANENT)}},
+         "onExitCodes": {"containerName": container, "operator": "In", "values": sorted(C.ExitCode.PERMANENT)}},
         {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},  # RULE_DISRUPTION
         {"action": "FailJob",  # RULE_SIGTERM
          "onExitCodes": {"containerName": container, "operator": "In", "values": [C.ExitCode.PREEMPTED]}},

@@ -375,7 +375,7 @@ def test_multi_node_renders_a_jobset_gang():
     assert fp["maxRestarts"] == 2 and fp["restartStrategy"] == "BlockingRecreate"
     rules = job["podFailurePolicy"]["rules"]
     assert [r["action"] for r in rules] == ["FailJob"] * 3
-    assert rules[0]["onExitCodes"]["values"] == list(C.ExitCode.PERMANENT)
+    assert rules[0]["onExitCodes"]["values"] == sorted(C.ExitCode.PERMANENT)
     assert rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
     assert rules[2]["onExitCodes"]["values"] == [C.ExitCode.PREEMPTED]
     permanent, disruption = fp["rules"]
@@ -549,3 +549,13 @@ def test_cache_claim_mounts_a_download_cache_that_outlives_the_pod():
     mounts = {m["name"]: m["mountPath"] for m in container(job)["volumeMounts"]}
     assert mounts["download-cache"] == R.CACHE_DIR
     assert env_of(job)["KUBETUNE_CACHE_DIR"]["value"] == R.CACHE_DIR
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_pod_failure_policy_exit_codes_are_ordered(nodes):
+    """batch/v1 refuses onExitCodes.values that are not in ascending order ("must be ordered")."""
+    body = ftj(resources={"gpus": 1, "nodes": nodes})
+    for rule in job_spec(R.render_job(model(body), body))["podFailurePolicy"]["rules"]:
+        values = (rule.get("onExitCodes") or {}).get("values")
+        if values:
+            assert values == sorted(set(values)), rule

@@ -289,7 +289,7 @@ def test_pod_failure_policy():
     fail = [r for r in rules if r["action"] == "FailJob"]
     assert len(fail) == 1
     assert fail[0]["onExitCodes"]["operator"] == "In"
-    assert tuple(fail[0]["onExitCodes"]["values"]) == C.ExitCode.PERMANENT
+    assert fail[0]["onExitCodes"]["values"] == sorted(C.ExitCode.PERMANENT)  # batch/v1: "must be ordered"
     assert fail[0]["onExitCodes"]["containerName"] == container(job)["name"]
     assert C.ExitCode.RETRIABLE not in fail[0]["onExitCodes"]["values"]
     assert C.ExitCode.PREEMPTED not in fail[0]["onExitCodes"]["values"]

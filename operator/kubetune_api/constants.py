@@ -80,6 +80,8 @@ class Reason:
     EVICTED = "Evicted"  # Kueue evicted it for another reason (its message says which); requeued
     WORKLOAD_INACTIVE = "WorkloadInactive"
     KUEUE_NOT_INSTALLED = "KueueNotInstalled"
+    # spec.resources.nodes > 1 runs as a JobSet, and the cluster does not serve jobsets.jobset.x-k8s.io.
+    JOBSET_NOT_INSTALLED = "JobSetNotInstalled"
 
 
 class Phase:

@@ -7,7 +7,9 @@ render.py / status.py (pure), progress.py (the periodic loop) and metrics.py.
 What triggers what:
 - FineTuneJob created / found at startup / spec changed -> reconcile with all children checked: invalid spec
   -> Failed/InvalidSpec + kopf.PermanentError; name taken by a foreign object -> kopf.TemporaryError.
-- a labelled child Job or trainer pod changed -> reconcile of its FineTuneJob (status follows the pods).
+- a labelled child Job, JobSet (multi-node jobs) or trainer pod changed -> reconcile of its FineTuneJob (status
+  follows the pods). Without the JobSet API in the cluster kopf logs that it cannot watch jobsets and the rest
+  works; multi-node jobs then fail with reason JobSetNotInstalled (install JobSet, then restart the operator).
 - FineTuneJob watch events -> the per-job Prometheus series (removed on deletion).
 - deletion: nothing blocks it (no finalizer: the one delete handler is optional); the garbage collector
   removes the children through their owner references.
@@ -33,6 +35,7 @@ from .kube import EventRecorder, KubeApi
 from .metrics import OperatorMetrics
 from .outage import ENDLESS_BACKOFF, ApiHealth, install_log_filter
 from .peering import PeeringGate
+from . import render_jobset as JS
 from .progress import ProgressLoop, aiohttp_fetcher, job_view
 from .reconciler import Reconciler, Result, snapshot_job, snapshot_pod
 from . import pipeline_handlers  # noqa: F401  (registers the FineTunePipeline handlers with kopf)
@@ -41,6 +44,7 @@ from .settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 FTJ = (C.GROUP, C.VERSION, C.PLURAL)
+JOBSET = (JS.GROUP, JS.API_VERSION.split("/")[1], JS.PLURAL)
 ANNOTATION_PREFIX = f"operator.{C.GROUP}"  # kopf's progress/diffbase annotations on FineTuneJobs
 CHILD_LABELS = {Label.MANAGED_BY: Label.MANAGED_BY_VALUE, Label.JOB_NAME: kopf.PRESENT}
 CHILD_SELECTOR = f"{Label.MANAGED_BY}={Label.MANAGED_BY_VALUE},{Label.JOB_NAME}"
@@ -63,6 +67,7 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> No
     # Watch only kubetune's Jobs and pods (server-side filtering: a busy cluster has many pods).
     settings.watching.label_selectors["batch", "v1", "jobs"] = CHILD_SELECTOR
     settings.watching.label_selectors["v1", "pods"] = CHILD_SELECTOR
+    settings.watching.label_selectors[JOBSET] = CHILD_SELECTOR
     # Re-establish watches regularly: a silently dead connection would otherwise freeze the status.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -231,6 +236,13 @@ async def finetunejob_deleted(namespace: str, name: str, memo: kopf.Memo, **_: A
 async def trainer_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     # the Job controller is at work: no need to look for its FailedCreate events (the progress loop does)
     await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME], check_blocked=False)
+
+
+@kopf.on.event(*JOBSET, labels=CHILD_LABELS)
+@_counted("jobset-event")
+async def trainer_jobset_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    """The JobSet's status (Completed, Failed, restarts) changes after its pods': reconcile on it too."""
+    await memo.reconciler.reconcile(namespace, labels[Label.JOB_NAME])
 
 
 @kopf.on.event("v1", "pods", labels=CHILD_LABELS)

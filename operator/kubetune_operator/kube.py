@@ -67,7 +67,7 @@ def collection_path(api_version: str, plural: str, namespace: str) -> str:
 
 
 PLURALS = {("v1", "ConfigMap"): "configmaps", ("v1", "Service"): "services", ("v1", "Pod"): "pods",
-           ("batch/v1", "Job"): "jobs", ("v1", "Event"): "events"}
+           ("batch/v1", "Job"): "jobs", ("v1", "Event"): "events", ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobsets"}
 
 
 def object_path(obj: dict) -> str:

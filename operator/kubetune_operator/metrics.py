@@ -40,7 +40,7 @@ def _unsuffixed(m: MetricDef) -> str:
 
 # Every `handler` label value of kubetune_operator_reconcile_errors_total (handlers.py's @_counted names and
 # the progress loop); tests/unit/operator keeps this list and the code in step.
-RECONCILE_HANDLERS = ("reconcile", "job-event", "pod-event", "delete", "metrics", "progress")
+RECONCILE_HANDLERS = ("reconcile", "job-event", "jobset-event", "pod-event", "delete", "metrics", "progress")
 
 
 class OperatorMetrics:

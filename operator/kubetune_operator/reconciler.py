@@ -8,6 +8,9 @@ progress cause one more run, not one each). The Job and pods come from kopf indi
 FineTuneJob itself comes from kopf's watch (`observe`, fed by the FineTuneJob event handler) or from our own
 status write's answer, whichever is newer, so a child event costs no GET. The validated model and the
 rendered Job are kept per FineTuneJob until its metadata or spec change (every child event needs them).
+A multi-node job's workload is a JobSet (render_jobset.py), read by name (GET) on each run: it is not
+indexed, so an operator on a cluster without JobSet needs no watch on it. "The Job" below means the workload of
+either kind.
 
 Idempotent children: deterministic names; create, and on 409 read the existing object back. Ours (controller
 owner reference with this FineTuneJob's uid): use it. Labelled ours but without an owner (e.g. a manifest
@@ -48,8 +51,10 @@ from . import queueing
 from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
 from .metrics import OperatorMetrics
-from .render import (GENERATION_ANNOTATION, MUTABLE_JOB_FIELDS, TEMPLATE_HASH_ANNOTATION, child_names, iter_children,
-                     render_children, render_job, retries_used_by, spec_field_of, template_hash)
+from . import render_jobset as JS
+from .render import (GENERATION_ANNOTATION, TEMPLATE_HASH_ANNOTATION, child_names, is_multi_node, iter_children,
+                     mutable_fields, render_children, render_job, retries_used_by, spec_field_of, template_hash,
+                     workload_name)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 
@@ -102,6 +107,28 @@ def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
     text = "; ".join(f"{f}: {m}" for f, m in parts)
     return ChildRejected(Reason.INVALID_POD_TEMPLATE, first,
                          f"{text} (the API server refused the {kind} {name} rendered from this spec)")
+
+
+def jobset_not_installed(job: FineTuneJob, exc: ApiError) -> ChildRejected:
+    """404 on creating the JobSet of a multi-node job: the cluster does not serve the JobSet API. Permanent for
+    this FineTuneJob (no retry loop): the message says what to install, or how to run without it."""
+    return ChildRejected(
+        Reason.JOBSET_NOT_INSTALLED, "spec.resources.nodes",
+        f"spec.resources.nodes: {job.spec.resources.nodes} nodes run as a JobSet ({JS.API_VERSION}), which this "
+        "cluster does not serve: install JobSet v0.10 or later (https://jobset.sigs.k8s.io) and re-create this "
+        f"FineTuneJob, or set spec.resources.nodes: 1 (the API server said: {_short(exc.message, 200)})")
+
+
+def workload_path(job: FineTuneJob) -> str:
+    """Where the FineTuneJob's workload lives: its JobSet (multi-node) or its batch/v1 Job."""
+    ns, name = job.metadata.namespace, workload_name(job)
+    if is_multi_node(job.spec):
+        return f"{collection_path(JS.API_VERSION, JS.PLURAL, ns)}/{name}"
+    return f"{collection_path('batch/v1', 'jobs', ns)}/{name}"
+
+
+def _path_of(workload: dict) -> str:
+    return object_path({"apiVersion": "batch/v1", "kind": "Job", **workload})
 
 
 def forbidden(child: dict, exc: ApiError) -> ChildConflict:
@@ -332,14 +359,17 @@ class Reconciler:
             await self._write(st, ftj, S.invalid_spec_status(ftj, message, now=self.now()))
             return Result("invalid", message=message, status=st.status)
 
-        jobs = [j for j in self.lookup.jobs(namespace, name) if controller_uid(j) in (uid, None)]
+        if is_multi_node(job_model.spec):
+            jobs = []  # a JobSet: no index (it is read by name below); the batch Jobs in the index are its children
+        else:
+            jobs = [j for j in self.lookup.jobs(namespace, name) if controller_uid(j) in (uid, None)]
         job = next((j for j in jobs if not j["metadata"].get("deletionTimestamp")), jobs[0] if jobs else None)
         pods = [p for p in self.lookup.pods(namespace, name)]
         if job is None and S.condition_true(old_status.get("conditions"), CT.CREATED):
             # the index may lag behind a Job created a moment ago: ask the API before calling it missing (a job
             # never Created has no Job to find; should one exist all the same, creating it answers 409 and
             # _ensure reads it back)
-            live = await self.api.get(f"{collection_path('batch/v1', 'jobs', namespace)}/{child_names(name).job}")
+            live = await self.api.get(workload_path(job_model))
             if live is not None and controller_uid(live) == uid:
                 job = live
         runtime, refusal = await self._runtime(st, ftj, job_model, job_exists=job is not None)
@@ -409,7 +439,7 @@ class Reconciler:
             new = S.invalid_spec_status(ftj, message, now=self.now(), reason=Reason.PODS_BLOCKED)
             await self._write(st, ftj, new)
             # the Job would otherwise start pods whenever the quota frees up, for a job reported Failed
-            await self.api.delete(object_path({**job, "apiVersion": "batch/v1", "kind": "Job"}))
+            await self.api.delete(_path_of(job))
             return Result("terminal", status=st.status)
         await self._write(st, ftj, new)
         return Result("ok", status=st.status)
@@ -431,6 +461,14 @@ class Reconciler:
         meta = job.get("metadata") or {}
         if not self._missing_pods(job, pods, job_model):
             return None, None
+        if JS.is_jobset(job):
+            # The JobSet's child Job creates the pods, and the refusals are its events (it carries our labels,
+            # so the Job index has it: owned by the JobSet, not by the FineTuneJob).
+            child = next((j for j in self.lookup.jobs(meta["namespace"], job_model.metadata.name)
+                          if controller_uid(j) == meta["uid"] and not j["metadata"].get("deletionTimestamp")), None)
+            if child is None or not (child.get("metadata") or {}).get("uid"):
+                return None, None
+            meta, job = child["metadata"], child
         try:
             events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
                                          fieldSelector=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
@@ -498,13 +536,19 @@ class Reconciler:
         # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
         # config it started with.
         await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
-        if children.service is not None:
-            await self._ensure(children.service, uid, job_model=job_model)
-        elif create_job and existed:  # a Service of an earlier multi-node spec (a job never Created has none)
-            await self._delete_if_ours(
-                {"apiVersion": "v1", "kind": "Service",
-                 "metadata": {"name": child_names(job_model.metadata.name).service,
-                              "namespace": job_model.metadata.namespace}}, uid)
+        if create_job and existed:  # a job never Created has no leftovers (and a new job costs no GETs)
+            ns, name = job_model.metadata.namespace, job_model.metadata.name
+            # The workload of the other kind, left from before a suspended job was resized across nodes: 1
+            # (a Job) and nodes > 1 (a JobSet). Operator versions before JobSet also rendered a headless Service
+            # for multi-node jobs; JobSet now creates its own of that name (its subdomain), which is not ours.
+            if is_multi_node(job_model.spec):
+                stale = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": child_names(name).job}}
+            else:
+                stale = {"apiVersion": JS.API_VERSION, "kind": JS.KIND, "metadata": {"name": JS.jobset_name(name)}}
+            legacy = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": child_names(name).service}}
+            for obj in (stale, legacy):
+                obj["metadata"]["namespace"] = ns
+                await self._delete_if_ours(obj, uid)
         if not create_job:
             return {}, False
         return await self._ensure(children.job, uid, job_model=job_model)
@@ -513,6 +557,8 @@ class Reconciler:
         try:
             await self.api.create(child, dry_run=True)
         except ApiError as exc:
+            if exc.not_found and JS.is_jobset(child):
+                raise jobset_not_installed(job_model, exc) from None
             if exc.invalid:
                 raise rejection(job_model, child, exc) from None
             if exc.status == 403:
@@ -527,6 +573,8 @@ class Reconciler:
         try:
             return await self.api.create(obj), True
         except ApiError as exc:
+            if exc.not_found and JS.is_jobset(obj) and job_model is not None:
+                raise jobset_not_installed(job_model, exc) from None
             if exc.invalid and job_model is not None:
                 raise rejection(job_model, obj, exc) from None
             if exc.status == 403:
@@ -561,9 +609,10 @@ class Reconciler:
                             "it (the operator retries)", delay=30)
 
     async def _delete_if_ours(self, obj: dict, owner_uid: str) -> None:
-        existing = await self.api.get(object_path(obj))
+        existing = await self.api.get(object_path(obj))  # None also where the JobSet API is not served
         if existing is not None and controller_uid(existing) == owner_uid:
-            await self.api.delete(object_path(obj))
+            # Foreground: a workload's pods are gone before it is, so they never overlap the new one's
+            await self.api.delete(object_path(obj), propagation="Foreground")
 
     async def _align_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, job: dict,
                          runtime: FineTuneRuntimeSpec) -> dict:
@@ -580,10 +629,11 @@ class Reconciler:
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
         desired = self._desired_job(st, ftj, job_model, runtime, retries_used_by(job))
-        path = object_path({**job, "apiVersion": "batch/v1", "kind": "Job"})
+        path = _path_of(job)
         live_spec = job.get("spec") or {}
         annotations = (job.get("metadata") or {}).get("annotations") or {}
-        same_template = annotations.get(TEMPLATE_HASH_ANNOTATION) == template_hash(desired["spec"])
+        mutable = mutable_fields(desired)
+        same_template = annotations.get(TEMPLATE_HASH_ANNOTATION) == template_hash(desired["spec"], mutable)
         if not same_template and live_spec.get("suspend"):
             log.info("re-creating suspended Job %s: the spec changed", path)
             st.expected_deletion = job["metadata"].get("uid")
@@ -597,7 +647,7 @@ class Reconciler:
         if want is not None:
             log.info("%s Job %s", "suspending" if want else "resuming", path)
             patch["suspend"] = want
-        for key in MUTABLE_JOB_FIELDS:
+        for key in mutable:
             if live_spec.get(key) != desired["spec"].get(key):
                 patch[key] = desired["spec"].get(key)  # None removes it
         meta_patch = {}

@@ -6,8 +6,10 @@ conditions (never stored on its own): Failed > Succeeded > Suspended > Running >
 are final: once one is True, later observations do not change the conditions (the pods of a finished job may
 be garbage-collected, which must not turn it into "JobMissing").
 
-`derive_status(ftj, job, pods)` maps the child Job's spec/status/conditions and its pods to the status the
-operator owns. The trainer's final TrainerReport comes from the termination message of the pod that ended
+`derive_status(ftj, job, pods)` maps the workload's spec/status/conditions and its pods to the status the
+operator owns. The workload is the batch/v1 Job, or for multi-node jobs the JobSet (render_jobset.py), read
+the same way: its Completed/Failed conditions, spec.suspend, status.restarts (whole-gang restarts), and the
+pods of its current attempt (labelled with the JobSet's uid). The trainer's final TrainerReport comes from the termination message of the pod that ended
 the run (kubelet keeps it in the pod status after exit), so final progress, artifacts, the forgetting result
 and a failure's explanation reach the FineTuneJob without reading logs.
 """
@@ -24,6 +26,7 @@ from kubetune_api.constants import ExitCode, Phase, Reason
 from kubetune_api.finetunejob import Progress
 from kubetune_api.report import TrainerReport
 
+from . import render_jobset as JS
 from .queueing import QueueState
 from .render import COMPLETION_INDEX_LABEL, CONTAINER_NAME, RUN_ID_LABEL, child_names, retries_used_by
 
@@ -35,7 +38,7 @@ WARNING_REASONS = {Reason.INVALID_SPEC, Reason.TRAINER_ERROR, Reason.BACKOFF_LIM
                    Reason.POD_FAILED, Reason.RESTARTING, Reason.JOB_MISSING, Reason.FORGETTING,
                    Reason.CHILD_CONFLICT, Reason.INVALID_POD_TEMPLATE, Reason.INVALID_CONFIG, Reason.PODS_BLOCKED,
                    Reason.TRUST_REMOTE_CODE, Reason.RUNTIME_NOT_FOUND, Reason.RUNTIME_VIOLATION,
-                   Reason.STORAGE_UNAVAILABLE, Reason.KUEUE_NOT_INSTALLED}
+                   Reason.STORAGE_UNAVAILABLE, Reason.KUEUE_NOT_INSTALLED, Reason.JOBSET_NOT_INSTALLED}
 MESSAGE_MAX = 2048
 
 
@@ -231,12 +234,16 @@ def _created(pod: dict) -> str:
 
 
 def pods_of_job(pods: Iterable[dict], job: dict | None) -> list[dict]:
-    """The pods the given Job created (by owner reference), oldest first."""
+    """The pods the given Job created (by owner reference), or the JobSet (by its uid label: they are owned by
+    its child Job), oldest first."""
     uid = ((job or {}).get("metadata") or {}).get("uid")
+    jobset = JS.is_jobset(job)
     out = []
     for pod in pods:
-        owners = (pod.get("metadata") or {}).get("ownerReferences") or []
-        if uid is None or any(o.get("uid") == uid for o in owners):
+        meta = pod.get("metadata") or {}
+        owners = meta.get("ownerReferences") or []
+        if uid is None or any(o.get("uid") == uid for o in owners) or \
+                (jobset and (meta.get("labels") or {}).get(JS.JOBSET_UID_LABEL) == uid):
             out.append(pod)
     return sorted(out, key=_created)
 
@@ -395,8 +402,8 @@ def waits_for_backoff(job: Optional[dict], pods: Iterable[dict], now: Optional[s
     one's end is ignored (ignored_end); or the Job has no pods at all a while after its creation: they were
     deleted (a crashed pod stays; the node agent or kubelet removes only pods that were deleted)."""
     if not job or (job.get("metadata") or {}).get("deletionTimestamp") or job_finished(job) or \
-            (job.get("spec") or {}).get("suspend"):
-        return None
+            (job.get("spec") or {}).get("suspend") or JS.is_jobset(job):
+        return None  # a JobSet restarts its gang itself (render_jobset.py), at once
     st = job.get("status") or {}
     uncounted = st.get("uncountedTerminatedPods") or {}
     if st.get("active") or st.get("terminating") or st.get("ready") or uncounted.get("failed") or \
@@ -499,7 +506,7 @@ def job_condition(job: dict, *types: str) -> Optional[dict]:
 
 
 def job_succeeded(job: dict) -> Optional[dict]:
-    return job_condition(job, "Complete", "SuccessCriteriaMet")
+    return job_condition(job, "Complete", "SuccessCriteriaMet", "Completed")  # Completed: a JobSet
 
 
 def job_failed(job: dict) -> Optional[dict]:
@@ -563,6 +570,10 @@ def _failure(job: dict, pods: list[dict], spec: dict) -> tuple[str, str]:
         # Its own reason: not a bad spec, and not a crash that a retry could fix (the trainer already waited
         # out the patience budget); the trainer's message names the endpoint and the failing call.
         return Reason.STORAGE_UNAVAILABLE, detail or "the object store stayed unreachable for the patience budget"
+    if JS.is_jobset(job):
+        # the JobSet's own words: its failurePolicy failed it on a permanent exit code, or ran out of restarts
+        job_reason = {JS.REASON_FAIL_ACTION: "PodFailurePolicy",
+                      JS.REASON_MAX_RESTARTS: "BackoffLimitExceeded"}.get(job_reason, job_reason)
     if job_reason == "PodFailurePolicy" or code in ExitCode.PERMANENT:
         return Reason.TRAINER_ERROR, detail or cond.get("message") or "the trainer exited with a permanent error"
     if job_reason == "BackoffLimitExceeded":
@@ -690,18 +701,27 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
     all_pods = list(pods)
     pods = pods_of_job(all_pods, job)
     job_meta = job.get("metadata") or {}
+    jobset = JS.is_jobset(job)
     conds = set_condition(conds, CT.CREATED, True, Reason.JOB_CREATED,
-                          f"Job {job_meta.get('name', names.job)} created", gen, now)
-    workload = {"kind": "Job", "name": job_meta.get("name", names.job), "configMap": names.config_map}
+                          f"{JS.KIND if jobset else 'Job'} {job_meta.get('name', names.job)} created", gen, now)
+    workload = {"kind": JS.KIND if jobset else "Job", "name": job_meta.get("name", names.job),
+                "configMap": names.config_map}
     if nodes > 1:
         workload["service"] = names.service
     out["workload"] = workload
     ledger = count_restarts(old.get("restarts"), pods_of_run(all_pods, meta.get("uid"), job), job)
+    js_status = (job.get("status") or {}) if jobset else {}
+    if jobset:
+        # JobSet's own count of restarts that used up maxRestarts (= retryLimit): disruptions and SIGTERM ends don't
+        ledger["retriesUsed"] = max(int(ledger.get("retriesUsed") or 0),
+                                    int(js_status.get("restartsCountTowardsMax") or 0))
 
     succeeded, failed = job_succeeded(job), job_failed(job)
     if failed:
         ledger = uncount(ledger, _failed_pod(pods))
     restarts = restart_total(ledger)
+    if jobset:  # whole-gang restarts (status.restarts counts the pods that ended, by cause)
+        restarts = max(int(old.get("restartCount") or 0), int(js_status.get("restarts") or 0))
     if restarts or old.get("restarts") or any(ledger.get(k) for k in ("retriesUsed", "pods")):
         out["restarts"] = ledger
         out["restartCount"] = restarts
@@ -762,7 +782,8 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
             msg = f"{n_running}/{nodes} trainer pod(s) running" if n_running else \
                 "all trainer pods finished; waiting for the Job to complete"
             if restarts:
-                msg += f" after {restarts} restart(s) ({restarts_summary(ledger)})"
+                summary = restarts_summary(ledger)  # empty for a JobSet whose pods were all deleted
+                msg += f" after {restarts} restart(s)" + (f" ({summary})" if summary else "")
             conds = set_condition(conds, CT.RUNNING, True, Reason.RUNNING, msg, gen, now)
             out["startTime"] = old.get("startTime") or _earliest_start(running or pods) or now
         else:
@@ -771,7 +792,10 @@ def derive_status(ftj: dict, job: Optional[dict], pods: Iterable[dict], now: Opt
                 limit = spec.get("retryLimit", 3)
                 last = failed_pods[-1]
                 used = f"{ledger.get('retriesUsed', 0)} of retryLimit {limit} used"
-                if ignored_end(last):
+                if jobset:
+                    msg = f"{last['metadata']['name']} failed ({crash_summary(last)}); the JobSet restarts the " \
+                          f"whole gang from the latest checkpoint ({used}; preemption and SIGTERM do not count)"
+                elif ignored_end(last):
                     msg = f"{last['metadata']['name']} was {end_cause(last) or 'stopped'} " \
                           f"({crash_summary(last)}); starting a replacement (not counted against retryLimit: {used})"
                 else:

@@ -231,3 +231,29 @@ def test_kubetune_run_output_file_uri_writes_to_that_folder(tmp_path):
     out = _kubetune("--output", f"file://{dest}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (dest / "default").is_dir() and not (tmp_path / "file:").exists()
+
+
+@pytest.mark.parametrize("local_rank, writes", [(0, True), (1, False)])
+def test_each_pods_main_process_writes_its_own_report(make_job, run_job, monkeypatch, tmp_path, local_rank, writes):
+    """Rank 0 is not the only pod of a multi-node gang: the first process of every other pod writes its report too,
+    so kubetune_trainer.launch exits with the run's code there (not torchrun's 1 for any failed worker)."""
+    from kubetune_api.report import TrainerReport
+    from kubetune_trainer import runner
+
+    def boom(*a, **k):
+        raise ValueError("peer went away")
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(log))
+    monkeypatch.setenv("RANK", str(2 + local_rank))  # node rank 1 of a 2 x 2 gang
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(runner, "_fetch_all", boom)
+    report = run_job(make_job())
+    assert report.exit_code == ExitCode.RETRIABLE
+    if writes:
+        written = TrainerReport.parse(log.read_text())
+        assert written.exit_code == ExitCode.RETRIABLE and "peer went away" in written.message
+    else:
+        assert not log.exists()

@@ -349,11 +349,13 @@ def _rendered_trainer_pod(example: str) -> dict:
     except ModuleNotFoundError:
         pytest.skip("kubetune_operator.render not written yet: cannot compare with the trainer image")
     if not hasattr(render, "render_job"):
-        pytest.skip("kubetune_operator.render has no render_job(job, body) -> batch/v1 Job dict: align this test "
+        pytest.skip("kubetune_operator.render has no render_job(job, body) -> Job/JobSet dict: align this test "
                     "with the operator's renderer")
     from kubetune_api.finetunejob import parse_job
 
     body = yaml.safe_load((REPO / "examples" / example).read_text())
     body["metadata"].update(namespace="default", uid="00000000-0000-0000-0000-000000000000", generation=1)
     job = render.render_job(parse_job(body), body)
+    if job["kind"] == "JobSet":  # multi-node: the pods of the JobSet's one replicatedJob
+        job = job["spec"]["replicatedJobs"][0]["template"]
     return job["spec"]["template"]["spec"]

@@ -2,9 +2,10 @@
 
 torchrun exits 1 whenever a worker fails, whatever the worker's own code was. The Job's podFailurePolicy
 needs the real one: 65/78/79/80 (bad data, bad config, NaN loss, forgetting) must fail the FineTuneJob at once
-instead of being retried, and 143 (SIGTERM -> checkpoint saved) must read as a preemption. Rank 0 writes its
-TrainerReport (with exitCode) to the termination log before exiting, so this wrapper runs torchrun as a child,
-forwards SIGTERM/SIGINT to it, and exits with the report's code.
+instead of being retried, and 143 (SIGTERM -> checkpoint saved) must read as a preemption. The first process of
+each pod (rank 0 in its own) writes its TrainerReport (with exitCode) to the pod's termination log before exiting,
+so this wrapper runs torchrun as a child, forwards SIGTERM/SIGINT to it, and exits with the report's code: the
+other pods of a multi-node gang exit 0 on success and 143 after a SIGTERM checkpoint, like rank 0's.
 
 On SIGTERM torchrun forwards the signal to its workers and SIGKILLs them after `--shutdown-timeout` seconds,
 30 by default: far too short for rank 0 to upload a large model's checkpoint. The wrapper sets it from the
@@ -13,7 +14,7 @@ margin in which the workers write their reports and torchrun exits, before the k
 
 Usage (what the operator renders for multi-process pods):
     python -m kubetune_trainer.launch --nnodes=2 --nproc-per-node=8 --node-rank=0 \
-        --rdzv-backend=c10d --rdzv-endpoint=job-trainer-0.job-workers.ns.svc:29500 --rdzv-id=UID \
+        --master-addr=job-node-0-0.job-workers.ns.svc --master-port=29731 \
         -m kubetune_trainer --config /etc/kubetune/job.yaml
 """
 

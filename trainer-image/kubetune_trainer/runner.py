@@ -231,7 +231,14 @@ def run(job: FineTuneJob, settings: Optional[config.RunSettings] = None, *,
         report = _error_report(monitor, _unexpected(exc), state)
     finally:
         if monitor is not None and report is not None:
-            monitor.finish(report)
+            monitor.finish(report)  # rank 0 only
+            from . import distributed
+
+            if not monitor.reporting and distributed.is_local_main_process():
+                # The other pods of a multi-node gang: their own report makes kubetune_trainer.launch exit with
+                # the run's code (0 on success, 143 after a SIGTERM checkpoint) instead of torchrun's, which is
+                # 1 whenever a worker failed, so the JobSet's failure policy sees what really happened.
+                write_termination_message(report)
         elif report is not None:
             write_termination_message(report)
     return report

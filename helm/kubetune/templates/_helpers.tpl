@@ -154,8 +154,15 @@ names them in secretKeyRef; the kubelet resolves them for the trainer pods.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The Job's ConfigMap (resolved config) and headless Service (rendezvous): read back by name, created, patched
-# when the config changes, deleted; never listed or watched
+# Multi-node jobs (spec.resources.nodes > 1): the JobSet that runs the gang. Created, watched for its status
+# (Completed, Failed, restarts), patched for spec.suspend, deleted when a suspended job's spec changes. Harmless
+# on a cluster without JobSet (kopf then skips the watch; such jobs fail with reason JobSetNotInstalled).
+- apiGroups: ["jobset.x-k8s.io"]
+  resources: ["jobsets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The Job's ConfigMap (resolved config): read back by name, created, patched when the config changes, deleted.
+# Services: only to delete the headless Service operator versions before JobSet made for multi-node jobs (JobSet
+# now creates its own). Neither is listed or watched
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "create", "patch", "delete"]

@@ -387,7 +387,8 @@ class ResourcesSpec(Model):
         "Without it each pod downloads into its own emptyDir, and a retried pod (a new pod) downloads it all "
         "again; with it, files whose ETag and size match are reused.",
     )
-    nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods); >1 runs torchrun across an indexed Job.")
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods); >1 runs torchrun across the pods of a JobSet (needs JobSet "
+                       "installed), restarted as a whole when one fails.")
     node_selector: Optional[dict[str, corev1.LabelValue]] = Field(
         None, json_schema_extra={"maxProperties": 32}, description="Node labels the pods must match."
     )

@@ -58,9 +58,10 @@ class Artifacts(Model):
 
 
 class Workload(Model):
-    kind: Optional[str] = Field(None, description="Kind of the child workload (Job).")
-    name: Optional[str] = Field(None, description="Name of the child Job.")
-    service: Optional[str] = Field(None, description="Headless Service for multi-node rendezvous.")
+    kind: Optional[str] = Field(None, description="Kind of the child workload: Job, or JobSet for multi-node jobs.")
+    name: Optional[str] = Field(None, description="Name of the child Job or JobSet.")
+    service: Optional[str] = Field(None, description="Headless Service of a multi-node gang's DNS names (the JobSet's "
+                                   "subdomain).")
     config_map: Optional[str] = Field(None, description="ConfigMap holding the resolved trainer config.")
 
 

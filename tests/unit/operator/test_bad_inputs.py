@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from kubetune_api import constants as C
 from kubetune_api.constants import ConditionType as CT
 from kubetune_api.constants import Phase, Reason
 from kubetune_operator.kube import ApiError
@@ -143,6 +144,26 @@ def test_pods_kubernetes_will_not_create_show_as_pods_blocked(message, field):
         lookup.pod_list = [pod(job_uid=job["metadata"]["uid"])]
         await rec.reconcile(NS, "demo")
         assert conds(kube)[CT.RUNNING]["reason"] == Reason.RUNNING
+    run(scenario())
+
+
+def test_pods_a_jobsets_child_job_cannot_create_show_as_pods_blocked():
+    """Multi-node: the JobSet's child Job (owned by the JobSet, labelled like ours) is the one with the events."""
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj(resources={"gpus": 8, "nodes": 2}))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (js,) = kube.find("JobSet")
+        child = kube.put({"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+            "name": "demo-node-0", "namespace": NS, "labels": {C.Label.JOB_NAME: "demo"},
+            "ownerReferences": [{"uid": js["metadata"]["uid"], "controller": True, "kind": "JobSet"}]},
+            "spec": {"completions": 2}, "status": {}})
+        kube.core_events.append(failed_create(child, QUOTA))
+        await rec.reconcile(NS, "demo")
+        running = conds(kube)[CT.RUNNING]
+        assert running["status"] == "False" and running["reason"] == Reason.PODS_BLOCKED
+        assert QUOTA in running["message"]
+        assert kube.find("JobSet") and kube.find("Job"), "the operator never takes the JobSet's child for its own"
     run(scenario())
 
 

@@ -47,7 +47,7 @@ def test_expected_handlers():
     ids = {i for i, _ in reasons}
     assert {"reconcile", "reconcile/spec", "finetunejob_deleted"} <= ids
     watching = {h.id for h in registry._watching.get_all_handlers()}
-    assert {"finetunejob_event", "trainer_job_event", "trainer_pod_event"} <= watching
+    assert {"finetunejob_event", "trainer_job_event", "trainer_jobset_event", "trainer_pod_event"} <= watching
     indexing = {h.id for h in registry._indexing.get_all_handlers()}
     assert indexing == {"finetunejobs", "trainer_jobs", "trainer_pods"}
     for h in registry._watching.get_all_handlers():
@@ -62,7 +62,7 @@ def test_configure_kopf():
     assert settings.persistence.diffbase_storage.prefix == H.ANNOTATION_PREFIX
     assert settings.posting.loggers is False and settings.posting.level == logging.INFO
     selectors = dict(settings.watching.label_selectors.items())
-    assert sorted(selectors.values()) == [H.CHILD_SELECTOR, H.CHILD_SELECTOR]
+    assert sorted(selectors.values()) == [H.CHILD_SELECTOR] * 3
     assert settings.watching.server_timeout and settings.watching.client_timeout > settings.watching.server_timeout
 
 

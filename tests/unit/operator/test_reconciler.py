@@ -14,7 +14,7 @@ from kubetune_api.constants import ConditionType as CT
 from kubetune_api.constants import Phase, Reason
 from kubetune_api.report import TrainerReport
 from kubetune_operator import status as S
-from kubetune_operator.kube import EventRecorder
+from kubetune_operator.kube import ApiError, EventRecorder
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.reconciler import Reconciler, ftj_path, snapshot_job, snapshot_pod
 from kubetune_operator.render import TEMPLATE_HASH_ANNOTATION
@@ -84,7 +84,7 @@ def test_restarted_operator_does_not_duplicate_children():
         _, _, fresh = make(kube)  # a new operator process: no memory, same cluster
         result = await fresh.reconcile(NS, "demo", ensure_all=True)
         assert result.state == "ok"
-        assert kinds(kube) == ["ConfigMap", "Job", "Service"]
+        assert kinds(kube) == ["ConfigMap", "JobSet"]
         assert json.dumps({k: v for k, v in kube.objects.items() if v["kind"] != C.KIND}, sort_keys=True) == objects
     run(scenario())
 
@@ -312,16 +312,65 @@ def test_index_lag_right_after_creation_is_not_a_missing_job():
     run(scenario())
 
 
-def test_multi_node_to_single_node_removes_the_service():
+def test_resizing_a_suspended_job_across_one_node_swaps_job_and_jobset():
     async def scenario():
         kube, _, rec = make()
         kube.put(ftj(suspend=True, resources={"gpus": 1, "nodes": 2}))
         await rec.reconcile(NS, "demo", ensure_all=True)
-        assert "Service" in kinds(kube)
+        assert kinds(kube) == ["ConfigMap", "JobSet"]
+        assert kube.find("JobSet")[0]["spec"]["suspend"] is True
+        assert stored(kube)["status"]["workload"] == {"kind": "JobSet", "name": "demo", "configMap": "demo-config",
+                                                      "service": "demo-workers"}
+        # an operator before JobSet left its headless Service: it goes with the next new workload
+        kube.put({"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": "demo-workers", "namespace": NS, "ownerReferences": [{"uid": UID, "controller": True}]}})
         stored(kube)["spec"]["resources"] = {"gpus": 1, "nodes": 1}
         await rec.reconcile(NS, "demo", ensure_all=True)
         await rec.reconcile(NS, "demo")
         assert kinds(kube) == ["ConfigMap", "Job"]
+        stored(kube)["spec"]["resources"] = {"gpus": 1, "nodes": 3}
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert kinds(kube) == ["ConfigMap", "JobSet"]
+        assert kube.find("JobSet")[0]["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"] == 3
+    run(scenario())
+
+
+def test_resuming_a_jobset_patches_only_its_suspend():
+    async def scenario():
+        kube, _, rec = make()
+        kube.put(ftj(suspend=True, resources={"gpus": 1, "nodes": 2}))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        assert stored(kube)["status"]["phase"] == Phase.SUSPENDED
+        before = json.dumps(kube.find("JobSet")[0]["spec"], sort_keys=True)
+        stored(kube)["spec"]["suspend"] = False
+        stored(kube)["metadata"]["generation"] = 2
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        (js,) = kube.find("JobSet")
+        assert js["spec"]["suspend"] is False
+        assert json.dumps({**js["spec"], "suspend": True}, sort_keys=True) == before
+        patches = [c for c in kube.calls if c[0] == "PATCH" and "/jobsets/" in c[1]]
+        assert len(patches) == 1
+        assert stored(kube)["status"]["observedGeneration"] == 2
+    run(scenario())
+
+
+def test_multi_node_without_the_jobset_api_fails_with_a_condition_not_a_retry_loop():
+    async def scenario():
+        kube, _, rec = make()
+        kube.refuse("JobSet", ApiError(404, "NotFound", "the server could not find the requested resource"))
+        kube.put(ftj(resources={"gpus": 8, "nodes": 2}))
+        result = await rec.reconcile(NS, "demo", ensure_all=True)
+        assert result.state == "rejected"
+        failed = conds(kube)[CT.FAILED]
+        assert failed["status"] == "True" and failed["reason"] == Reason.JOBSET_NOT_INSTALLED
+        assert failed["message"].startswith("spec.resources.nodes: 2 nodes run as a JobSet")
+        assert "install JobSet" in failed["message"] and "spec.resources.nodes: 1" in failed["message"]
+        assert stored(kube)["status"]["phase"] == Phase.FAILED
+        assert kinds(kube) == []  # nothing created, not even the ConfigMap
+        assert kube.events[-1]["type"] == "Warning" and kube.events[-1]["reason"] == Reason.JOBSET_NOT_INSTALLED
+        calls = len(kube.calls)
+        await rec.reconcile(NS, "demo")
+        assert not [c for c in kube.calls[calls:] if c[0] in ("POST", "DRYRUN")], "no retry"
     run(scenario())
 
 

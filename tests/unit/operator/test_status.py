@@ -434,3 +434,85 @@ def test_waits_for_backoff_when_the_deleted_pod_is_already_gone():
     fresh = job_obj()
     fresh["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
     assert S.waits_for_backoff(fresh, [], "2026-01-01T00:00:30Z") is None, "the Job controller never synced it"
+
+
+# ------------------------------------------------------------------------------------------------ JobSet (multi-node)
+JS_UID = "jobset-uid"
+
+
+def jobset_obj(*, suspend: bool = False, conditions: list | None = None, restarts: int = 0) -> dict:
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+            "metadata": {"name": "demo", "namespace": "team-a", "uid": JS_UID},
+            "spec": {"suspend": suspend},
+            "status": {"restarts": restarts, **({"conditions": conditions} if conditions else {})}}
+
+
+def gang_pod(index: int, attempt: int, **kw) -> dict:
+    """A pod of the JobSet's child Job: owned by that Job (not the JobSet), labelled with the JobSet's uid."""
+    p = pod(index=index, job_uid=f"child-job-{attempt}", **kw)
+    p["metadata"]["labels"].update({"jobset.sigs.k8s.io/jobset-uid": JS_UID,
+                                    "jobset.sigs.k8s.io/restart-attempt": str(attempt)})
+    return p
+
+
+def test_jobset_gang_running_after_a_restart_then_succeeded_with_rank0s_report():
+    body = ftj(resources={"gpus": 8, "nodes": 2})
+    pods = [gang_pod(0, 1), gang_pod(1, 1), pod(index=0, job_uid="someone-else")]
+    st = S.derive_status(body, jobset_obj(restarts=1), pods, now=T1)
+    assert st["phase"] == Phase.RUNNING and st["restartCount"] == 1
+    assert cond(st, CT.RUNNING)["message"] == "2/2 trainer pod(s) running after 1 restart(s)"
+    assert st["workload"] == {"kind": "JobSet", "name": "demo", "configMap": "demo-config", "service": "demo-workers"}
+    assert cond(st, CT.CREATED)["message"] == "JobSet demo created"
+    report = TrainerReport(state="succeeded", progress={"step": 20, "total_steps": 20},
+                           artifacts={"adapter_uri": "s3://b/adapter/"}).to_termination_message()
+    done = [gang_pod(0, 1, phase="Succeeded", message=report), gang_pod(1, 1, phase="Succeeded")]
+    st = S.derive_status(again(body, st), jobset_obj(restarts=1, conditions=[job_cond("Completed", "AllJobsCompleted")]),
+                         done, now=T2)
+    assert st["phase"] == Phase.SUCCEEDED and st["artifacts"]["adapterUri"] == "s3://b/adapter/"
+    assert st["progress"]["step"] == 20 and st["restartCount"] == 1
+
+
+def test_jobset_failed_by_its_failure_policy_is_a_trainer_error_with_the_pods_reason():
+    body = ftj(resources={"gpus": 8, "nodes": 2})
+    report = TrainerReport(state="failed", reason="DataError", message="dataset is empty",
+                           field="spec.dataset.train", exit_code=ExitCode.DATA_ERROR).to_termination_message()
+    pods = [gang_pod(0, 0, phase="Failed", exit_code=ExitCode.DATA_ERROR, message=report), gang_pod(1, 0, phase="Failed")]
+    js = jobset_obj(conditions=[job_cond("Failed", "FailJobSetFailurePolicyAction", "rule PermanentError")])
+    st = S.derive_status(body, js, pods, now=T1)
+    failed = cond(st, CT.FAILED)
+    assert st["phase"] == Phase.FAILED and failed["reason"] == Reason.TRAINER_ERROR
+    assert "dataset is empty" in failed["message"]
+
+
+def test_jobset_out_of_restarts_reads_as_retry_limit_exhausted():
+    body = ftj(resources={"gpus": 8, "nodes": 2}, retryLimit=2)
+    pods = [gang_pod(0, 2, phase="Failed", exit_code=1), gang_pod(1, 2, phase="Failed", exit_code=1)]
+    js = jobset_obj(restarts=2, conditions=[job_cond("Failed", "ReachedMaxRestarts", "jobset failed")])
+    st = S.derive_status(body, js, pods, now=T1)
+    failed = cond(st, CT.FAILED)
+    assert failed["reason"] == Reason.BACKOFF_LIMIT and failed["message"].startswith("retryLimit 2 exhausted")
+    assert st["restartCount"] == 2
+
+
+def test_suspended_jobset():
+    body = ftj(resources={"gpus": 8, "nodes": 2}, suspend=True)
+    st = S.derive_status(body, jobset_obj(suspend=True), [], now=T1)
+    assert st["phase"] == Phase.SUSPENDED
+
+
+def test_jobset_restarting_says_the_gang_restarts_and_what_counted():
+    body = ftj(resources={"gpus": 8, "nodes": 2}, retryLimit=3)
+    pods = [gang_pod(0, 0, phase="Failed", exit_code=143), gang_pod(1, 0, phase="Failed", exit_code=143)]
+    js = jobset_obj(restarts=1)
+    js["status"]["restartsCountTowardsMax"] = 0
+    st = S.derive_status(body, js, pods, now=T1)
+    running = cond(st, CT.RUNNING)
+    assert running["status"] == "False" and running["reason"] == Reason.RESTARTING
+    assert "restarts the whole gang" in running["message"] and "0 of retryLimit 3 used" in running["message"]
+
+
+def test_a_restarting_jobset_is_never_replaced_by_the_operator():
+    """JobSet restarts its gang itself: the single-node Job's at-once replacement must not delete it."""
+    pods = [gang_pod(0, 0, phase="Failed", exit_code=143), gang_pod(1, 0, phase="Failed", exit_code=143)]
+    assert S.waits_for_backoff(jobset_obj(restarts=0), pods, T1) is None
+    assert S.waits_for_backoff(jobset_obj(), [], "2026-01-01T05:00:00Z") is None

@@ -32,6 +32,7 @@ NAMES = ["mia", "tom", "ana", "leo", "zoe", "sam", "eva", "max"]
 OBJECTS = ["pears", "coins", "shells", "cards", "stamps", "beads"]
 VERBS = ["gets", "finds", "buys"]
 HELD_OUT_FRACTION = 0.2
+REPLAY = 0.25
 # The terse format the dpo stage prefers and grpo's regex_match reward checks (the same pattern in the manifests).
 TERSE = r"^\s*\d+\s*$"
 
@@ -68,6 +69,14 @@ def sentence_answer(p: tuple) -> str:
 
 
 def cpt_row(rng: random.Random, problems: list[tuple]) -> dict:
+    """Domain narratives; a REPLAY share of the rows is general text instead (the usual guard of continued
+    pre-training against forgetting what the base knew)."""
+    if rng.random() < REPLAY:
+        return reference_row(rng)
+    return {"text": " ".join(narrative(rng.choice(problems), rng.choice(VERBS)) for _ in range(2))}
+
+
+def cpt_held_out_row(rng: random.Random, problems: list[tuple]) -> dict:
     return {"text": " ".join(narrative(rng.choice(problems), rng.choice(VERBS)) for _ in range(2))}
 
 
@@ -92,6 +101,30 @@ def reference_row(rng: random.Random) -> dict:
     return {"text": " ".join(tiny.general_sentence(rng) for _ in range(2))}
 
 
+# The tiny base of the demonstration (kubetune_trainer.tiny.build_model arguments): larger than the tests' default
+# (hidden 64, 2 layers), which plateaued far above this domain's entropy; vocabulary trained with the domain's words.
+BASE_MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 256, "vocab_size": 768}
+
+
+def tokenizer_texts(n: int = 1000) -> list[str]:
+    """Domain sentences for the base's tokenizer (its vocabulary only: the base is not trained on them), from
+    a seed of their own: a real model's tokenizer has most words of the text it meets."""
+    rng = random.Random("tokenizer")
+    problems = [(nm, o, a, b) for nm in NAMES for o in OBJECTS for a in range(10) for b in range(10)]
+    lines = []
+    for _ in range(n):
+        p = rng.choice(problems)
+        lines.append(f"{narrative(p, rng.choice(VERBS))} {question(p)}{sentence_answer(p)}")
+    return lines
+
+
+def base_model() -> Path:
+    """The demonstration's base model folder, built once (a few seconds) and cached like the tests' tiny model."""
+    from kubetune_trainer import tiny
+
+    return tiny.cached_model(**BASE_MODEL, extra_texts=tokenizer_texts())
+
+
 ROW = {"cpt": cpt_row, "sft": sft_row, "dpo": dpo_row, "grpo": grpo_row}
 
 
@@ -107,7 +140,9 @@ def generate(seed: int = 0, train_rows: dict | None = None, held_out_rows: dict 
         rng = random.Random(f"{seed}/{stage}/train")
         out[stage] = [make(rng, train) for _ in range(train_rows[stage])]
         rng = random.Random(f"{seed}/{stage}/held-out")
-        if stage == "grpo":  # distinct prompts: a mean over questions, not over repeats of a few
+        if stage == "cpt":  # the domain alone: no replay rows in the domain's perplexity
+            out[f"{stage}_held_out"] = [cpt_held_out_row(rng, held) for _ in range(held_out_rows[stage])]
+        elif stage == "grpo":  # distinct prompts: a mean over questions, not over repeats of a few
             out[f"{stage}_held_out"] = [make(random.Random(0), [p]) for p in held[:held_out_rows[stage]]]
         else:
             out[f"{stage}_held_out"] = [make(rng, held) for _ in range(held_out_rows[stage])]

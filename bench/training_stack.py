@@ -100,7 +100,8 @@ def run_stage(stage: str, output: Path) -> dict:
         raise SystemExit(f"stage {stage}: kubetune run exited {code}")
     run = latest_run(output, stage)
     manifest = json.loads((run / "manifest.json").read_text())
-    return {"seconds": time.time() - t0, "run": str(run), "merged": str(run / "merged"),
+    model = run / "merged" if (run / "merged").is_dir() else run / "adapter"  # a full stage's adapter/ is the model
+    return {"seconds": time.time() - t0, "run": str(run), "merged": str(model),
             "job_metrics": manifest.get("metrics", {}), "job_forgetting": manifest.get("forgetting")}
 
 
@@ -133,8 +134,6 @@ def main(argv=None) -> int:
 
     import stack_data
 
-    from kubetune_trainer import tiny
-
     root = args.keep or Path(tempfile.mkdtemp(prefix="kubetune-stack-"))
     root.mkdir(parents=True, exist_ok=True)
     paths = stack_data.write(root / "data", seed=args.seed)
@@ -144,7 +143,8 @@ def main(argv=None) -> int:
     output = root / "out"
     started = time.time()
 
-    base = tiny.cached_model()
+    base = stack_data.base_model()
+    os.environ["KUBETUNE_STACK_BASE"] = str(base)
     result = {"seed": args.seed, "stages": {}, "matrix": {"base": measure(base, data, None)}}
     for stage in STAGES:
         print(f"== {stage}", file=sys.stderr, flush=True)
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"\ntraining stack, seed {args.seed}: {result['seconds']:.0f} s "
-          f"({', '.join(f'{s} {result['stages'][s]['seconds']:.0f} s' for s in STAGES)})")
+          "(" + ", ".join(f"{s} {result['stages'][s]['seconds']:.0f} s" for s in STAGES) + ")")
     print(result["table"])
     print(f"(JSON: {dest})")
     return 0

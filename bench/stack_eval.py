@@ -105,11 +105,11 @@ def mean_reward(model, tok, rows: list[dict], rewards: list[dict], *, samples: i
         greedy = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(sampled[:, n_in:], skip_special_tokens=True)
     refs = [a for a in answers for _ in range(samples)]
-    per_reward = {fn.name: fn.func(texts, answer=refs) for _, fn in fns}
-    total = [sum(w * per_reward[fn.name][i] for w, fn in fns) for i in range(len(texts))]
+    scores = [fn.func(texts, answer=refs) for _, fn in fns]  # by position: two rewards may share a name
+    total = [sum(w * s[i] for (w, _), s in zip(fns, scores)) for i in range(len(texts))]
     first = fns[0][1]
     greedy_texts = tok.batch_decode(greedy[:, n_in:], skip_special_tokens=True)
     return {"mean_reward": statistics.mean(total),
-            **{f"{name}_mean": statistics.mean(v) for name, v in per_reward.items()},
+            **{f"{fn.name}_mean": statistics.mean(s) for (_, fn), s in zip(fns, scores)},
             "greedy_accuracy": statistics.mean(first.func(greedy_texts, answer=answers)),
             "examples": texts[:3]}

@@ -10,10 +10,10 @@ b?" questions, kubetune_trainer.tiny):
 - cpt (text): narratives in the domain's wording -> the domain's perplexity falls;
 - sft (prompt_completion): the question form, answered in one of two styles, half and half: terse (" 7") or a
   sentence (" mia has 7 pears .") -> the completion loss falls;
-- dpo (preference): the same questions, chosen = the terse answer, rejected = the sentence (both correct: a
-  matter of taste, what preference data carries) -> the policy prefers the terse answer;
+- dpo (preference): the same questions, chosen = the sentence, rejected = the terse answer (both correct: a
+  matter of taste, what preference data carries) -> the policy prefers the sentence;
 - grpo (prompt_only + `answer`): the questions with the number as the verifiable answer -> the built-in
-  `numeric_match` (+ a small `regex_match` reward for the terse format) rises.
+  `numeric_match` (+ a small `regex_match` reward for the sentence format) rises.
 - reference (text): general stories from the base's pre-training distribution, the forgetting check.
 
 Held out: the problems are (name, object, a, b) instances; a seeded 20 % of them never appear in any training
@@ -33,8 +33,9 @@ OBJECTS = ["pears", "coins", "shells", "cards", "stamps", "beads"]
 VERBS = ["gets", "finds", "buys"]
 HELD_OUT_FRACTION = 0.2
 REPLAY = 0.25
-# The terse format the dpo stage prefers and grpo's regex_match reward checks (the same pattern in the manifests).
-TERSE = r"^\s*\d+\s*$"
+# The answer format the dpo stage prefers - a full sentence, the number after the name - and grpo's regex_match
+# reward checks (the same pattern in examples/stack/grpo.yaml).
+SENTENCE = r"^\s*[a-z]+ has \d+ [a-z]+ \.\s*$"
 
 # rows per training file and per held-out set
 TRAIN_ROWS = {"cpt": 2000, "sft": 2000, "dpo": 1000, "grpo": 1000}
@@ -87,7 +88,7 @@ def sft_row(rng: random.Random, problems: list[tuple]) -> dict:
 
 def dpo_row(rng: random.Random, problems: list[tuple]) -> dict:
     p = rng.choice(problems)
-    return {"prompt": question(p), "chosen": terse_answer(p), "rejected": sentence_answer(p)}
+    return {"prompt": question(p), "chosen": sentence_answer(p), "rejected": terse_answer(p)}
 
 
 def grpo_row(rng: random.Random, problems: list[tuple]) -> dict:

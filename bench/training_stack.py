@@ -18,7 +18,7 @@ tiny base for CPT) and its output (its merged model), on held-out problems no tr
 | cpt | perplexity of held-out domain text | lower |
 | sft | completion loss (NLL per token) of held-out questions' answers | lower |
 | dpo | implicit-reward accuracy on held-out pairs, reference = the merged SFT model (ties count 1/2) | higher |
-| grpo | mean reward (numeric_match + 0.2 x terse format) of 8 samples per held-out prompt, T 0.7, fixed seed | higher |
+| grpo | mean reward (numeric_match + 0.2 x sentence format) of 8 samples per held-out prompt, T 0.7, fixed seed | higher |
 
 Forgetting: perplexity of held-out general text (the base's pre-training distribution) before and after each
 stage, as a relative change. Every model is also measured on every metric (JSON `matrix`), so a stage that
@@ -51,11 +51,12 @@ HEADLINE = {"cpt": ("domain_ppl", "domain perplexity (held-out text)", False),
             "grpo": ("grpo_mean_reward", "GRPO mean reward (held-out prompts)", True)}
 
 
-def grpo_rewards() -> list[dict]:
-    """The grpo job's reward list, read from its manifest: the evaluation scores exactly what training rewards."""
+def grpo_block() -> dict:
+    """The grpo job's settings, read from its manifest: the evaluation samples as training does (temperature,
+    completion length) and scores exactly what training rewards."""
     import yaml
 
-    return yaml.safe_load((MANIFESTS / "grpo.yaml").read_text())["spec"]["training"]["grpo"]["rewards"]
+    return yaml.safe_load((MANIFESTS / "grpo.yaml").read_text())["spec"]["training"]["grpo"]
 
 
 def dpo_beta() -> float:
@@ -77,9 +78,11 @@ def measure(model_dir: Path, data: dict, dpo_reference: Path | None) -> dict:
         ref = model if dpo_reference == model_dir else E.load(dpo_reference)[0]
         r = E.reward_accuracy(model, ref, tok, data["dpo_held_out"], beta=dpo_beta())
         out["dpo_reward_accuracy"], out["dpo_reward_margin"] = r["accuracy"], r["margin"]
-    g = E.mean_reward(model, tok, data["grpo_held_out"], grpo_rewards())
+    grpo = grpo_block()
+    g = E.mean_reward(model, tok, data["grpo_held_out"], grpo["rewards"], temperature=grpo["temperature"],
+                      max_new_tokens=grpo["maxCompletionLength"])
     out.update({"grpo_mean_reward": g["mean_reward"], "grpo_accuracy": g["numeric_match_mean"],
-                "grpo_terse": g["regex_match_mean"], "grpo_greedy_accuracy": g["greedy_accuracy"],
+                "grpo_format": g["regex_match_mean"], "grpo_greedy_accuracy": g["greedy_accuracy"],
                 "grpo_examples": g["examples"]})
     return out
 

@@ -5,7 +5,7 @@
 - bench/stack_eval.py: each held-out metric computes what it claims, checked on the tiny model against an
   independent computation or an identity the metric must satisfy;
 - examples/stack/*.yaml: valid FineTuneJobs that chain cpt -> sft -> dpo -> grpo through '<job>/latest/...'
-  URIs, and the grpo job rewards the same terse format the data's DPO pairs prefer.
+  URIs, and the grpo job rewards the same answer format the data's DPO pairs prefer.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/trainer/test_training_stack.py -q
 """
@@ -73,14 +73,15 @@ def test_each_stage_has_something_to_learn():
     replay = sum(not NARRATIVE.search(r["text"]) for r in d["cpt"]) / len(d["cpt"])
     assert 0.1 < replay < 0.4
     assert all(NARRATIVE.search(r["text"]) for r in d["cpt_held_out"])
-    # sft: both answer styles; dpo: chosen is the terse answer, rejected the sentence, both with the right sum
-    terse = [bool(re.fullmatch(stack_data.TERSE, r["completion"])) for r in d["sft"]]
-    assert 0.3 < sum(terse) / len(terse) < 0.7
+    # sft: both answer styles; dpo: chosen is the sentence, rejected the terse answer, both with the right sum
+    sentence = [bool(re.search(stack_data.SENTENCE, r["completion"])) for r in d["sft"]]
+    assert 0.3 < sum(sentence) / len(sentence) < 0.7
+    assert all(re.fullmatch(r" \d+", r["completion"]) for r, s in zip(d["sft"], sentence) if not s)
     for r in d["dpo"]:
         m = QUESTION.match(r["prompt"])
         total = int(m[2]) + int(m[4])
-        assert re.fullmatch(stack_data.TERSE, r["chosen"]) and int(r["chosen"]) == total
-        assert not re.fullmatch(stack_data.TERSE, r["rejected"]) and f" {total} " in r["rejected"]
+        assert re.search(stack_data.SENTENCE, r["chosen"]) and f" {total} " in r["chosen"]
+        assert not re.search(stack_data.SENTENCE, r["rejected"]) and int(r["rejected"]) == total
     for r in d["grpo"]:
         m = QUESTION.match(r["prompt"])
         assert r["answer"] == str(int(m[2]) + int(m[4]))
@@ -179,4 +180,4 @@ def test_stack_manifests_are_valid_jobs_chained_stage_to_stage(tmp_path, monkeyp
         assert jobs[prev].spec.adapter.type == "full" or jobs[prev].spec.output.merged_model
         assert jobs[stage].spec.model.source == f"file://{tmp_path}/default/stack-{prev}/latest/{folder}"
     patterns = [r.params["pattern"] for r in jobs["grpo"].spec.training.grpo.rewards if r.name == "regex_match"]
-    assert patterns == [stack_data.TERSE]
+    assert patterns == [stack_data.SENTENCE]

@@ -36,22 +36,32 @@ def perplexity(model, tok, texts: list[str], max_length: int = 128) -> float:
     return reference_perplexity(model, tok, texts, max_length)
 
 
-def _sequence_logprobs(model, tok, prompts: list[str], completions: list[str], *, add_eos: bool = True):
+def _sequence_logprobs(model, tok, prompts: list[str], completions: list[str], *, add_eos: bool = True,
+                       batch_size: int = 32):
     """Per row: (sum of log p(completion tokens | prompt), number of completion tokens). Prompt and completion
-    are tokenized separately and concatenated, as TRL does for prompt/completion data."""
+    are tokenized separately and concatenated, as TRL does for prompt/completion data; rows are right-padded
+    into batches (causal attention: padding after a row cannot change its logits)."""
     import torch
 
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
+        rows.append((p, c))
     out = []
     with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
-            c = tok(completion, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
-            ids = torch.tensor([p + c])
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            targets = ids[0, 1:]
-            token_logp = logp.gather(1, targets[:, None])[:, 0][len(p) - 1:]
-            out.append((float(token_logp.sum()), len(c)))
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            width = max(len(p) + len(c) for p, c in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, (p, c) in enumerate(batch):
+                ids[j, :len(p) + len(c)] = torch.tensor(p + c)
+                mask[j, :len(p) + len(c)] = 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+            token_logp = logp.gather(2, ids[:, 1:, None])[:, :, 0]
+            for j, (p, c) in enumerate(batch):
+                out.append((float(token_logp[j, len(p) - 1:len(p) - 1 + len(c)].sum()), len(c)))
     return out
 
 

@@ -2,7 +2,7 @@
 locally, each stage judged on its own held-out metric before and after it, with the forgetting check at every
 stage boundary. One run prints one table and writes it as JSON.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/training_stack.py                 # seed 0, a few minutes on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python bench/training_stack.py                 # seed 0: a few minutes on 2 idle cores
     OMP_NUM_THREADS=1 .venv/bin/python bench/training_stack.py --seed 1        # another data + training seed
     OMP_NUM_THREADS=1 .venv/bin/python bench/training_stack.py --keep /tmp/stack   # keep data and outputs there
 
@@ -23,7 +23,9 @@ tiny base for CPT) and its output (its merged model), on held-out problems no tr
 Forgetting: perplexity of held-out general text (the base's pre-training distribution) before and after each
 stage, as a relative change. Every model is also measured on every metric (JSON `matrix`), so a stage that
 undoes an earlier one shows there; the JSON also keeps what each job's own manifest.json reported.
-Results: bench/results/training_stack[-seed<N>].json; docs/training-stack.md shows a run.
+Results: bench/results/training_stack[-seed<N>].json; docs/training-stack.md shows a run of each of seeds 0 and 1.
+Wall time: ~2 400 s on 2 cores shared with a dozen other jobs (load average 15-21); most of it is waiting for a
+core - the CPU time of a whole run is a few minutes.
 """
 
 from __future__ import annotations

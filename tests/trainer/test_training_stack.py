@@ -163,7 +163,7 @@ def test_mean_reward_weights_the_jobs_built_in_rewards(model_tok, rows):
 
 # ------------------------------------------------------------------------------------------------ manifests
 def test_stack_manifests_are_valid_jobs_chained_stage_to_stage(tmp_path, monkeypatch):
-    from kubetune_api.finetunejob import parse_job
+    from kubetune_api.finetunejob import parse_job, validate_spec
     from kubetune_trainer.cli import expand_local_vars
 
     monkeypatch.setenv("KUBETUNE_STACK_BASE", "/models/base")
@@ -174,6 +174,7 @@ def test_stack_manifests_are_valid_jobs_chained_stage_to_stage(tmp_path, monkeyp
         text = (REPO / "examples" / "stack" / f"{stage}.yaml").read_text()
         jobs[stage] = parse_job(yaml.safe_load(expand_local_vars(text, tmp_path)))
         assert jobs[stage].spec.stage == stage and jobs[stage].spec.training.seed == 3
+        assert validate_spec(jobs[stage].spec) == [], stage
     assert jobs["cpt"].spec.model.source == "file:///models/base"
     for prev, stage in (("cpt", "sft"), ("sft", "dpo"), ("dpo", "grpo")):
         folder = "adapter" if jobs[prev].spec.adapter.type == "full" else "merged"

@@ -3,6 +3,7 @@ generated deterministically from a seed, one file per stage plus the held-out se
 
     python bench/stack_data.py /tmp/stack-data            # writes the files below, prints their paths
     python bench/stack_data.py /tmp/stack-data --seed 1
+    python bench/stack_data.py --base                     # the demonstration's base model folder (built once)
 
 The domain: "mia has 3 pears and gets 4 more , so mia has 7 pears ." Every stage has something of its own to
 learn from it, and nothing in it is in the tiny base model's pre-training (general stories and "What is a plus
@@ -172,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dest")
+    ap.add_argument("dest", nargs="?", help="folder for the data files")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", action="store_true", help="build (once; cached) the base model and print its folder")
     args = ap.parse_args(argv)
+    if args.base:
+        print(base_model())
+        return 0
+    if not args.dest:
+        ap.error("give a folder for the data (or --base)")
     for name, path in write(args.dest, args.seed).items():
         print(f"{name}: {path}")
     return 0

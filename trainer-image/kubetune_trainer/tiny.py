@@ -108,8 +108,9 @@ def _corpus(rng: random.Random, n: int) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
-    """A byte-level BPE tokenizer trained on the synthetic corpus, wrapped for transformers."""
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, extra_texts: tuple[str, ...] | list[str] = ()):
+    """A byte-level BPE tokenizer trained on the synthetic corpus (plus extra_texts: a domain whose words should
+    be tokens, as a real model's tokenizer has most words of the text it meets), wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,7 +121,7 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(random.Random(seed), 2000), trainer=trainer)
+    tok.train_from_iterator(_corpus(random.Random(seed), 2000) + list(extra_texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
         chat_template=CHAT_TEMPLATE, model_max_length=512,
@@ -129,15 +130,16 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
 
 def build_model(dest: str | Path, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                 intermediate_size: int = 128, vocab_size: int = 512, pretrain_steps: int = 300,
-                seed: int = 0) -> Path:
+                seed: int = 0, extra_texts: tuple[str, ...] | list[str] = ()) -> Path:
     """Save a tiny Llama (+ tokenizer) to dest with save_pretrained. Hidden and intermediate sizes are
-    multiples of 64 so bitsandbytes 4-bit (QLoRA) layers work on CPU."""
+    multiples of 64 so bitsandbytes 4-bit (QLoRA) layers work on CPU. extra_texts only shape the tokenizer's
+    vocabulary: the model is pre-trained on the general corpus either way."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dest = Path(dest)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(vocab_size, seed)
+    tokenizer = build_tokenizer(vocab_size, seed, extra_texts)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,

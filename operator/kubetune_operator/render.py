@@ -7,7 +7,7 @@ FineTuneJob with `controller: true`, so the garbage collector deletes them with 
 
 - ConfigMap `<name>-config`: `job.yaml` = the resolved FineTuneJob (defaults applied by the API models, which
   the trainer parses with the same models), mounted at /etc/kubetune.
-- Job `<name>-trainer` (batch/v1, Indexed, completions = parallelism = spec.resources.nodes): one pod per node.
+- single node: Job `<name>-trainer` (batch/v1, Indexed, completions = parallelism = 1).
   With a Kueue queue (spec.queueName) it is created suspended with Kueue's labels (queueing.py decides both).
   Its podFailurePolicy fails the Job at once on the trainer's permanent exit codes (bad config or data, NaN
   loss, forgetting with action fail: retrying only burns GPU hours) and ignores disruptions (preemption,
@@ -16,12 +16,12 @@ FineTuneJob with `controller: true`, so the garbage collector deletes them with 
   ignored pod by its exponential pod-failure backoff; the reconciler replaces the Job instead (see
   docs/restarts.md), and a replacement Job's backoffLimit is what is left of spec.retryLimit
   (RETRIES_USED_ANNOTATION).
-- Service `<name>-workers` (headless, multi-node only): gives each pod the DNS name
-  `<name>-trainer-<index>.<name>-workers.<ns>.svc`; torchrun's c10d rendezvous runs on index 0.
+- multi-node (`spec.resources.nodes > 1`): JobSet `<name>` (render_jobset.py: whole-gang restarts, DNS
+  hostnames; Kueue labels and initial suspend from queueing.py as for the Job).
 
-Rank 0 is on pod index 0: c10d assigns ranks in the sorted order of the nodes' host names, and the Indexed
-Job names its pods' hosts `<job>-<index>`, so `<job>-0` sorts first. The operator therefore reads progress
-from pod index 0, where the trainer's rank 0 serves /progress.
+Rank 0 is on pod index 0: torchrun's static rendezvous makes pod index i node rank i (`--node-rank` from the
+Indexed Job's completion index) and rank 0's TCPStore listens at its stable DNS name (rendezvous_host). The
+operator therefore reads progress from pod index 0, where the trainer's rank 0 serves /progress.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from kubetune_api.finetunejob import FineTuneJob, FineTuneJobSpec, uri_fields
 from kubetune_api.finetuneruntime import FineTuneRuntimeSpec
 
 from . import queueing
+from . import render_jobset as JS
 from .settings import OperatorSettings
 
 WORK_DIR = "/var/lib/kubetune"
@@ -64,14 +65,13 @@ RUN_AS = 1000  # the trainer image's USER (trainer-image/Dockerfile)
 # The component label value of each child kind.
 COMPONENT_TRAINER = "trainer"
 COMPONENT_CONFIG = "config"
-COMPONENT_RENDEZVOUS = "rendezvous"
 PART_OF = "kubetune"
 
 
 @dataclass(frozen=True)
 class ChildNames:
     job: str
-    service: str
+    service: str  # the headless Service: JobSet's subdomain (operator versions before JobSet created it)
     config_map: str
 
 
@@ -83,8 +83,7 @@ def child_names(name: str) -> ChildNames:
 @dataclass(frozen=True)
 class Children:
     config_map: dict
-    job: dict
-    service: Optional[dict]  # only for multi-node jobs
+    job: dict  # the workload: a batch/v1 Job, or a JobSet for multi-node jobs
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -148,7 +147,7 @@ def child_labels(job: FineTuneJob, component: str) -> dict[str, str]:
 
 
 def pod_selector(name: str) -> dict[str, str]:
-    """Selects exactly the trainer pods of FineTuneJob `name` (used by the headless Service)."""
+    """Selects exactly the trainer pods of FineTuneJob `name`."""
     return {C.Label.JOB_NAME: name, C.Label.COMPONENT: COMPONENT_TRAINER}
 
 
@@ -203,30 +202,22 @@ def render_config_map(job: FineTuneJob, body: dict | None = None,
     }
 
 
-# ------------------------------------------------------------------------------------------------ Service
+# ------------------------------------------------------------------------------------------------ rendezvous
 def rendezvous_host(job: FineTuneJob) -> str:
-    names = child_names(job.metadata.name)
-    return f"{names.job}-0.{names.service}.{job.metadata.namespace}.svc"
+    """Rank 0's stable address: pod index 0's DNS name (JobSet's enableDNSHostnames)."""
+    name = job.metadata.name
+    return f"{JS.pod_hostname(name, 0)}.{JS.subdomain(name)}.{job.metadata.namespace}.svc"
 
 
-def render_service(job: FineTuneJob, body: dict | None = None,
-                   settings: OperatorSettings | None = None) -> Optional[dict]:
-    if not is_multi_node(job.spec):
-        return None
-    names = child_names(job.metadata.name)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(job, body, names.service, COMPONENT_RENDEZVOUS),
-        "spec": {
-            "clusterIP": "None",
-            "selector": pod_selector(job.metadata.name),
-            # Rendezvous happens before any pod is Ready (they have no readiness probe anyway).
-            "publishNotReadyAddresses": True,
-            "ports": [{"name": "rendezvous", "port": C.DEFAULT_RENDEZVOUS_PORT,
-                       "targetPort": C.DEFAULT_RENDEZVOUS_PORT, "protocol": "TCP"}],
-        },
-    }
+RENDEZVOUS_PORT_SPREAD = 1000
+
+
+def rendezvous_port(job: FineTuneJob) -> int:
+    """Rank 0's TCPStore port: 29500 + a number from the FineTuneJob's uid. In a cluster each pod has its own
+    network namespace and any port would do; gangs that share one (hostNetwork pods, the local test cluster
+    where pods are processes on one host) would otherwise find another gang's store listening on 29500."""
+    key = job.metadata.uid or f"{job.metadata.namespace}/{job.metadata.name}"
+    return C.DEFAULT_RENDEZVOUS_PORT + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % RENDEZVOUS_PORT_SPREAD
 
 
 # ------------------------------------------------------------------------------------------------ Job
@@ -235,7 +226,10 @@ LAUNCHER = ["python", "-m", "kubetune_trainer.launch"]
 
 def trainer_command(job: FineTuneJob) -> list[str]:
     """The container command. Single process: the image's ENTRYPOINT + CMD spelled out (the local node agent
-    runs only `command`). Several processes: torchrun (via kubetune_trainer.launch), on one node standalone, across nodes with c10d."""
+    runs only `command`). Several processes: torchrun (via kubetune_trainer.launch), on one node standalone, across nodes with the
+    static rendezvous: the gang has a fixed size and JobSet restarts it whole, so elastic (c10d) membership buys
+    nothing, while static ranks pin rank 0 to pod index 0 (c10d orders nodes by host name, and pods sharing a
+    host, as in the local cluster, would order by process id)."""
     config = f"{C.CONFIG_MOUNT_DIR}/{C.CONFIG_FILE_NAME}"
     spec = job.spec
     if not uses_torchrun(spec):
@@ -247,9 +241,8 @@ def trainer_command(job: FineTuneJob) -> list[str]:
     if is_multi_node(spec):
         cmd += [
             "--node-rank=$(JOB_COMPLETION_INDEX)",  # set by the Job controller in Indexed Jobs
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rendezvous_host(job)}:{C.DEFAULT_RENDEZVOUS_PORT}",
-            f"--rdzv-id={job.metadata.uid or job.metadata.name}",
+            f"--master-addr={rendezvous_host(job)}",
+            f"--master-port={rendezvous_port(job)}",
         ]
     else:
         cmd.append("--standalone")  # local rendezvous on a free port
@@ -316,7 +309,7 @@ def _env(job: FineTuneJob, s: OperatorSettings, rt: FineTuneRuntimeSpec) -> list
         # torchrun sets these for its workers; exported for tools that read them before torchrun runs.
         env += [
             {"name": "MASTER_ADDR", "value": rendezvous_host(job)},
-            {"name": "MASTER_PORT", "value": str(C.DEFAULT_RENDEZVOUS_PORT)},
+            {"name": "MASTER_PORT", "value": str(rendezvous_port(job))},
         ]
     return env
 
@@ -405,7 +398,7 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
     volumes, mounts = _volumes(job)
     ports = [{"name": "metrics", "containerPort": s.trainer_metrics_port, "protocol": "TCP"}]
     if is_multi_node(spec):
-        ports.append({"name": "rendezvous", "containerPort": C.DEFAULT_RENDEZVOUS_PORT, "protocol": "TCP"})
+        ports.append({"name": "rendezvous", "containerPort": rendezvous_port(job), "protocol": "TCP"})
     container = {
         "name": CONTAINER_NAME,
         "image": tmpl.image,
@@ -442,8 +435,6 @@ def render_pod_template(job: FineTuneJob, settings: OperatorSettings | None = No
         "containers": [container],
         "volumes": volumes,
     }
-    if is_multi_node(spec):
-        pod_spec["subdomain"] = child_names(name).service
     node_selector = {**(r.node_selector or {}), **(tmpl.node_selector or {})}  # the runtime's keys win
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
@@ -481,16 +472,39 @@ def retries_left(spec: FineTuneJobSpec, retries_used: int) -> int:
     return max(0, spec.retry_limit - max(0, retries_used))
 
 
-def template_hash(job_spec: dict) -> str:
-    """Digest of everything in the Job spec the operator cannot patch in place (all but `suspend` and
-    MUTABLE_JOB_FIELDS): when it differs, the spec change needs a new Job."""
-    data = {k: v for k, v in job_spec.items() if k != "suspend" and k not in MUTABLE_JOB_FIELDS}
+def mutable_fields(workload: dict) -> tuple[str, ...]:
+    """Spec fields the operator patches on a live workload besides `suspend` (a JobSet's failurePolicy and
+    Job template are immutable: nothing)."""
+    return () if JS.is_jobset(workload) else MUTABLE_JOB_FIELDS
+
+
+def template_hash(job_spec: dict, mutable: tuple[str, ...] = MUTABLE_JOB_FIELDS) -> str:
+    """Digest of everything in the workload's spec the operator cannot patch in place (all but `suspend` and
+    `mutable`): when it differs, the spec change needs a new Job/JobSet."""
+    data = {k: v for k, v in job_spec.items() if k != "suspend" and k not in mutable}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _workload_metadata(job: FineTuneJob, body: dict | None, name: str, spec: dict, mutable: tuple[str, ...]) -> dict:
+    meta = _metadata(job, body, name, COMPONENT_TRAINER)
+    meta["labels"].update(queueing.workload_labels(job))
+    meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(spec, mutable)}
+    if job.metadata.generation is not None:
+        meta["annotations"][GENERATION_ANNOTATION] = str(job.metadata.generation)
+    return meta
 
 
 def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None,
                runtime: FineTuneRuntimeSpec | None = None, retries_used: int = 0) -> dict:
-    """retries_used: failures earlier Jobs of this run counted (a replacement Job, see the module docstring)."""
+    """The workload that runs the trainer pods: a JobSet for multi-node jobs (render_jobset.py; JobSet counts
+    its own restarts, so `retries_used` does not apply), else a batch/v1 Job. retries_used: failures earlier
+    Jobs of this run counted (a replacement Job, see the module docstring)."""
+    if is_multi_node(job.spec):
+        s = _settings(settings)
+        jobset = JS.render_jobset(job, child_labels(job, COMPONENT_TRAINER), render_pod_template(job, s, runtime),
+                                  queueing.initial_suspend(job), CONTAINER_NAME)
+        jobset["metadata"] = _workload_metadata(job, body, JS.jobset_name(job.metadata.name), jobset["spec"], ())
+        return jobset
     s = _settings(settings)
     spec = job.spec
     names = child_names(job.metadata.name)
@@ -509,11 +523,7 @@ def render_job(job: FineTuneJob, body: dict | None = None, settings: OperatorSet
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    meta = _metadata(job, body, names.job, COMPONENT_TRAINER)
-    meta["labels"].update(queueing.workload_labels(job))
-    meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(job_spec)}
-    if job.metadata.generation is not None:
-        meta["annotations"][GENERATION_ANNOTATION] = str(job.metadata.generation)
+    meta = _workload_metadata(job, body, names.job, job_spec, MUTABLE_JOB_FIELDS)
     if retries_used:
         meta["annotations"][RETRIES_USED_ANNOTATION] = str(retries_used)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
@@ -531,15 +541,16 @@ def retries_used_by(job: dict | None) -> int:
 def render_children(job: FineTuneJob, body: dict | None = None, settings: OperatorSettings | None = None,
                     runtime: FineTuneRuntimeSpec | None = None, retries_used: int = 0) -> Children:
     return Children(config_map=render_config_map(job, body, settings),
-                    job=render_job(job, body, settings, runtime, retries_used),
-                    service=render_service(job, body, settings))
+                    job=render_job(job, body, settings, runtime, retries_used))
+
+
+def workload_name(job: FineTuneJob) -> str:
+    return JS.jobset_name(job.metadata.name) if is_multi_node(job.spec) else child_names(job.metadata.name).job
 
 
 def iter_children(children: Children) -> Iterable[dict]:
-    """In creation order: the ConfigMap and Service before the Job whose pods need them."""
+    """In creation order: the ConfigMap before the workload whose pods mount it."""
     yield children.config_map
-    if children.service is not None:
-        yield children.service
     yield children.job
 
 
@@ -586,6 +597,16 @@ def spec_field_of(job: FineTuneJob, child: dict, path: str) -> str:
     (the `field` of a metav1.Status cause). Falls back to `spec` when the path is not user-controlled."""
     t = _path_tokens(path)
     kind = child.get("kind")
+    if kind == JS.KIND:
+        if t[:4] == ["spec", "replicatedJobs", "0", "template"] and len(t) > 4:
+            # the child Job's template: the same origins as a single-node Job's
+            inner = ((child.get("spec") or {}).get("replicatedJobs") or [{}])[0].get("template") or {}
+            return spec_field_of(job, {**inner, "kind": "Job"}, _rest(t[4:]).lstrip("."))
+        if t[:3] == ["spec", "failurePolicy", "maxRestarts"]:
+            return "spec.retryLimit"
+        if t[:1] == ["metadata"]:
+            return "metadata.name"
+        return "spec.resources.nodes"
     if t[:1] == ["metadata"]:
         return "metadata.name"
     if kind == "ConfigMap":

@@ -30,8 +30,13 @@ def runtime(**parts):
     return {"template": {"image": "registry/trainer:1.0"}, **parts}
 
 
+def job_spec(obj):
+    """The batch/v1 JobSpec of a Job, or of a JobSet's one replicatedJob."""
+    return obj["spec"]["replicatedJobs"][0]["template"]["spec"] if obj["kind"] == "JobSet" else obj["spec"]
+
+
 def pod_spec(job):
-    return job["spec"]["template"]["spec"]
+    return job_spec(job)["template"]["spec"]
 
 
 def container(job):
@@ -139,7 +144,7 @@ def test_single_node_job():
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(C.DEFAULT_METRICS_PORT)
     assert annotations["prometheus.io/path"] == "/metrics"
-    assert R.render_service(model(body), body) is None
+    assert set(vars(R.render_children(model(body), body))) == {"config_map", "job"}  # no Service
 
 
 def test_env_contract():
@@ -317,7 +322,7 @@ def test_suspend():
 def test_labels_and_owner_references_on_every_child():
     body = ftj(resources={"gpus": 1, "nodes": 2})
     children = list(R.iter_children(R.render_children(model(body), body)))
-    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    assert [c["kind"] for c in children] == ["ConfigMap", "JobSet"]
     for child in children:
         labels = child["metadata"]["labels"]
         assert labels[C.Label.JOB_NAME] == "demo"
@@ -336,8 +341,10 @@ def test_rendering_is_deterministic():
     b = R.render_children(model(json.loads(json.dumps(body))), json.loads(json.dumps(body)))
     assert a == b
     names = R.child_names("demo")
-    assert (a.job["metadata"]["name"], a.service["metadata"]["name"], a.config_map["metadata"]["name"]) == \
-        (names.job, names.service, names.config_map) == ("demo-trainer", "demo-workers", "demo-config")
+    assert (a.job["metadata"]["name"], a.config_map["metadata"]["name"]) == ("demo", names.config_map) == \
+        ("demo", "demo-config")
+    single = R.render_children(model(ftj()), ftj())
+    assert single.job["metadata"]["name"] == names.job == "demo-trainer"
 
 
 def test_template_hash_ignores_suspend_but_not_resources():
@@ -347,34 +354,106 @@ def test_template_hash_ignores_suspend_but_not_resources():
 
 
 # ------------------------------------------------------------------------------------------------ multi node
+def test_multi_node_renders_a_jobset_gang():
+    body = ftj(resources={"gpus": 8, "nodes": 4}, retryLimit=2, activeDeadlineSeconds=7200)
+    js = R.render_children(model(body), body).job
+    assert js["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and js["kind"] == "JobSet"
+    assert js["metadata"]["name"] == "demo" and js["metadata"]["namespace"] == NS
+    spec = js["spec"]
+    assert spec["suspend"] is False
+    assert spec["network"] == {"enableDNSHostnames": True, "subdomain": "demo-workers", "publishNotReadyAddresses": True}
+    (rjob,) = spec["replicatedJobs"]
+    assert rjob["name"] == "node" and rjob["replicas"] == 1
+    assert rjob["template"]["metadata"]["labels"][C.Label.JOB_NAME] == "demo"
+    job = rjob["template"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 4
+    assert job["backoffLimit"] == 0  # one failed pod fails the child Job: the JobSet restarts the whole gang
+    assert job["activeDeadlineSeconds"] == 7200
+    assert "subdomain" not in pod_spec(js) and "hostname" not in pod_spec(js)  # JobSet sets them
+    # failure handling: permanent exit codes fail the JobSet, disruptions and SIGTERM restart it for free,
+    # anything else restarts it against maxRestarts = retryLimit
+    fp = spec["failurePolicy"]
+    assert fp["maxRestarts"] == 2 and fp["restartStrategy"] == "BlockingRecreate"
+    rules = job["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailJob"] * 3
+    assert rules[0]["onExitCodes"]["values"] == sorted(C.ExitCode.PERMANENT)
+    assert rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert rules[2]["onExitCodes"]["values"] == [C.ExitCode.PREEMPTED]
+    permanent, disruption = fp["rules"]
+    assert permanent["action"] == "FailJobSet" and disruption["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    for rule in fp["rules"]:
+        assert rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    # the Job controller's failure message names the rule index: the patterns must tell 0 from 1 and 2
+    msg = "Container trainer for pod {ns}/p failed with exit code {code} matching FailJob rule at index {i}"
+    match = lambda rule, text: any(re.search(p, text) for p in rule["onJobFailureMessagePatterns"])  # noqa: E731
+    assert match(permanent, msg.format(ns=NS, code=78, i=0)) and not match(disruption, msg.format(ns=NS, code=78, i=0))
+    assert match(disruption, msg.format(ns=NS, code=143, i=2)) and not match(permanent, msg.format(ns=NS, code=143, i=2))
+    assert match(disruption, f"Pod {NS}/p has condition DisruptionTarget matching FailJob rule at index 1")
+    assert not match(permanent, msg.format(ns=NS, code=78, i=10))
+
+
 def test_multi_node_rendezvous_is_consistent():
     body = ftj(resources={"gpus": 8, "nodes": 4})
-    children = R.render_children(model(body), body)
-    job, svc = children.job, children.service
-    spec = job["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
-    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-    (port,) = svc["spec"]["ports"]
-    assert port["port"] == port["targetPort"] == C.DEFAULT_RENDEZVOUS_PORT
-    assert pod_spec(job)["subdomain"] == svc["metadata"]["name"]
-    pod_labels = spec["template"]["metadata"]["labels"]
-    assert svc["spec"]["selector"] and all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
-    cmd = container(job)["command"]
+    js = R.render_children(model(body), body).job
+    job = job_spec(js)
+    cmd = container(js)["command"]
     assert cmd[:3] == R.LAUNCHER
     args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
-    assert int(args["--nnodes"]) == spec["completions"]
+    assert int(args["--nnodes"]) == job["completions"]
     assert args["--nproc-per-node"] == "8"
+    # static rendezvous: node rank = completion index, so rank 0 is always pod index 0
     assert args["--node-rank"] == "$(JOB_COMPLETION_INDEX)"
-    assert args["--rdzv-backend"] == "c10d"
-    host, rdzv_port = args["--rdzv-endpoint"].rsplit(":", 1)
-    # Indexed Jobs name pod 0's host <job>-0; with subdomain <svc> its DNS name is <job>-0.<svc>.<ns>.svc
-    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}.{NS}.svc"
-    assert int(rdzv_port) == port["port"]
-    assert args["--rdzv-id"] == UID
+    assert not any(a.startswith("--rdzv") for a in cmd)
+    # JobSet names pod 0's host <jobset>-<replicatedJob>-<job index>-<pod index> in subdomain <network.subdomain>
+    subdomain = js["spec"]["network"]["subdomain"]
+    host = f"{js['metadata']['name']}-{js['spec']['replicatedJobs'][0]['name']}-0-0.{subdomain}.{NS}.svc"
+    assert args["--master-addr"] == host
+    port = int(args["--master-port"])
+    assert R.C.DEFAULT_RENDEZVOUS_PORT <= port < R.C.DEFAULT_RENDEZVOUS_PORT + R.RENDEZVOUS_PORT_SPREAD
     assert cmd[-4:] == ["-m", "kubetune_trainer", "--config", "/etc/kubetune/job.yaml"]
-    env = env_of(job)
-    assert env["MASTER_ADDR"]["value"] == host and env["MASTER_PORT"]["value"] == rdzv_port
-    assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container(job)["ports"]
+    env = env_of(js)
+    assert env["MASTER_ADDR"]["value"] == host and env["MASTER_PORT"]["value"] == str(port)
+    assert {"name": "rendezvous", "containerPort": port, "protocol": "TCP"} in container(js)["ports"]
+
+
+def test_rendezvous_port_is_stable_per_job_and_differs_between_jobs():
+    ports = {R.rendezvous_port(model(ftj(resources={"nodes": 2}, uid=f"uid-{i}"))) for i in range(20)}
+    assert len(ports) > 15  # gangs sharing a host network rarely meet
+    body = ftj(resources={"nodes": 2})
+    assert R.rendezvous_port(model(body)) == R.rendezvous_port(model(json.loads(json.dumps(body))))
+
+
+def test_same_manifest_with_one_node_is_a_plain_job():
+    multi, single = ftj(resources={"gpus": 8, "nodes": 2}), ftj(resources={"gpus": 8, "nodes": 1})
+    assert R.render_job(model(multi), multi)["kind"] == "JobSet"
+    job = R.render_job(model(single), single)
+    assert (job["apiVersion"], job["kind"], job["metadata"]["name"]) == ("batch/v1", "Job", "demo-trainer")
+    assert "--standalone" in container(job)["command"] and "MASTER_ADDR" not in env_of(job)
+
+
+def test_jobset_suspend_and_template_hash():
+    body = ftj(resources={"nodes": 2}, suspend=True)
+    js = R.render_job(model(body), body)
+    assert js["spec"]["suspend"] is True
+    h = lambda b: R.render_job(model(b), b)["metadata"]["annotations"][R.TEMPLATE_HASH_ANNOTATION]  # noqa: E731
+    assert h(body) == h(ftj(resources={"nodes": 2}))
+    # a JobSet's failurePolicy is immutable: a retryLimit change needs a new JobSet, unlike a Job's backoffLimit
+    assert h(ftj(resources={"nodes": 2}, retryLimit=7)) != h(body)
+    assert h(ftj(retryLimit=7)) == h(ftj())
+    assert R.mutable_fields(js) == () and R.mutable_fields(R.render_job(model(ftj()), ftj())) == R.MUTABLE_JOB_FIELDS
+
+
+def test_jobset_paths_map_back_to_spec_fields():
+    body = ftj(resources={"gpus": 1, "nodes": 2, "nodeSelector": {"pool": "a"}})
+    job = model(body)
+    js = R.render_job(job, body)
+    base = "spec.replicatedJobs[0].template.spec.template.spec"
+    single = R.render_job(model(ftj(resources={"gpus": 1, "nodeSelector": {"pool": "a"}})))
+    for path in ("nodeSelector[pool]", "containers[0].image", "containers[0].resources.limits[nvidia.com/gpu]"):
+        assert R.spec_field_of(job, js, f"{base}.{path}") == R.spec_field_of(job, single, f"spec.template.spec.{path}")
+    assert R.spec_field_of(job, js, "spec.replicatedJobs[0].template.spec.activeDeadlineSeconds") == \
+        "spec.activeDeadlineSeconds"
+    assert R.spec_field_of(job, js, "spec.failurePolicy.maxRestarts") == "spec.retryLimit"
 
 
 def test_processes_per_node_from_distributed_spec():
@@ -387,8 +466,7 @@ def test_single_node_multi_gpu_uses_standalone_torchrun():
     job = render_job(body)
     cmd = container(job)["command"]
     assert cmd[:6] == [*R.LAUNCHER, "--nnodes=1", "--nproc-per-node=4", "--standalone"]
-    assert not any(a.startswith("--rdzv-endpoint") for a in cmd)
-    assert R.render_service(model(body), body) is None
+    assert not any(a.startswith(("--rdzv", "--master")) for a in cmd)
 
 
 # ------------------------------------------------------------------------------------------------ volumes
@@ -448,8 +526,19 @@ def test_every_example_renders(path):
         assert len(child["metadata"]["name"]) <= 63
     assert restricted_violations(pod_spec(children.job)) == []
     # the hostname of the highest-index pod must be a DNS label
-    host = f"{children.job['metadata']['name']}-{children.job['spec']['completions'] - 1}"
+    spec = job_spec(children.job)
+    prefix = f"{children.job['metadata']['name']}-node-0" if children.job["kind"] == "JobSet" \
+        else children.job["metadata"]["name"]
+    host = f"{prefix}-{spec['completions'] - 1}"
     assert DNS_LABEL.match(host) and len(host) <= 63
+
+
+def test_longest_name_keeps_jobset_hostnames_within_a_dns_label():
+    name = "n" * 50  # the CRD's limit on FineTuneJob names
+    body = ftj(name=name, resources={"nodes": 1024})  # the CRD's limit on nodes
+    js = R.render_job(model(body), body)
+    assert len(f"{js['metadata']['name']}-node-0-1023") <= 63
+    assert len(js["spec"]["network"]["subdomain"]) <= 63
 
 
 def test_cache_claim_mounts_a_download_cache_that_outlives_the_pod():
@@ -461,3 +550,13 @@ def test_cache_claim_mounts_a_download_cache_that_outlives_the_pod():
     mounts = {m["name"]: m["mountPath"] for m in container(job)["volumeMounts"]}
     assert mounts["download-cache"] == R.CACHE_DIR
     assert env_of(job)["KUBETUNE_CACHE_DIR"]["value"] == R.CACHE_DIR
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_pod_failure_policy_exit_codes_are_ordered(nodes):
+    """batch/v1 refuses onExitCodes.values that are not in ascending order ("must be ordered")."""
+    body = ftj(resources={"gpus": 1, "nodes": nodes})
+    for rule in job_spec(R.render_job(model(body), body))["podFailurePolicy"]["rules"]:
+        values = (rule.get("onExitCodes") or {}).get("values")
+        if values:
+            assert values == sorted(set(values)), rule

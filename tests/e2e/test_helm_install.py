@@ -158,7 +158,7 @@ def test_install_examples_upgrade_uninstall(cluster, namespace, helm):
     for kind in ("clusterrole", "clusterrolebinding", "crd"):
         left = cluster.kubectl("get", kind, "-l", selector, "-o", "name").stdout.split()
         kept = sorted(f"customresourcedefinition.apiextensions.k8s.io/{p}.{C.GROUP}"
-                      for p in (C.PLURAL, C.CLUSTER_RUNTIME_PLURAL, C.RUNTIME_PLURAL))
+                      for p in (C.PLURAL, C.CLUSTER_RUNTIME_PLURAL, C.RUNTIME_PLURAL, C.PIPELINE_PLURAL))
         assert sorted(left) == (kept if kind == "crd" else []), left
     assert get_json(cluster, "crd", C.CRD_NAME), "the FineTuneJob CRD is kept (crds.keep)"
     assert not get_json(cluster, "crd", "clusterkopfpeerings.kopf.dev"), "peering CRDs go with the release"
@@ -194,8 +194,11 @@ def test_namespaced_rbac_is_least_privilege(cluster, namespace, helm, extra_name
             assert can("create", "events", ns)
             for verb in ("get", "list", "watch"):
                 assert not can(verb, "secrets", ns), f"{verb} secrets in watched {ns}"
-            assert not can("create", "finetunejobs.kubetune.dev", ns)
+            # a FineTunePipeline's stages: the operator creates their FineTuneJobs (owned by the pipeline)
+            assert can("create", "finetunejobs.kubetune.dev", ns)
+            assert not can("update", "finetunejobs.kubetune.dev", ns)
         for ns in (outside, namespace):
+            assert not can("create", "finetunejobs.kubetune.dev", ns), f"FineTuneJobs in unwatched {ns}"
             assert not can("create", "jobs.batch", ns), f"jobs in unwatched {ns}"
             assert not can("patch", "finetunejobs.kubetune.dev", ns, "--subresource=status")
             assert not can("list", "configmaps", ns)

@@ -109,27 +109,28 @@ def test_retriable_failure_exhausts_retry_limit(cluster, namespace, operator):
     assert obj["status"].get("restartCount", 0) >= 1
 
 
-def test_multi_node_job_has_consistent_rendezvous(cluster, namespace, operator):
+def test_multi_node_job_is_a_jobset_with_a_stable_rank0_address(cluster, namespace, operator):
+    """nodes > 1 runs as a JobSet (render_jobset.py): no plain Job, no operator-made Service; rank 0's address is
+    pod 0's DNS hostname, and the real JobSet controller creates the Indexed child Job with that subdomain."""
     apply(cluster, namespace, ftj("multi", annotations={"kubetune.dev/kwok-outcome": "hold"},
                                   resources={"gpus": 8, "nodes": 2}))
-    job = wait_for(lambda: get(cluster, namespace, "job", "multi-trainer"), 30, message="indexed Job")
-    svc = wait_for(lambda: get(cluster, namespace, "service", "multi-workers"), 30, message="headless Service")
-    assert job["spec"]["completionMode"] == "Indexed"
-    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
-    assert svc["spec"]["clusterIP"] == "None"
-    tmpl = job["spec"]["template"]["spec"]
-    assert tmpl["subdomain"] == "multi-workers"
+    js = wait_for(lambda: get(cluster, namespace, "jobsets.jobset.x-k8s.io", "multi"), 30, message="JobSet")
+    assert js["spec"]["network"]["enableDNSHostnames"] and js["spec"]["network"]["subdomain"] == "multi-workers"
+    child = wait_for(lambda: get(cluster, namespace, "job", "multi-node-0"), 60, message="JobSet's child Job")
+    assert child["spec"]["completionMode"] == "Indexed"
+    assert child["spec"]["completions"] == child["spec"]["parallelism"] == 2
+    assert get(cluster, namespace, "job", "multi-trainer") is None, "no plain Job for a multi-node job"
+    tmpl = child["spec"]["template"]["spec"]
     cmd = " ".join(tmpl["containers"][0]["command"] + tmpl["containers"][0].get("args", []))
     assert "kubetune_trainer.launch" in cmd and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
-    assert f"multi-trainer-0.multi-workers.{namespace}.svc:29500" in cmd
-    # the Service selects exactly the job's pods
-    for key, value in svc["spec"]["selector"].items():
-        assert job["spec"]["template"]["metadata"]["labels"][key] == value
+    assert f"multi-node-0-0.multi-workers.{namespace}.svc" in cmd, cmd
     pods = wait_for(lambda: [p for p in pods_of(cluster, namespace, "multi") if p["spec"].get("nodeName")]
                     if len([p for p in pods_of(cluster, namespace, "multi") if p["spec"].get("nodeName")]) == 2 else None,
                     60, message="2 scheduled pods")
     assert {p["spec"]["nodeName"] for p in pods} == {"gpu-node-0", "gpu-node-1"}  # 8 GPUs each: one pod per node
+    assert {p["spec"].get("subdomain") for p in pods} == {"multi-workers"}
     cluster.wait_job(namespace, "multi", want="Running", timeout=60, context=operator.logs)
+    assert get(cluster, namespace, "ftj", "multi")["status"]["workload"]["kind"] == "JobSet"
 
 
 def test_suspend_maps_to_the_job_and_back(cluster, namespace, operator):
@@ -147,10 +148,10 @@ def test_suspend_maps_to_the_job_and_back(cluster, namespace, operator):
 
 def test_delete_removes_children(cluster, namespace, operator):
     apply(cluster, namespace, ftj("doomed", annotations={"kubetune.dev/kwok-outcome": "hold"}, resources={"gpus": 1, "nodes": 2}))
-    wait_for(lambda: get(cluster, namespace, "service", "doomed-workers"), 30, message="children")
-    wait_for(lambda: pods_of(cluster, namespace, "doomed"), 30, message="pods")
+    wait_for(lambda: get(cluster, namespace, "jobsets.jobset.x-k8s.io", "doomed"), 30, message="children")
+    wait_for(lambda: pods_of(cluster, namespace, "doomed"), 60, message="pods")
     cluster.kubectl("delete", "ftj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
-    for kind, name in (("job", "doomed-trainer"), ("service", "doomed-workers"), ("configmap", "doomed-config")):
+    for kind, name in (("jobsets.jobset.x-k8s.io", "doomed"), ("job", "doomed-node-0"), ("configmap", "doomed-config")):
         wait_for(lambda: get(cluster, namespace, kind, name) is None, 60, message=f"{kind}/{name} deleted")
     wait_for(lambda: not pods_of(cluster, namespace, "doomed"), 90, message="pods deleted")
 

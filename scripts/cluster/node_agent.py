@@ -43,6 +43,8 @@ NODE = os.environ.get("KUBETUNE_NODE_NAME", "local-runner")
 # (common.sh: KUBETUNE_POD_IP_PREFIX) so that both clusters' trainer pods can bind the metrics port.
 POD_IP_PREFIX = os.environ.get("KUBETUNE_POD_IP_PREFIX", "127.0.1")
 PODS_DIR = os.path.join(os.environ.get("KUBETUNE_CLUSTER_DIR", "/tmp/kubetune-cluster"), "pods")
+# How long a pod status patch is retried while the API server is unreachable (a kubelet retries indefinitely).
+STATUS_PATCH_PATIENCE = float(os.environ.get("KUBETUNE_STATUS_PATCH_PATIENCE", "300"))
 RESOURCES = {"cpu": os.environ.get("KUBETUNE_LOCAL_RUNNER_CPU", "2"),
              "memory": os.environ.get("KUBETUNE_LOCAL_RUNNER_MEMORY", "24Gi"),
              "pods": os.environ.get("KUBETUNE_LOCAL_RUNNER_PODS", "20"), "ephemeral-storage": "100Gi"}
@@ -157,12 +159,28 @@ class PodRun:
     def patch_status(self, status):
         if self.vanished:
             return
-        try:
-            call(self.agent.core.patch_namespaced_pod_status, self.name, self.ns, {"status": status})
-        except ApiException as e:
-            self.vanished = e.status == 404
-            if e.status != 404:
-                log.warning("%s: status patch failed: %s", self.key, e.reason)
+        # A kubelet keeps retrying its status until the API server takes it: a pod whose process ended while the
+        # API server was down must still end Succeeded/Failed once it is back (not stay Running forever).
+        deadline, delay, warned = time.monotonic() + STATUS_PATCH_PATIENCE, 0.5, False
+        while True:
+            try:
+                call(self.agent.core.patch_namespaced_pod_status, self.name, self.ns, {"status": status})
+                return
+            except ApiException as e:
+                if e.status == 404:
+                    self.vanished = True
+                    return
+                why = e.reason
+            except Exception as e:  # noqa: BLE001 - connection refused/reset while the API server is down
+                why = type(e).__name__
+            if time.monotonic() > deadline:
+                log.warning("%s: status patch failed, giving up: %s", self.key, why)
+                return
+            if not warned:
+                log.warning("%s: status patch failed (%s); retrying", self.key, why)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def get_data(self, kind, name, optional):
         """A ConfigMap's or Secret's data as {key: bytes}; None if it is optional and missing."""

@@ -83,10 +83,16 @@ def unreachable(exc: Optional[BaseException]) -> bool:
 class ApiHealth:
     """Whether the API server answers, as the operator last saw it; logs each change once."""
 
+    # A server that has just come back may still refuse some requests (429 "initializing", 503) for a few
+    # seconds after /readyz says ready: a relapse within this window is the same outage, not a new one to log.
+    SETTLE_SECONDS = 30.0
+
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.down_since: Optional[float] = None
         self.outages = 0
+        self.back_at: Optional[float] = None
+        self._relapse = False
 
     @property
     def down(self) -> bool:
@@ -95,6 +101,10 @@ class ApiHealth:
     def lost(self, detail: str = "") -> None:
         if self.down_since is None:
             self.down_since = self.clock()
+            if self.back_at is not None and self.down_since - self.back_at < self.SETTLE_SECONDS:
+                self._relapse = True  # still settling after the last outage: stay quiet
+                log.debug("the Kubernetes API server refused a request while settling (%s)", detail[:200])
+                return
             self.outages += 1
             log.warning("the Kubernetes API server is unreachable%s; the operator retries quietly and catches up "
                         "when it answers again", f" ({detail[:200]})" if detail else "")
@@ -103,6 +113,10 @@ class ApiHealth:
         if self.down_since is not None:
             seconds = self.clock() - self.down_since
             self.down_since = None
+            if self._relapse:
+                self._relapse = False
+                return
+            self.back_at = self.clock()
             log.warning("the Kubernetes API server answers again (unreachable for %.0f s); status catches up now",
                         seconds)
 

@@ -122,3 +122,24 @@ def test_kube_api_raises_api_unreachable_and_reports_health():
         asyncio.run(api.get("/api/v1/namespaces/x/pods/y"))
     assert health.down
     assert asyncio.run(api.ready()) is False
+
+
+def test_a_relapse_while_the_server_settles_is_the_same_outage(caplog):
+    """A server that just came back may refuse a few requests (429 'initializing'): no second pair of warnings
+    within SETTLE_SECONDS; a later outage is a new one again."""
+    now = [0.0]
+    health = ApiHealth(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="kubetune_operator.outage"):
+        health.lost("refused")
+        now[0] = 25.0
+        health.ok()
+        now[0] = 26.0
+        health.lost("APITooManyRequestsError")
+        now[0] = 27.0
+        health.ok()
+        assert [r.getMessage().split(" (")[0].split(";")[0] for r in caplog.records] == [
+            "the Kubernetes API server is unreachable", "the Kubernetes API server answers again"]
+        assert health.outages == 1 and not health.down
+        now[0] = 25.0 + ApiHealth.SETTLE_SECONDS + 1
+        health.lost("refused")
+        assert health.outages == 2 and len(caplog.records) == 3

@@ -127,7 +127,7 @@ def test_five_pod_deletions_restart_flat_keep_the_budget_and_the_whole_story(clu
         seen.add(pod["metadata"]["uid"])
         deleted_at = time.time()
         cluster.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=false")
-        pod = cluster.wait_for(lambda: live_pod(cluster, ns, name, seen), timeout=120, interval=0.2,
+        pod = cluster.wait_for(lambda: live_pod(cluster, ns, name, seen), timeout=240, interval=0.2,
                                desc=f"the pod after deletion {kill + 1}")
     print(f"\ndowntime after each deletion (delete -> the next pod's first training step), s: {downtimes}")
     print(f"pod start -> first training step, s: {startups}")

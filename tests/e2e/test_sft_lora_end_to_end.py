@@ -226,7 +226,8 @@ def test_prometheus_scraped_trainer_and_operator(cluster, sft_run):
 def test_every_dashboard_panel_query_returns_data(cluster, sft_run):
     """Each panel of the shipped Grafana dashboard, with its variables set to this namespace, returns data from
     the real Prometheus. DCGM panels (GPU memory/utilization) need dcgm-exporter on real GPUs: excluded and
-    named here."""
+    named here. The Pipelines row needs a FineTunePipeline, which this run does not have: excluded too (the
+    pipeline series are unit-tested in tests/unit/operator against the metrics catalog)."""
     from tests.dashboard_queries import panel_queries
 
     assert not sft_run["companions_failed"], "\n".join(sft_run["companions_failed"])
@@ -235,7 +236,7 @@ def test_every_dashboard_panel_query_returns_data(cluster, sft_run):
     queries = panel_queries(variables={"namespace": sft_run["ns"], "job": ".*", "datasource": "prometheus"})
     empty, skipped = [], []
     for q in queries:
-        if q.needs_dcgm:
+        if q.needs_dcgm or "kubetune_operator_pipeline_" in q.query:
             skipped.append(q.panel_title)
             continue
         if not _prom_range(cluster, q.query, start, end):

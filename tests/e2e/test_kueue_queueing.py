@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.e2e.kubetune_fixtures import OperatorProcess, crd, wait_for  # noqa: F401
-from tests.e2e.test_sft_lora_end_to_end import BUCKET, s3_client, upload_dir
+from tests.e2e.test_sft_lora_end_to_end import BUCKET, create_s3_secret, ensure_bucket, s3_client, upload_tiny_inputs
 
 FAKE = {
     "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"},
@@ -120,8 +120,6 @@ STEPS = 24
 @pytest.fixture
 def preempt_env(cluster, crd, namespace, tmp_path):
     """A 1-CPU ClusterQueue for this namespace only, two WorkloadPriorityClasses, S3 data and a tiny model."""
-    from kubetune_trainer import tiny
-
     tag = uuid.uuid4().hex[:6]
     cq, low, high = f"kt-preempt-{tag}", f"kt-low-{tag}", f"kt-high-{tag}"
     cluster_objs = [
@@ -139,17 +137,9 @@ def preempt_env(cluster, crd, namespace, tmp_path):
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(cluster_objs))
     cluster.local_queue(namespace, name="preempt", cluster_queue=cq)
     s3 = s3_client(cluster)
-    try:
-        s3.create_bucket(Bucket=BUCKET)
-    except Exception as exc:  # SeaweedFS: BucketAlreadyExists / AlreadyOwnedByYou
-        if "BucketAlready" not in str(exc):
-            raise
-    upload_dir(s3, tiny.cached_model(), f"models/tiny-{tag}")
-    data = tiny.generate_datasets(tmp_path / "data", n=120)
-    s3.upload_file(str(data["chat"]), BUCKET, f"data/{tag}/chat.jsonl")
-    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+    ensure_bucket(s3)
+    upload_tiny_inputs(s3, tmp_path, tag, 120)
+    create_s3_secret(cluster, namespace)
     op = OperatorProcess(cluster, [namespace], tmp_path / "operator.log").start()
     try:
         yield {"tag": tag, "low": low, "high": high, "s3": s3, "operator": op}

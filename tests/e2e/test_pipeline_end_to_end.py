@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.e2e.kubetune_fixtures import OperatorProcess, crd  # noqa: F401
-from tests.e2e.test_sft_lora_end_to_end import BUCKET, download_prefix, s3_client, upload_dir
+from tests.e2e.test_sft_lora_end_to_end import (BUCKET, create_s3_secret, download_prefix, ensure_bucket, s3_client, upload_tiny_inputs)
 
 
 
@@ -60,26 +60,14 @@ def _stage_job(run_id: str, stage: str, fmt: str, data: str, training: dict) -> 
 
 @pytest.fixture(scope="module")
 def stack(cluster, crd, tmp_path_factory):
-    from kubetune_trainer import tiny
-
     work = tmp_path_factory.mktemp("pipeline-e2e")
     ns = f"e2e-pipe-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     s3 = s3_client(cluster)
-    try:
-        s3.create_bucket(Bucket=BUCKET)
-    except Exception as exc:  # noqa: BLE001 - SeaweedFS: BucketAlreadyExists / AlreadyOwnedByYou
-        if "BucketAlready" not in str(exc):
-            raise
-    model_dir = tiny.cached_model()
-    data = tiny.generate_datasets(work / "data", n=160)
+    ensure_bucket(s3)
     run_id = uuid.uuid4().hex[:6]
-    upload_dir(s3, model_dir, f"models/tiny-{run_id}")
-    for name in ("chat", "preference", "prompt_only"):
-        s3.upload_file(str(data[name]), BUCKET, f"data/{run_id}/{name}.jsonl")
-    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+    model_dir = upload_tiny_inputs(s3, work, run_id, 160, ("chat", "preference", "prompt_only"))
+    create_s3_secret(cluster, ns)
     pipeline = {
         "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTunePipeline",
         "metadata": {"name": "stack", "namespace": ns},

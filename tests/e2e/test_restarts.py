@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.e2e.kubetune_fixtures import OperatorProcess, crd  # noqa: F401
-from tests.e2e.test_sft_lora_end_to_end import BUCKET, s3_client, upload_dir
+from tests.e2e.test_sft_lora_end_to_end import BUCKET, create_s3_secret, ensure_bucket, s3_client, upload_tiny_inputs
 
 STEPS = 40
 KILLS = 5
@@ -34,24 +34,14 @@ KILLS = 5
 
 @pytest.fixture(scope="module")
 def env(cluster, crd, tmp_path_factory):  # noqa: F811
-    from kubetune_trainer import tiny
-
     work = tmp_path_factory.mktemp("restarts")
     ns = f"e2e-restarts-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     s3 = s3_client(cluster)
-    try:
-        s3.create_bucket(Bucket=BUCKET)
-    except Exception as exc:  # noqa: BLE001 - SeaweedFS: BucketAlreadyExists / AlreadyOwnedByYou
-        if "Bucket" not in str(exc):
-            raise
+    ensure_bucket(s3)
     tag = uuid.uuid4().hex[:6]
-    upload_dir(s3, tiny.cached_model(), f"models/tiny-{tag}")
-    data = tiny.generate_datasets(work / "data", n=120)
-    s3.upload_file(str(data["chat"]), BUCKET, f"data/{tag}/chat.jsonl")
-    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+    upload_tiny_inputs(s3, work, tag, 120)
+    create_s3_secret(cluster, ns)
     op = OperatorProcess(cluster, [ns], work / "operator.log").start()
     yield {"ns": ns, "tag": tag, "s3": s3, "op": op, "work": work}
     op.stop()

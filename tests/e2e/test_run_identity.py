@@ -20,38 +20,24 @@ import pytest
 import yaml
 
 from tests.e2e.kubetune_fixtures import OperatorProcess, crd, wait_for  # noqa: F401
-from tests.e2e.test_sft_lora_end_to_end import BUCKET, s3_client, upload_dir
+from tests.e2e.test_sft_lora_end_to_end import BUCKET, create_s3_secret, ensure_bucket, s3_client, upload_tiny_inputs
 
 NAME = "again"
 STEPS = 60
 
 
-def _bucket(s3) -> None:
-    try:
-        s3.create_bucket(Bucket=BUCKET)
-    except Exception as exc:  # SeaweedFS answers BucketAlreadyExists / AlreadyOwnedByYou for an existing bucket
-        if "BucketAlready" not in str(exc):
-            raise
-
-
 @pytest.fixture(scope="module")
 def env(cluster, crd, tmp_path_factory):
-    from kubetune_trainer import tiny
-
     work = tmp_path_factory.mktemp("run-identity")
     ns = f"e2e-runid-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     cluster.wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", ns,
                                              check=False).returncode == 0, timeout=30, desc="default SA")
     s3 = s3_client(cluster)
-    _bucket(s3)
+    ensure_bucket(s3)
     tag = uuid.uuid4().hex[:6]
-    upload_dir(s3, tiny.cached_model(), f"models/tiny-{tag}")
-    data = tiny.generate_datasets(work / "data", n=200)
-    s3.upload_file(str(data["chat"]), BUCKET, f"data/{tag}/chat.jsonl")
-    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+    upload_tiny_inputs(s3, work, tag, 200)
+    create_s3_secret(cluster, ns)
     manifest = {
         "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": NAME, "namespace": ns},
         "spec": {

@@ -34,6 +34,34 @@ def upload_dir(s3, local: Path, prefix: str):
             s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local)}")
 
 
+def ensure_bucket(s3) -> None:
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except Exception as exc:  # noqa: BLE001 - SeaweedFS: BucketAlreadyExists / AlreadyOwnedByYou
+        if "BucketAlready" not in str(exc):
+            raise
+
+
+def upload_tiny_inputs(s3, work: Path, tag: str, rows: int, names=("chat",)) -> Path:
+    """The cached tiny model at models/tiny-<tag> and the generated datasets `names` at data/<tag>/<name>.jsonl;
+    returns the model's local folder (tests load the base from it)."""
+    from kubetune_trainer import tiny
+
+    model_dir = tiny.cached_model()
+    upload_dir(s3, model_dir, f"models/tiny-{tag}")
+    data = tiny.generate_datasets(work / "data", n=rows)
+    for name in names:
+        s3.upload_file(str(data[name]), BUCKET, f"data/{tag}/{name}.jsonl")
+    return model_dir
+
+
+def create_s3_secret(cluster, ns: str) -> None:
+    """Secret s3-creds (the fixtures' default runtime names it) with this cluster's SeaweedFS keys."""
+    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
+                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+
+
 def download_prefix(s3, prefix: str, dest: Path) -> Path:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
@@ -45,28 +73,14 @@ def download_prefix(s3, prefix: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_run(cluster, crd, tmp_path_factory):
-    from kubetune_trainer import tiny
-
     work = tmp_path_factory.mktemp("sft-e2e")
     ns = f"e2e-sft-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     s3 = s3_client(cluster)
-    try:
-        s3.create_bucket(Bucket=BUCKET)
-    except s3.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    except Exception as exc:  # SeaweedFS answers BucketAlreadyExists for an existing bucket
-        if "BucketAlreadyExists" not in str(exc):
-            raise
-    model_dir = tiny.cached_model()
-    data = tiny.generate_datasets(work / "data", n=200)
+    ensure_bucket(s3)
     run_id = uuid.uuid4().hex[:6]
-    upload_dir(s3, model_dir, f"models/tiny-{run_id}")
-    for name in ("chat", "general", "preference", "prompt_only"):
-        s3.upload_file(str(data[name]), BUCKET, f"data/{run_id}/{name}.jsonl")
-    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={cluster.env['AWS_ACCESS_KEY_ID']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster.env['AWS_SECRET_ACCESS_KEY']}")
+    model_dir = upload_tiny_inputs(s3, work, run_id, 200, ("chat", "general", "preference", "prompt_only"))
+    create_s3_secret(cluster, ns)
     manifest = {
         "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": "sft-lora", "namespace": ns},

@@ -100,6 +100,14 @@ class Cluster:
 
 
     # ---- S3 outages (tests/e2e/test_storage_outage.py): stop and restart THIS cluster's SeaweedFS
+    def create_namespace(self, name: str) -> str:
+        """Create namespace `name` and wait for its `default` ServiceAccount, which pods need and which the
+        controller-manager creates a moment later."""
+        self.kubectl("create", "namespace", name)
+        self.wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+                      timeout=30, desc=f"ServiceAccount default in {name}")
+        return name
+
     def stop_s3(self) -> None:
         """Stops this cluster's S3 server (SeaweedFS, started by up.sh) the way a crash would look to clients:
         connections are refused until start_s3(). Its data dir stays."""
@@ -286,10 +294,7 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
     """A fresh namespace for one test; deleted (without waiting) afterwards."""
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"e2e-{base}-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    # pods need the `default` ServiceAccount, which the controller-manager creates a moment later
-    cluster.wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
-                     timeout=30, desc=f"ServiceAccount default in {name}")
+    cluster.create_namespace(name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 

@@ -30,9 +30,7 @@ STEPS = 60
 def env(cluster, crd, tmp_path_factory):
     work = tmp_path_factory.mktemp("run-identity")
     ns = f"e2e-runid-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", ns)
-    cluster.wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", ns,
-                                             check=False).returncode == 0, timeout=30, desc="default SA")
+    cluster.create_namespace(ns)
     s3 = s3_client(cluster)
     ensure_bucket(s3)
     tag = uuid.uuid4().hex[:6]

@@ -33,9 +33,7 @@ SHORT_PATIENCE_S = 15
 def env(cluster, crd, tmp_path_factory):
     work = tmp_path_factory.mktemp("storage-outage")
     ns = f"e2e-s3out-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", ns)
-    cluster.wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", ns,
-                                             check=False).returncode == 0, timeout=30, desc="default SA")
+    cluster.create_namespace(ns)
     s3 = s3_client(cluster)
     ensure_bucket(s3)
     tag = uuid.uuid4().hex[:6]

@@ -84,9 +84,11 @@ class Cluster:
 
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, desc: str = "",
-                 errors: tuple = (KubectlError, KeyError, IndexError, TypeError)) -> Any:
+                 errors: tuple = (KubectlError, KeyError, IndexError, TypeError),
+                 context: Callable[[], str] | None = None) -> Any:
         """Polls predicate until it returns a truthy value (returned) or fails the test after timeout s.
-        Exceptions of the types in `errors` count as "not yet"."""
+        Exceptions of the types in `errors` count as "not yet". `context` adds what a person needs to see why
+        (e.g. Cluster.describe_job) to the failure."""
         deadline, last_exc = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             try:
@@ -96,7 +98,14 @@ class Cluster:
             except errors as e:
                 last_exc = e
             time.sleep(interval)
-        pytest.fail(f"timed out after {timeout}s waiting for {desc or predicate}" + (f" (last error: {last_exc})" if last_exc else ""))
+        report = ""
+        if context:
+            try:
+                report = "\n" + context()
+            except Exception as e:  # the report must not hide the failure it reports
+                report = f"\n(context unavailable: {e})"
+        pytest.fail(f"timed out after {timeout}s waiting for {desc or predicate}"
+                    + (f" (last error: {last_exc})" if last_exc else "") + report)
 
 
     # ---- S3 outages (tests/e2e/test_storage_outage.py): stop and restart THIS cluster's SeaweedFS

@@ -21,6 +21,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -95,6 +96,22 @@ def first_own_step(cluster, ns: str, pod: dict) -> dict | None:
     return next((r for r in records[start:] if r.get("event") == "train"), None)
 
 
+def why(cluster, env: dict, name: str) -> Callable[[], str]:
+    """The story of a restart that did not come: the FineTuneJob, its Job's status, recent events, the operator's
+    log tail (what Cluster.wait_for adds to a timeout)."""
+    def report() -> str:
+        ns = env["ns"]
+        job = cluster.kubectl("get", "job", f"{name}-trainer", "-n", ns, "-o", "json", check=False)
+        events = cluster.kubectl("get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False)
+        return "\n".join([
+            cluster.describe_job(ns, name, cluster.kubectl_json("get", "ftj", name, "-n", ns), env["op"].logs),
+            "--- Job status: " + (json.dumps(json.loads(job.stdout).get("status")) if job.returncode == 0
+                                  else job.stderr.strip()),
+            "--- events\n" + events.stdout[-3000:],
+        ])
+    return report
+
+
 def ftj_status(cluster, ns: str, name: str) -> dict:
     return cluster.kubectl_json("get", "ftj", name, "-n", ns).get("status") or {}
 
@@ -107,7 +124,7 @@ def test_five_pod_deletions_restart_flat_keep_the_budget_and_the_whole_story(clu
     pod = cluster.wait_for(lambda: live_pod(cluster, ns, name, seen), timeout=120, desc="the first trainer pod")
     for kill in range(KILLS + 1):
         step = cluster.wait_for(lambda: first_own_step(cluster, ns, pod), timeout=180, interval=0.2,
-                                desc=f"pod {pod['metadata']['name']} training")
+                                desc=f"pod {pod['metadata']['name']} training", context=why(cluster, env, name))
         started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
         startups.append(round(step["time"] - calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")), 1))
         if kill:
@@ -118,7 +135,7 @@ def test_five_pod_deletions_restart_flat_keep_the_budget_and_the_whole_story(clu
         deleted_at = time.time()
         cluster.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=false")
         pod = cluster.wait_for(lambda: live_pod(cluster, ns, name, seen), timeout=240, interval=0.2,
-                               desc=f"the pod after deletion {kill + 1}")
+                               desc=f"the pod after deletion {kill + 1}", context=why(cluster, env, name))
     print(f"\ndowntime after each deletion (delete -> the next pod's first training step), s: {downtimes}")
     print(f"pod start -> first training step, s: {startups}")
     obj = cluster.wait_job(ns, name, timeout=300, context=env["op"].logs)

@@ -8,6 +8,7 @@ fails before training with the config exit code and a message naming the field.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,11 +116,12 @@ def test_stage2_starts_from_stage1s_adapter_trains_it_and_publishes_a_loadable_a
     assert _same({k: v for k, v in get_peft_model_state_dict(model).items()}, trained)
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, plain)  # the adapter changes the base's outputs
+    manifest = json.loads((published.parent / "manifest.json").read_text())
+    assert manifest["startAdapter"] == stage1
+    assert f"| started from adapter | `{stage1}`" in (published.parent / "README.md").read_text()
 
 
 def test_restarted_pod_resumes_its_own_checkpoint_not_the_start_adapter(make_job, run_job, stage1):
-    import json
-
     job = _stage2(make_job, stage1, training={"checkpointEverySteps": 2})
     first = Snapshot(at_steps=(1, 2, 3), preempt_at=2)  # the SIGTERM checkpoint lands at the end of a step
     report = run_job(job, callbacks=[first], work="pod1")

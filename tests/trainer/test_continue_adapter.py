@@ -159,3 +159,31 @@ def test_an_adapter_that_does_not_fit_fails_before_training_naming_the_field(
     assert report.exit_code == ExitCode.CONFIG_ERROR and report.reason == "InvalidConfig"
     assert report.field == field and needle in report.message, report.message
     assert report.progress is None or not report.progress.step  # nothing trained
+
+
+def test_qlora_continues_on_the_4bit_base(make_job, run_job, tmp_path):
+    """qlora -> qlora: the base is quantized as usual (4-bit), the saved adapter is loaded onto it, trainable."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    first = run_job(make_job(name="q1", adapter={"type": "qlora", "rank": 4}, training={"maxSteps": 2}), work="q1")
+    assert first.state == "succeeded", first.message
+    start = _weights(_local(first.artifacts.adapter_uri))
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            from peft import get_peft_model_state_dict
+
+            q = model.base_model.model.model.layers[0].self_attn.q_proj
+            seen["4bit"] = isinstance(q.base_layer, bnb.nn.Linear4bit)
+            seen["weights"] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            seen["trainable"] = sorted({n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad})
+
+    second = run_job(make_job(name="q2", model={"adapter": first.artifacts.adapter_uri},
+                              adapter={"type": "qlora", "rank": None}, training={"maxSteps": 2}),
+                     callbacks=[Look()], work="q2")
+    assert second.state == "succeeded", second.message
+    assert seen["4bit"] and _same(seen["weights"], start)
+    assert seen["trainable"] == ["lora_A", "lora_B"]  # only the adapter trains; the 4-bit base stays frozen
+    assert not _same(_weights(_local(second.artifacts.adapter_uri)), start)

@@ -178,3 +178,15 @@ def test_apiserver_refuses_unsupported_handover_and_misplaced_gates(cluster, sta
     assert "stages[1].handover weights needs full weights (full, galore) in stages[0]" in r.stderr
     assert "spec.stages[2].gate.minRewardAccuracy: Forbidden: gate.minRewardAccuracy needs stage dpo" in r.stderr
     assert "spec.retryFrom: Forbidden: retryFrom must name a stage" in r.stderr
+
+    # handover continue: refused into dpo (its reference would be the bare base), accepted into grpo with beta 0
+    cont = json.loads(json.dumps(stack["pipeline"]))
+    cont["metadata"]["name"] = "cont"
+    cont["spec"]["stages"][1]["handover"] = "continue"
+    r = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(cont), check=False)
+    assert r.returncode != 0
+    assert "stages[1].handover continue cannot go into dpo, kto" in r.stderr and "use handover merge" in r.stderr
+    cont["spec"]["stages"][1].pop("handover")
+    cont["spec"]["stages"][2]["handover"] = "continue"
+    r = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(cont), check=False)
+    assert r.returncode == 0, r.stderr

@@ -161,12 +161,14 @@ def test_an_adapter_that_does_not_fit_fails_before_training_naming_the_field(
     assert report.progress is None or not report.progress.step  # nothing trained
 
 
-def test_qlora_continues_on_the_4bit_base(make_job, run_job, tmp_path):
-    """qlora -> qlora: the base is quantized as usual (4-bit), the saved adapter is loaded onto it, trainable."""
+@pytest.mark.parametrize("kind", ["qlora", "dora"])
+def test_qlora_and_dora_continue_as_their_own_type(make_job, run_job, kind):
+    """qlora -> qlora: the base is quantized as usual (4-bit) and the saved adapter loaded onto it, trainable;
+    dora -> dora: the magnitude vectors come back and keep training with the low-rank matrices."""
     import bitsandbytes as bnb
     from transformers import TrainerCallback
 
-    first = run_job(make_job(name="q1", adapter={"type": "qlora", "rank": 4}, training={"maxSteps": 2}), work="q1")
+    first = run_job(make_job(name="s1", adapter={"type": kind, "rank": 4}, training={"maxSteps": 2}), work="s1")
     assert first.state == "succeeded", first.message
     start = _weights(_local(first.artifacts.adapter_uri))
     seen = {}
@@ -180,10 +182,12 @@ def test_qlora_continues_on_the_4bit_base(make_job, run_job, tmp_path):
             seen["weights"] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
             seen["trainable"] = sorted({n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad})
 
-    second = run_job(make_job(name="q2", model={"adapter": first.artifacts.adapter_uri},
-                              adapter={"type": "qlora", "rank": None}, training={"maxSteps": 2}),
-                     callbacks=[Look()], work="q2")
+    second = run_job(make_job(name="s2", model={"adapter": first.artifacts.adapter_uri},
+                              adapter={"type": kind, "rank": None}, training={"maxSteps": 2}),
+                     callbacks=[Look()], work="s2")
     assert second.state == "succeeded", second.message
-    assert seen["4bit"] and _same(seen["weights"], start)
-    assert seen["trainable"] == ["lora_A", "lora_B"]  # only the adapter trains; the 4-bit base stays frozen
+    assert seen["4bit"] is (kind == "qlora") and _same(seen["weights"], start)
+    # only the adapter trains; the (4-bit) base stays frozen
+    assert seen["trainable"] == (["lora_A", "lora_B"] if kind == "qlora" else
+                                 ["lora_A", "lora_B", "lora_magnitude_vector"]), seen["trainable"]
     assert not _same(_weights(_local(second.artifacts.adapter_uri)), start)

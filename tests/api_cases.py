@@ -63,6 +63,26 @@ BOTH = [
          "spec.evaluation.reference", "stage reward trains a classifier", python="spec.evaluation.reference"),
 ]
 
+# model.adapter (continue training a saved PEFT adapter): only for PEFT types, never into a stage whose reference
+# model is the base with the adapter disabled, never with adapter.init.
+_ADAPTER = {"source": "s3://models/tiny", "adapter": "s3://results/runs/ns/sft/runs/r1/adapter"}
+BOTH += [
+    Case("model-adapter-with-full", {"model": _ADAPTER, "adapter": {"type": "full"}}, "spec.model.adapter",
+         "needs adapter.type lora, qlora or dora", python="spec.model.adapter"),
+    *[Case(f"model-adapter-into-{cid}", {"model": _ADAPTER, **spec}, "spec.model.adapter",
+           "its reference model would be the base without the adapter", python="spec.model.adapter")
+      for cid, spec in (
+          ("dpo", {"stage": "dpo", "dataset": _PAIRS}),
+          ("kto", {"stage": "kto", "dataset": _PAIRS}),
+          ("grpo-with-kl", {"stage": "grpo", "dataset": _PROMPTS,
+                            "training": {"grpo": {"beta": 0.04, "rewards": [{"name": "exact_match"}]}}}),
+          ("rloo-default-kl", {"stage": "rloo", "dataset": _PROMPTS, "training": {"rloo": {"rewardModel": "s3://m/rm"}}}),
+          ("ppo-default-kl", {"stage": "ppo", "dataset": _PROMPTS, "training": {"ppo": {"rewardModel": "s3://m/rm"}}}),
+      )],
+    Case("model-adapter-with-init", {"model": _ADAPTER, "adapter": {"type": "lora", "init": "pissa"}},
+         "spec.adapter.init", "remove adapter.init", python="spec.adapter.init"),
+]
+
 BOTH += [
     Case("nccl-without-gpus", {"resources": {"gpus": 0}, "distributed": {"backend": "nccl"}},
          "spec.distributed.backend", "backend nccl needs GPUs", python="spec.distributed.backend"),
@@ -73,6 +93,7 @@ BOTH += [
 _URI_FIELDS = {  # apiserver field -> spec override holding the URI X
     "spec.model.source": lambda x: {"model": {"source": x}},
     "spec.model.tokenizer": lambda x: {"model": {"source": "s3://m/x", "tokenizer": x}},
+    "spec.model.adapter": lambda x: {"model": {"source": "s3://m/x", "adapter": x}},
     "spec.dataset.train[0].uri": lambda x: {"dataset": {"format": "chat", "train": [{"uri": x}]}},
     "spec.dataset.eval[0].uri": lambda x: {"dataset": {"format": "chat", "train": [{"uri": "s3://d/t.jsonl"}],
                                                        "eval": [{"uri": x}]}},

@@ -7,8 +7,9 @@ pipeline and its children and works everything out again, so a missed or repeate
   deletes them; a re-created pipeline of the same name waits until the old one's children are gone, then
   starts its own runs: run identity is the FineTuneJob's uid). A FineTuneJob of that name not owned by this
   pipeline is a name conflict, reported and retried, never adopted.
-- Hand-over: stage i+1's model.source is the URI in stage i's status.artifacts (plan.handed_over: the merged
-  model, or the full weights).
+- Hand-over: stage i+1's model comes from stage i's status.artifacts (plan.handed_over / plan.next_model):
+  model.source is the merged model (merge) or the full weights (weights); with continue, model.source stays
+  the base stage i trained on and model.adapter is stage i's adapter.
 - Gates (kubetune_api.finetunepipeline.gates, the code the local runner uses) are judged on the child's
   status.progress / status.forgetting with the pipeline's *current* thresholds until the next stage exists: a
   failed gate fails the pipeline (GateFailed, naming metric, value and threshold) and editing the threshold
@@ -33,8 +34,8 @@ from kubetune_api.constants import ConditionType as CT
 from kubetune_api.constants import Phase
 from kubetune_api.finetunejob.status import Artifacts
 from kubetune_api.finetunepipeline import (PIPELINE_LABEL, STAGE_NAME_LABEL, FineTunePipeline, child_name,
-                                           evaluate_gate, handed_over, is_approved, parse_pipeline, stage_job_spec,
-                                           validate_pipeline)
+                                           evaluate_gate, handed_over, is_approved, next_model, parse_pipeline,
+                                           stage_job_spec, validate_pipeline)
 from kubetune_api.finetunepipeline.gates import approval_hint
 
 from . import status as S
@@ -75,10 +76,12 @@ def _owner_uid(obj: dict) -> Optional[str]:
     return None
 
 
-def render_stage_job(pipeline: FineTunePipeline, body: dict, i: int, model_source: str) -> dict:
+def render_stage_job(pipeline: FineTunePipeline, body: dict, i: int, model_source: str,
+                     model_adapter: Optional[str] = None) -> dict:
     """Stage i's FineTuneJob manifest (pure): the plan's spec, the pipeline's suspend, labels, owner."""
     stage = pipeline.spec.stages[i]
-    spec = stage_job_spec(pipeline.spec, i, model_source).model_dump(by_alias=True, exclude_none=True, mode="json")
+    spec = stage_job_spec(pipeline.spec, i, model_source, model_adapter).model_dump(
+        by_alias=True, exclude_none=True, mode="json")
     spec["suspend"] = bool(pipeline.spec.suspend)
     meta = body["metadata"]
     return {
@@ -101,13 +104,16 @@ class Result:
     delay: float = WAIT_DELAY
 
 
-def _stage_entry(name: str, job_name: str, child: Optional[dict], model_source: Optional[str]) -> dict:
+def _stage_entry(name: str, job_name: str, child: Optional[dict], model_source: Optional[str],
+                 model_adapter: Optional[str] = None) -> dict:
     entry: dict[str, Any] = {"name": name, "job": job_name}
     if child is None:
         return entry
     st = child.get("status") or {}
     entry["jobUid"] = child["metadata"].get("uid")
     entry["modelSource"] = model_source
+    if model_adapter:
+        entry["modelAdapter"] = model_adapter
     for key in ("phase", "progress", "forgetting", "artifacts", "message"):
         if st.get(key) is not None:
             entry[key] = st[key]
@@ -205,7 +211,7 @@ class PipelineReconciler:
                 conclude(Phase.RUNNING, PipelineReason.RETRYING, msg)
                 return new, Result("waiting", msg, 1.0)
 
-        model_source = spec.model.source
+        model_source, model_adapter = spec.model.source, None
         stages_status: list[dict] = []
         old_stages = {s.get("name"): s for s in old.get("stages") or []}
         result = Result("done")
@@ -234,7 +240,7 @@ class PipelineReconciler:
                     conclude(Phase.SUSPENDED, PipelineReason.SUSPENDED,
                              f"suspended before stage {stage.name} started")
                     break
-                manifest = render_stage_job(pipeline, body, i, model_source)
+                manifest = render_stage_job(pipeline, body, i, model_source, model_adapter)
                 try:
                     created = await self.api.create(manifest)
                 except ApiError as exc:
@@ -248,12 +254,13 @@ class PipelineReconciler:
                         result = Result("invalid", msg)
                         break
                     raise
-                stages_status[-1] = _stage_entry(stage.name, job_name, created, model_source)
-                msg = f"stage {stage.name} ({i + 1}/{n}) started: FineTuneJob {job_name} on {model_source}"
+                stages_status[-1] = _stage_entry(stage.name, job_name, created, model_source, model_adapter)
+                msg = f"stage {stage.name} ({i + 1}/{n}) started: FineTuneJob {job_name} on {model_source}" + (
+                    f" from adapter {model_adapter}" if model_adapter else "")
                 await self._event(body, "Normal", PipelineReason.STAGE_CREATED, msg)
                 conclude(Phase.RUNNING, PipelineReason.STAGE_CREATED, msg)
                 break
-            entry = _stage_entry(stage.name, job_name, child, model_source)
+            entry = _stage_entry(stage.name, job_name, child, model_source, model_adapter)
             stages_status.append(entry)
             cstatus = child.get("status") or {}
             phase = cstatus.get("phase")
@@ -302,7 +309,7 @@ class PipelineReconciler:
                 conclude(Phase.RUNNING, PipelineReason.WAITING, msg)
                 result = Result("waiting", msg)
                 break
-            model_source = uri
+            model_source, model_adapter = next_model(spec, i, model_source, uri)
         # stages not reached yet
         stages_status += [{"name": s.name, "job": child_name(name, s.name)} for s in spec.stages[len(stages_status):]]
         new["stages"] = stages_status

@@ -37,7 +37,10 @@ def wait_pipeline(cluster, ns: str, name: str, want: str, timeout: float, op) ->
         obj = _get(cluster, "finetunepipeline", name, ns)
         if obj and _cond(obj, want).get("status") == "True":
             return obj
-        if obj and _cond(obj, other).get("status") == "True":
+        # a condition set for an older generation (e.g. Failed right after the test patched the gate, before the
+        # operator saw the patch) is not the verdict on this spec
+        current = obj and (_cond(obj, other).get("observedGeneration") or 0) >= (obj["metadata"].get("generation") or 0)
+        if obj and current and _cond(obj, other).get("status") == "True":
             pytest.fail(f"pipeline ended {other}: {json.dumps(obj.get('status'), indent=1)[-3000:]}\n"
                         f"operator log:\n{op.logs()[-3000:]}")
         time.sleep(1)
@@ -178,3 +181,15 @@ def test_apiserver_refuses_unsupported_handover_and_misplaced_gates(cluster, sta
     assert "stages[1].handover weights needs full weights (full, galore) in stages[0]" in r.stderr
     assert "spec.stages[2].gate.minRewardAccuracy: Forbidden: gate.minRewardAccuracy needs stage dpo" in r.stderr
     assert "spec.retryFrom: Forbidden: retryFrom must name a stage" in r.stderr
+
+    # handover continue: refused into dpo (its reference would be the bare base), accepted into grpo with beta 0
+    cont = json.loads(json.dumps(stack["pipeline"]))
+    cont["metadata"]["name"] = "cont"
+    cont["spec"]["stages"][1]["handover"] = "continue"
+    r = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(cont), check=False)
+    assert r.returncode != 0
+    assert "stages[1].handover continue cannot go into dpo, kto" in r.stderr and "use handover merge" in r.stderr
+    cont["spec"]["stages"][1].pop("handover")
+    cont["spec"]["stages"][2]["handover"] = "continue"
+    r = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(cont), check=False)
+    assert r.returncode == 0, r.stderr

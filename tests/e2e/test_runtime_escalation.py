@@ -125,6 +125,7 @@ AT_ADMISSION = [
                                "training.grpo": {"rewards": [{"name": "code_execution"}]}}, "spec.training"),
     ("cluster-runtime-not-granted", {"runtimeRef": "H100"}, "spec.runtimeRef.name"),
     ("output-outside-prefixes", {"output.uri": "s3://other-team/steal"}, "spec.output.uri"),
+    ("adapter-outside-prefixes", {"model.adapter": "s3://other-team/runs/sft/adapter"}, "spec.model.adapter"),
     ("too-many-gpus", {"resources.gpus": 8}, "spec.resources.gpus"),
     ("too-many-nodes", {"resources.nodes": 4}, "spec.resources.nodes"),
     ("forbidden-stage", {"stage": "cpt", "dataset": {"format": "text", "train": [{"uri": "s3://data/t.jsonl"}]}},

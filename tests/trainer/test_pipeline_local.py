@@ -82,3 +82,61 @@ def test_failed_gate_stops_and_retry_from_next_stage_reuses_the_earlier_run(tmp_
     assert Path(dpo["modelSource"][len("file://"):], "config.json").is_file()
     assert dpo["runId"] == dpo_run
     assert "pipeline succeeded" in captured.out
+
+
+CONTINUE = """
+apiVersion: kubetune.dev/v1alpha1
+kind: FineTunePipeline
+metadata: {name: cont}
+spec:
+  model: {source: "file://${KUBETUNE_TINY_MODEL}"}
+  stages:
+    - name: cpt
+      job:
+        stage: cpt
+        dataset: {format: text, train: [{uri: "file://${KUBETUNE_TINY_DATA}/domain.jsonl"}], evalFraction: 0}
+        adapter: {type: lora, rank: 4}
+        training: {maxSteps: 2, batchSize: 4, learningRate: 0.01, maxLength: 48, checkpointEverySteps: 2}
+        resources: {gpus: 0}
+        output: {uri: "file:///unused"}
+    - name: sft
+      handover: continue
+      job:
+        stage: sft
+        dataset: {format: chat, train: [{uri: "file://${KUBETUNE_TINY_DATA}/chat.jsonl"}], evalFraction: 0}
+        adapter: {type: lora}
+        training: {maxSteps: 2, batchSize: 4, learningRate: 0.01, maxLength: 48, checkpointEverySteps: 2}
+        resources: {gpus: 0}
+        output: {uri: "file:///unused"}
+"""
+
+
+def test_continue_trains_the_first_stages_adapter_on_the_same_base(tmp_path, capsys):
+    """cpt -> sft with handover continue: sft's run trains the pipeline's own base starting from cpt's adapter
+    (no merged model is written or used), and the final adapter loads with PEFT on that base."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    manifest, out = tmp_path / "pipeline.yaml", tmp_path / "out"
+    manifest.write_text(CONTINUE)
+    code = main(["run", str(manifest), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    state = json.loads((out / "default" / "cont" / "pipeline.json").read_text())
+    cpt, sft = state["stages"]
+    from kubetune_trainer import tiny
+
+    base = f"file://{tiny.cached_model()}"
+    assert cpt["modelSource"] == sft["modelSource"] == base
+    assert sft["modelAdapter"] == cpt["artifacts"]["adapterUri"] and "mergedModelUri" not in cpt["artifacts"]
+    sft_run = Path(sft["artifacts"]["adapterUri"][len("file://"):]).parent
+    assert json.loads((sft_run / "manifest.json").read_text())["startAdapter"] == cpt["artifacts"]["adapterUri"]
+    first = load_file(str(Path(cpt["artifacts"]["adapterUri"][len("file://"):], "adapter_model.safetensors")))
+    final = load_file(str(sft_run / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == first.keys() and any(not torch.equal(final[k], first[k]) for k in final)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base[len("file://"):]),
+                                      str(sft_run / "adapter"))
+    assert model.peft_config["default"].r == 4  # cpt's adapter, continued (sft's spec left the rank out)
+    assert "from adapter" in captured.err and "pipeline succeeded" in captured.out

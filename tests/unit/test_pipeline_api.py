@@ -12,9 +12,9 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_api import crdgen
-from kubetune_api.finetunejob import Artifacts, FineTuneJobSpec, Forgetting, Progress
+from kubetune_api.finetunejob import Artifacts, FineTuneJobSpec, Forgetting, Progress, validate_spec
 from kubetune_api.finetunepipeline import (Gate, StageJobSpec, approval_annotation, child_name, evaluate_gate,
-                                           handed_over, handover, is_approved, parse_pipeline, stage_job_spec,
+                                           handed_over, handover, is_approved, next_model, parse_pipeline, stage_job_spec,
                                            validate_pipeline)
 from kubetune_api.resources import FINETUNEPIPELINE
 
@@ -170,3 +170,84 @@ def test_manual_approval_waits_then_passes_but_never_overrides_a_failed_metric()
 
 def test_no_gate_passes():
     assert evaluate_gate(None, None).state == "Passed"
+
+
+# ------------------------------------------------------------------------------------------------ continue
+def _continue_grpo(s):
+    """dpo (lora) -> grpo (lora, beta 0: no reference model) continues dpo's adapter."""
+    s["stages"][2]["handover"] = "continue"
+
+
+def test_continue_trains_the_previous_adapter_on_the_base_the_previous_stage_trained():
+    p = pipeline(_continue_grpo)
+    assert validate_pipeline(p.spec, p.metadata.name) == []
+    assert [handover(p.spec, i) for i in range(3)] == [None, "merge", "continue"]
+    dpo_base = "file:///out/sft/merged"
+    dpo = stage_job_spec(p.spec, 1, dpo_base)
+    assert dpo.output.merged_model is False  # grpo continues the adapter: no merged model needed
+    arts = Artifacts(adapter_uri="file:///out/dpo/adapter", merged_model_uri=None)
+    uri = handed_over(p.spec, 1, arts)
+    assert uri == "file:///out/dpo/adapter"
+    assert next_model(p.spec, 1, dpo_base, uri) == (dpo_base, "file:///out/dpo/adapter")
+    assert next_model(p.spec, 0, p.spec.model.source, "file:///out/sft/merged") == ("file:///out/sft/merged", None)
+    grpo = stage_job_spec(p.spec, 2, *next_model(p.spec, 1, dpo_base, uri))
+    assert grpo.model.source == dpo_base and grpo.model.adapter == "file:///out/dpo/adapter"
+    assert validate_spec(grpo) == []  # the child FineTuneJob passes its own rules
+
+
+def test_continue_from_the_first_stage_keeps_the_pipelines_tokenizer_and_revision():
+    def cpt_sft(s):
+        s["model"].update(tokenizer="file:///tok", revision="main")
+        s["stages"][1] = {**s["stages"][0], "name": "sft2", "handover": "continue"}
+        del s["stages"][2]
+    p = pipeline(cpt_sft)
+    assert validate_pipeline(p.spec, p.metadata.name) == []
+    assert stage_job_spec(p.spec, 0, p.spec.model.source).output.merged_model is False
+    second = stage_job_spec(p.spec, 1, *next_model(p.spec, 0, p.spec.model.source, "file:///o/sft/adapter"))
+    assert (second.model.source, second.model.adapter) == (p.spec.model.source, "file:///o/sft/adapter")
+    assert (second.model.tokenizer, second.model.revision) == ("file:///tok", "main")
+    # a merged model carries its own tokenizer: dropped there, as before
+    merged = stage_job_spec(p.spec, 1, "file:///o/sft/merged")
+    assert merged.model.tokenizer is None and merged.model.adapter is None
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda s: s["stages"][1].update(handover="continue"),
+     "spec.stages[1].handover: continue cannot go into stage dpo: the reference model would be the base without "
+     "any adapter, not the previous stage's policy; use handover merge: the merged model becomes the reference"),
+    (lambda s: (s["stages"][2].update(handover="continue"),
+                s["stages"][2]["job"]["training"]["grpo"].update(beta=0.04)),
+     "spec.stages[2].handover: continue cannot go into stage grpo with training.grpo.beta 0.04"),
+    (lambda s: (s["stages"][2].update(handover="continue"), s["stages"][2]["job"]["adapter"].update(type="dora")),
+     "spec.stages[2].handover: continue needs the same adapter type (lora, qlora or dora) in stages[1] and "
+     "stages[2], got lora then dora"),
+    (lambda s: (s["stages"][2].update(handover="continue"), s["stages"][1]["job"].update(adapter={"type": "full"}),
+                s["stages"][2]["job"].update(adapter={"type": "full"})),
+     "spec.stages[2].handover: continue needs the same adapter type (lora, qlora or dora) in stages[1] and "
+     "stages[2], got full then full"),
+    (lambda s: (s["stages"][2].update(handover="continue"), s["stages"][2]["job"]["adapter"].update(init="pissa")),
+     "spec.stages[2].handover: continue keeps training the previous stage's adapter, which "
+     "spec.stages[2].job.adapter.init cannot re-initialise"),
+])
+def test_validate_pipeline_refuses_unsupported_continue(mutate, needle):
+    p = pipeline(lambda s: mutate(s) and None)
+    errors = validate_pipeline(p.spec, p.metadata.name)
+    assert any(needle in e for e in errors), errors
+
+
+def test_continue_cel_rules_per_stage_index():
+    """One rule per index for each continue check (CEL has no index loop), with the fix in the message; the
+    real apiserver runs them in tests/e2e (test_pipeline_end_to_end's admission test)."""
+    spec = crdgen.spec_schema(FINETUNEPIPELINE)
+    rules = spec["x-kubernetes-validations"]
+    for i in range(1, 8):
+        mine = [r for r in rules if f"self.stages[{i}].handover != 'continue'" in r["rule"]]
+        assert len(mine) == 3, (i, mine)
+        same, ref, init = mine
+        assert f"self.stages[{i}].job.adapter.type == self.stages[{i - 1}].job.adapter.type" in same["rule"]
+        assert f"self.stages[{i}].job.stage in ['dpo', 'kto']" in ref["rule"]
+        assert f"self.stages[{i}].job.training.grpo.beta > 0.0" in ref["rule"]
+        assert "use handover merge: the merged model becomes the reference" in ref["message"]
+        assert f"!has(self.stages[{i}].job.adapter.init)" in init["rule"]
+    enum = spec["properties"]["stages"]["items"]["properties"]["handover"]["enum"]
+    assert set(enum) == {"continue", "merge", "weights"}

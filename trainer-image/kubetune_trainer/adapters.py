@@ -11,6 +11,10 @@
 Stages receive `peft_config` (TRL trainers wrap the model themselves; plain-Trainer stages call `wrap`) and
 the runner merges `training_args_additions` into the common TrainingArguments. `validate` runs before any
 training so a typo in targetModules fails in seconds, listing the names that would have worked.
+
+A job with `spec.model.adapter` starts from a saved adapter instead (a pipeline's handover continue):
+`fetch_start_adapter` + `check_start_adapter` (does it fit spec.adapter and this base?) + `load_start_adapter`
+(PeftModel.from_pretrained(..., is_trainable=True)); the stage then gets the PeftModel and no peft_config.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Optional
 from kubetune_api.defaults import effective_lora
 from kubetune_api.finetunejob import FineTuneJobSpec
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainerError
 
 TARGETS_FIELD = "spec.adapter.targetModules"
+START_FIELD = "spec.model.adapter"
+ADAPTER_CONFIG = "adapter_config.json"
 PEFT_TYPES = ("lora", "qlora", "dora")
 # PiSSA/OLoRA move the principal components out of the base weights into the adapter at init time, so the
 # saved adapter only reproduces the model on that *modified* base; see save_adapter.
@@ -103,6 +109,109 @@ def validate(spec: FineTuneJobSpec, model) -> None:
             raise ConfigError(
                 f"{unmatched} match no linear layer (GaLore target modules are name fragments); linear layers "
                 f"look like {linear[:6]}", field="spec.adapter.galore.targetModules")
+
+
+# ------------------------------------------------------------------------------------------------ start adapter
+def fetch_start_adapter(uri: str, cache_dir: Path, *, endpoint: Optional[str] = None) -> Path:
+    """spec.model.adapter, fetched like the model (storage.fetch: same cache, same storage patience). A missing
+    or non-adapter folder is a ConfigError naming spec.model.adapter; store outages stay retriable."""
+    from . import storage
+
+    try:
+        path = Path(storage.fetch(uri, cache_dir, endpoint=endpoint))
+    except TrainerError as exc:
+        raise type(exc)(exc.message, field=START_FIELD) from None
+    if not path.is_dir() or not (path / ADAPTER_CONFIG).is_file():
+        found = sorted(p.name for p in path.iterdir())[:15] if path.is_dir() else None
+        raise ConfigError(
+            f"no PEFT adapter at {uri}: expected a folder saved with save_pretrained ({ADAPTER_CONFIG} + "
+            f"adapter_model.safetensors), e.g. an earlier run's adapter/ (status.artifacts.adapterUri)"
+            + (f"; found {found or 'an empty folder'}" if found is not None else ""), field=START_FIELD)
+    return path
+
+
+def _module_names(model) -> list[str]:
+    import torch
+
+    types = _adaptable_types() + (torch.nn.Embedding,)
+    return [n for n, m in model.named_modules() if n and isinstance(m, types)]
+
+
+def check_start_adapter(spec: FineTuneJobSpec, path: Path, model, model_kind: str = "causal",
+                        uri: Optional[str] = None):
+    """The saved adapter's LoraConfig, after checking it fits: a LoRA (peft_type LORA), DoRA exactly when
+    spec.adapter.type is dora, the head the stage trains (causal LM or sequence classifier), target modules
+    this base has, and any rank/alpha/targetModules/useRslora the spec sets equal to the saved ones (the adapter
+    keeps its shape). spec.adapter.dropout, when set, replaces the saved dropout. ConfigError (exit 78) naming
+    the field and the fix otherwise."""
+    import json
+    import re
+
+    from peft import LoraConfig
+
+    uri = uri or str(path)
+    try:
+        saved = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{uri}/{ADAPTER_CONFIG} is not readable JSON ({exc}); save the adapter with "
+                          "save_pretrained", field=START_FIELD) from None
+    t = str(spec.adapter.type)
+    peft_type = str(saved.get("peft_type") or "")
+    if peft_type.upper() != "LORA":
+        raise ConfigError(f"{uri} holds a {peft_type or 'unknown'} adapter; adapter type {t} continues a LoRA-"
+                          f"family adapter (peft_type LORA): point spec.model.adapter at one, or remove it to train "
+                          "a new adapter", field=START_FIELD)
+    dora = bool(saved.get("use_dora"))
+    if dora != (t == "dora"):
+        have, fix = ("a DoRA adapter (use_dora: true)", "set spec.adapter.type: dora to continue it") if dora else (
+            "a plain LoRA adapter (use_dora: false)", "set spec.adapter.type: lora (or qlora) to continue it")
+        raise ConfigError(f"{uri} is {have} but spec.adapter.type is {t}: {fix}, or remove spec.model.adapter to "
+                          f"train a new {t} adapter", field=START_FIELD)
+    want_task = "SEQ_CLS" if model_kind == "reward" else "CAUSAL_LM"
+    task = saved.get("task_type")
+    if task not in (None, want_task):
+        raise ConfigError(f"{uri} was trained for task {task}, but stage {spec.stage} trains a "
+                          f"{'sequence classifier' if model_kind == 'reward' else 'causal language model'} "
+                          f"({want_task}): give an adapter of a {spec.stage}-compatible stage", field=START_FIELD)
+    names = _module_names(model)
+    targets = saved.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [] if isinstance(targets, str) else [m for m in (targets or []) if not _matches(m, names)]
+    if missing:
+        raise ConfigError(f"{uri} adapts modules {missing} that spec.model.source has none of (its linear modules "
+                          f"are {linear_module_names(model)}): spec.model.source must be the base this adapter was "
+                          "trained on", field=START_FIELD)
+    a = spec.adapter
+    saved_targets = sorted(targets) if isinstance(targets, list) else targets
+    explicit = [("rank", a.rank, saved.get("r")), ("alpha", a.alpha, saved.get("lora_alpha")),
+                ("useRslora", a.use_rslora, bool(saved.get("use_rslora"))),
+                ("targetModules", None if a.target_modules in (None, ["all-linear"]) else sorted(a.target_modules),
+                 saved_targets)]
+    for name, mine, theirs in explicit:
+        if mine is not None and mine != theirs:
+            raise ConfigError(f"{name} {mine!r} differs from the adapter spec.model.adapter starts from ({name} "
+                              f"{theirs!r}): a continued adapter keeps its shape; remove spec.adapter.{name} (or set "
+                              f"it to {theirs!r})", field=f"spec.adapter.{name}")
+    config = LoraConfig.from_pretrained(str(path))
+    if a.dropout is not None:
+        config.lora_dropout = a.dropout
+    config.inference_mode = False
+    return config
+
+
+def load_start_adapter(model, path: Path, config, *, uri: Optional[str] = None):
+    """The base (already prepared: 4-bit for qlora) with the saved adapter, trainable. Weights that do not fit
+    (another base of the same architecture family, other sizes) are a ConfigError naming spec.model.adapter."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=True)
+    except Exception as exc:  # noqa: BLE001 - size mismatch, missing weights file, unknown modules
+        raise ConfigError(f"cannot load the adapter {uri or path} onto spec.model.source: {type(exc).__name__}: "
+                          f"{str(exc)[:400]}; spec.model.source must be the base this adapter was trained on",
+                          field=START_FIELD) from None
 
 
 # ------------------------------------------------------------------------------------------------ peft

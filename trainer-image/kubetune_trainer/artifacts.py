@@ -202,6 +202,7 @@ def model_card(record: RunRecord, arts: Artifacts) -> str:
         "|---|---|",
         f"| base model | `{spec.model.source}`" + (f" @ {spec.model.revision}" if spec.model.revision else "")
         + (f" (sha256 {record.model_digest['sha256'][:16]}...)" if record.model_digest else "") + " |",
+        *([f"| started from adapter | `{spec.model.adapter}` (trained further here) |"] if spec.model.adapter else []),
         f"| data | {', '.join(f'`{s.uri}`' for s in spec.dataset.train)} ({spec.dataset.format}, "
         f"{record.train_examples} training examples) |",
         f"| evaluation data | {record.eval_source}: {record.eval_examples} examples |",
@@ -270,6 +271,8 @@ def manifest(record: RunRecord, arts: Artifacts) -> dict:
         "adapterType": spec.adapter.type,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "baseModel": {"source": spec.model.source, "revision": spec.model.revision, **(record.model_digest or {})},
+        # spec.model.adapter: the saved adapter this run started from (and trained further)
+        "startAdapter": spec.model.adapter,
         "datasets": {
             "format": spec.dataset.format,
             "train": record.train_files,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from kubetune_api.finetunejob import FineTuneJob
 from kubetune_api.finetunejob.status import Artifacts, Forgetting, Progress
-from kubetune_api.finetunepipeline import (FineTunePipeline, child_name, evaluate_gate, handed_over,
+from kubetune_api.finetunepipeline import (FineTunePipeline, child_name, evaluate_gate, handed_over, next_model,
                                            stage_job_spec, validate_pipeline)
 from kubetune_api.report import TrainerReport
 
@@ -45,6 +45,7 @@ class StageResult:
     state: str  # succeeded | failed | preempted | skipped (reused from an earlier run)
     run_id: Optional[str] = None
     model_source: Optional[str] = None
+    model_adapter: Optional[str] = None
     progress: dict = field(default_factory=dict)
     forgetting: dict = field(default_factory=dict)
     artifacts: dict = field(default_factory=dict)
@@ -132,7 +133,7 @@ def run_pipeline(pipeline: FineTunePipeline, output: Path, *, run_stage: Callabl
     path = state_path(output, pipeline)
     previous = _read_state(path) if start else {}
     results: list[StageResult] = []
-    model_source = spec.model.source
+    model_source, model_adapter = spec.model.source, None
     ns = pipeline.metadata.namespace
     for i, stage in enumerate(spec.stages):
         job_name = child_name(pipeline.metadata.name, stage.name)
@@ -142,19 +143,21 @@ def run_pipeline(pipeline: FineTunePipeline, output: Path, *, run_stage: Callabl
                 raise ConfigError(f"--from {from_stage}: stage {stage.name} has no successful run in {path}; run "
                                   f"from {stage.name} (or earlier) first", field="--from")
             res = StageResult(name=stage.name, job=job_name, state="skipped", run_id=old.get("runId"),
-                              model_source=old.get("modelSource"), progress=old.get("progress") or {},
+                              model_source=old.get("modelSource"), model_adapter=old.get("modelAdapter"),
+                              progress=old.get("progress") or {},
                               forgetting=old.get("forgetting") or {}, artifacts=old.get("artifacts") or {},
                               message=f"reused run {old.get('runId')}")
             say(f"kubetune: stage {i + 1}/{len(names)} {stage.name}: reusing run {res.run_id}")
         else:
-            job_spec = stage_job_spec(spec, i, model_source)
+            job_spec = stage_job_spec(spec, i, model_source, model_adapter)
             job = FineTuneJob(metadata={"name": job_name, "namespace": ns,
                                         "labels": {"kubetune.dev/pipeline": pipeline.metadata.name}},
                               spec=job_spec)
             say(f"kubetune: stage {i + 1}/{len(names)} {stage.name} ({job_spec.stage} + {job_spec.adapter.type}) "
-                f"on {model_source}")
+                f"on {model_source}" + (f" from adapter {model_adapter}" if model_adapter else ""))
             report = run_stage(job)
             res = StageResult(name=stage.name, job=job_name, state=report.state, model_source=model_source,
+                              model_adapter=model_adapter,
                               run_id=report.artifacts.run_id if report.artifacts else None,
                               progress=_dump(report.progress), forgetting=_dump(report.forgetting),
                               artifacts=_dump(report.artifacts), message=report.message)
@@ -182,7 +185,8 @@ def run_pipeline(pipeline: FineTunePipeline, output: Path, *, run_stage: Callabl
             if not uri:
                 msg = f"stage {stage.name} succeeded but its artifacts name no model to hand over ({res.artifacts})"
                 return PipelineResult("failed", results, msg, 1)
-            model_source = uri
+            # continue keeps the base this stage trained on (a reused stage: the one its run recorded)
+            model_source, model_adapter = next_model(spec, i, res.model_source or model_source, uri)
     return PipelineResult("succeeded", results, f"all {len(names)} stages succeeded and passed their gates", 0)
 
 

@@ -1,8 +1,9 @@
 """One FineTuneJob, start to finish, the same for every stage and adapter:
 
-    validate (validate_spec + stage/format) -> run identity (runs.py: this run's own prefix) -> fetch model and
-    data (storage) -> memory estimate vs this GPU (kubetune_api.memory; exit 78 when it cannot fit) -> load data,
-    tokenizer, model -> check the adapter against the model -> RunMonitor.start -> reference perplexity before
+    validate (validate_spec + stage/format) -> run identity (runs.py: this run's own prefix) -> fetch model,
+    start adapter (spec.model.adapter) and data (storage) -> memory estimate vs this GPU (kubetune_api.memory;
+    exit 78 when it cannot fit) -> load data, tokenizer, model -> check the adapter against the model (and load
+    the start adapter onto it, trainable) -> RunMonitor.start -> reference perplexity before
     (forgetting) -> StageContext -> stage.build_trainer -> callbacks (monitor, checkpoint sync) + NaN guard
     -> resume from this run's latest complete checkpoint (or, explicitly, spec.resumeFrom) -> train -> best
     checkpoint loaded (when evaluation runs) -> final evaluate -> reference perplexity after -> artifacts
@@ -69,13 +70,14 @@ def _unexpected(exc: BaseException) -> TrainerError:
 class _Fetched:
     model_path: Path
     tokenizer_path: Path
+    adapter_path: Optional[Path]  # spec.model.adapter, fetched
     train: list
     eval: Optional[list]
     reference: Optional[list]
 
 
 def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
-    from . import modeling, storage
+    from . import adapters, modeling, storage
     from .data import Source
 
     spec = job.spec
@@ -89,6 +91,8 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
             raise type(exc)(exc.message, field=field) from None
 
     model_path = modeling.fetch_model(spec.model.source, cache, endpoint=endpoint, revision=spec.model.revision)
+    adapter_path = adapters.fetch_start_adapter(spec.model.adapter, cache, endpoint=endpoint) \
+        if spec.model.adapter else None
     tok_path = model_path
     if spec.model.tokenizer:
         tok_path = fetch(spec.model.tokenizer, "spec.model.tokenizer").path
@@ -98,7 +102,7 @@ def _fetch_all(job: FineTuneJob, settings: config.RunSettings) -> _Fetched:
     ref = spec.evaluation.reference if spec.evaluation else None
     reference = [fetch(s.uri, f"spec.evaluation.reference[{i}].uri", s.split)
                  for i, s in enumerate(ref)] if ref else None
-    return _Fetched(model_path, tok_path, train, evals, reference)
+    return _Fetched(model_path, tok_path, adapter_path, train, evals, reference)
 
 
 def _digest_and_record(model_path: Path, store, job: FineTuneJob, ident) -> dict:
@@ -356,8 +360,22 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
     model = modeling.load_model(fetched.model_path, spec, kind=stage.model_kind, tokenizer=tokenizer,
                                 uri=spec.model.source)
     adapters.validate(spec, model)
+    peft_config = adapters.peft_config(spec, stage.model_kind)
+    start_adapter = None
+    if fetched.adapter_path is not None:
+        # spec.model.adapter: this stage keeps training a saved adapter (handover continue). Loaded before the
+        # forgetting baseline, which measures the model this stage starts from. The stage gets the PeftModel and
+        # no peft_config (nothing new to create). A resumed pod still gets its own checkpoint below:
+        # trainer.train(resume_from_checkpoint=...) loads the checkpoint's adapter weights over these.
+        start_adapter = adapters.check_start_adapter(spec, fetched.adapter_path, model, stage.model_kind,
+                                                     uri=spec.model.adapter)
+        model = adapters.load_start_adapter(adapters.prepare_base(model, spec), fetched.adapter_path,
+                                            start_adapter, uri=spec.model.adapter)
+        peft_config = None
+        log.info("starting from the adapter %s (r=%s, alpha=%s, dora=%s)", spec.model.adapter, start_adapter.r,
+                 start_adapter.lora_alpha, start_adapter.use_dora)
 
-    # ---- forgetting baseline (before any adapter wraps or modifies the base)
+    # ---- forgetting baseline (before any new adapter wraps or modifies the base)
     ev = spec.evaluation
     ref_texts = None
     before = None
@@ -370,8 +388,12 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
             # unpartitioned copy, as it measures the saved model after training.
             if is_main:
                 with distributed.zero3_init_disabled():
-                    base = _device_for_eval(modeling.load_model(fetched.model_path, spec, kind=stage.model_kind,
-                                                                tokenizer=tokenizer, uri=spec.model.source))
+                    base = modeling.load_model(fetched.model_path, spec, kind=stage.model_kind,
+                                               tokenizer=tokenizer, uri=spec.model.source)
+                    if start_adapter is not None:
+                        base = adapters.load_start_adapter(base, fetched.adapter_path, start_adapter,
+                                                           uri=spec.model.adapter)
+                    base = _device_for_eval(base)
                     before = reference_perplexity(base, tokenizer, ref_texts, spec.training.max_length)
                     del base
         else:
@@ -382,14 +404,15 @@ def _run(job: FineTuneJob, settings: config.RunSettings, monitor, state: dict, s
             log.info("reference perplexity before training: %.4g", before)
 
     # ---- trainer
-    model = adapters.prepare_base(model, spec)
+    if start_adapter is None:  # a start adapter's base was prepared before it was loaded
+        model = adapters.prepare_base(model, spec)
     sync = checkpointing.CheckpointSync(store, monitor, keep=spec.training.keep_checkpoints)
     # Each checkpoint carries the run's metrics and attempts so far (attempts.py): placed before `sync`, which
     # uploads the checkpoint folder.
     history = attempts.RunHistory(monitor, started=started, pod=os.environ.get("POD_NAME"), is_main=is_main)
     callbacks = [monitor.callback(), history.callback(), sync, *extra_callbacks]
     ctx = StageContext(
-        job=job, model=model, tokenizer=tokenizer, peft_config=adapters.peft_config(spec, stage.model_kind),
+        job=job, model=model, tokenizer=tokenizer, peft_config=peft_config,
         train_dataset=prepared.train, eval_dataset=prepared.eval,
         training_args=targs,
         callbacks=callbacks, work_dir=work,

@@ -34,6 +34,52 @@ STAGE_FORMATS: dict[str, list[str]] = {
 
 STAGE_BLOCKS = ["dpo", "orpo", "kto", "grpo", "rloo", "ppo", "reward"]
 
+# Adapter types trained as a PEFT adapter: the only ones that can start from a saved adapter (model.adapter).
+PEFT_ADAPTER_TYPES = ["lora", "qlora", "dora"]
+
+
+def base_reference_cel(job: str) -> str:
+    """CEL, true when the job at `job` (self, self.stages[i].job) trains against a reference policy: with PEFT
+    that reference is the base with the adapter disabled, so it cannot start from a trained adapter (the
+    reference would silently be the base, not the adapter's policy). dpo and kto always; grpo and rloo when
+    their KL term is on (beta > 0); ppo when klCoef > 0. `base_reference` is the same test in Python."""
+    return (f"({job}.stage in ['dpo', 'kto'] || "
+            f"({job}.stage == 'grpo' && has({job}.training.grpo) && {job}.training.grpo.beta > 0.0) || "
+            f"({job}.stage == 'rloo' && has({job}.training.rloo) && {job}.training.rloo.beta > 0.0) || "
+            f"({job}.stage == 'ppo' && has({job}.training.ppo) && {job}.training.ppo.klCoef > 0.0))")
+
+
+def base_reference(job) -> str | None:
+    """Why the job (a FineTuneJobSpec or a pipeline's StageJobSpec) trains against a reference policy, in words
+    ("stage dpo", "stage grpo with training.grpo.beta 0.04"), or None (see base_reference_cel)."""
+    stage, t = str(job.stage), job.training
+    if stage in ("dpo", "kto"):
+        return f"stage {stage}"
+    for name, block, attr, field in (("grpo", t.grpo, "beta", "beta"), ("rloo", t.rloo, "beta", "beta"),
+                                     ("ppo", t.ppo, "kl_coef", "klCoef")):
+        if stage == name and block is not None and getattr(block, attr) > 0:
+            return f"stage {stage} with training.{name}.{field} {getattr(block, attr):g}"
+    return None
+
+
+REFERENCE_FIX = ("its reference model would be the base without the adapter, not the adapter's policy; merge the "
+                 "adapter into the base (output.mergedModel of the job that trained it) and train on the merged model, "
+                 "which then is the reference")
+
+# Rules on model.adapter (FineTuneJobSpec only: a pipeline stage has no model; the pipeline's handover rules
+# say the same for handover continue).
+SPEC_MODEL_RULES = [
+    cel(f"!has(self.model.adapter) || self.adapter.type in {PEFT_ADAPTER_TYPES!r}",
+        "model.adapter (a trained PEFT adapter to start from) needs adapter.type lora, qlora or dora; full and "
+        "galore train every weight: set model.source to the full model instead", field_path=".model.adapter"),
+    cel(f"!has(self.model.adapter) || !{base_reference_cel('self')}",
+        "model.adapter cannot start dpo, kto, or grpo/rloo/ppo with a KL penalty: " + REFERENCE_FIX,
+        field_path=".model.adapter"),
+    cel("!has(self.model.adapter) || !has(self.adapter.init)",
+        "adapter.init is for a new adapter; the adapter starts from model.adapter: remove adapter.init",
+        field_path=".adapter.init"),
+]
+
 _IMMUTABLE = ["stage", "model", "dataset", "training", "adapter", "evaluation", "output", "distributed", "resumeFrom"]
 _OPTIONAL_IMMUTABLE = ["evaluation", "distributed", "resumeFrom"]
 
@@ -94,6 +140,8 @@ def uri_fields(spec: FineTuneJobSpec) -> list[tuple[str, str, bool]]:
     out: list[tuple[str, str, bool]] = [("spec.model.source", spec.model.source, False)]
     if spec.model.tokenizer:
         out.append(("spec.model.tokenizer", spec.model.tokenizer, False))
+    if spec.model.adapter:
+        out.append(("spec.model.adapter", spec.model.adapter, False))
     out += [(f"spec.dataset.train[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.train)]
     out += [(f"spec.dataset.eval[{i}].uri", s.uri, False) for i, s in enumerate(spec.dataset.eval or [])]
     if spec.evaluation and spec.evaluation.reference:
@@ -147,6 +195,18 @@ def validate_spec(spec: FineTuneJobSpec) -> list[str]:
         errors.append("spec.adapter.quantization: only for adapter type qlora")
     if a.galore is not None and a.type != "galore":
         errors.append("spec.adapter.galore: only for adapter type galore")
+    if spec.model.adapter:
+        if a.type not in PEFT_ADAPTER_TYPES:
+            errors.append(f"spec.model.adapter: a trained PEFT adapter to start from needs adapter.type lora, qlora "
+                          f"or dora, got {a.type} (which trains every weight): set model.source to the full model "
+                          "instead")
+        else:
+            why = base_reference(spec)
+            if why:
+                errors.append(f"spec.model.adapter: cannot start {why} from a trained adapter: {REFERENCE_FIX}")
+            if a.init is not None:
+                errors.append("spec.adapter.init: for a new adapter only; this job starts from spec.model.adapter: "
+                              "remove adapter.init")
     if stage == "reward" and spec.evaluation and spec.evaluation.reference:
         errors.append("spec.evaluation.reference: the forgetting check measures language-model perplexity, but "
                       "stage reward trains a sequence classifier; remove evaluation.reference")

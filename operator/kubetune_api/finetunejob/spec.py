@@ -17,7 +17,7 @@ from ..cel import cel, validations
 from ..common import (
     LIST_MAX, NAME_MAX, QUANTITY, URI_MAX, URI_PATTERN, URI_SAFETY, Model, ObjectMeta, StrEnum, Toleration,
 )
-from .rules import SPEC_CREATE_RULES, SPEC_RULES
+from .rules import SPEC_CREATE_RULES, SPEC_MODEL_RULES, SPEC_RULES
 from .status import FineTuneJobStatus
 
 
@@ -79,6 +79,16 @@ class ModelSpec(Model):
     tokenizer: Optional[str] = Field(
         None, max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
         description="Tokenizer location when it is not stored with the model (same URI forms as source).",
+    )
+    adapter: Optional[str] = Field(
+        None, max_length=URI_MAX, pattern=URI_PATTERN, json_schema_extra=URI_SAFETY,
+        description="Start from this trained PEFT adapter instead of a new one: a folder saved with save_pretrained "
+        "(adapter_config.json + weights, e.g. the adapter/ of an earlier run's results), same URI forms as "
+        "source, trained on exactly this base model. Only with adapter.type lora, qlora or dora matching how it was "
+        "trained (lora/qlora: a LoRA, dora: a DoRA); its rank, alpha and target modules are kept (set them only "
+        "to the same values). Not with stages whose reference model is the base without the adapter (dpo, kto, "
+        "grpo/rloo with beta > 0, ppo with klCoef > 0): merge the adapter into the base and train on the merged "
+        "model instead. A restarted pod resumes from the run's own checkpoint, not from this adapter.",
     )
 
 
@@ -485,7 +495,7 @@ class RuntimeRef(Model):
 
 
 class FineTuneJobSpec(Model):
-    model_config = ConfigDict(json_schema_extra=validations(*SPEC_CREATE_RULES, *SPEC_RULES))
+    model_config = ConfigDict(json_schema_extra=validations(*SPEC_CREATE_RULES, *SPEC_MODEL_RULES, *SPEC_RULES))
 
     runtime_ref: RuntimeRef = Field(
         default_factory=lambda: RuntimeRef(**DEFAULT_RUNTIME),

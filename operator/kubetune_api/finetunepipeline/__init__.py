@@ -6,14 +6,14 @@ measured results; spec, status, gate evaluation and the stage plan. Import from 
 
 from .gates import approval_annotation, is_approved
 from .gates import evaluate as evaluate_gate
-from .plan import (PIPELINE_LABEL, STAGE_NAME_LABEL, child_name, handed_over, handover, stage_job_spec,
-                   validate_pipeline)
+from .plan import (PIPELINE_LABEL, STAGE_NAME_LABEL, child_name, handed_over, handover, next_model,
+                   stage_job_spec, validate_pipeline)
 from .spec import FineTunePipeline, FineTunePipelineSpec, Gate, Handover, PipelineStage, StageJobSpec, parse_pipeline
 from .status import FineTunePipelineStatus, GateCheck, GateStatus, StageStatus
 
 __all__ = [
     "approval_annotation", "is_approved", "evaluate_gate",
-    "PIPELINE_LABEL", "STAGE_NAME_LABEL", "child_name", "handed_over", "handover", "stage_job_spec",
+    "PIPELINE_LABEL", "STAGE_NAME_LABEL", "child_name", "handed_over", "handover", "next_model", "stage_job_spec",
     "validate_pipeline",
     "FineTunePipeline", "FineTunePipelineSpec", "Gate", "Handover", "PipelineStage", "StageJobSpec",
     "parse_pipeline",

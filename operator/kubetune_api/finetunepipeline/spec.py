@@ -16,7 +16,7 @@ from pydantic.alias_generators import to_camel
 from ..cel import cel, validations
 from ..common import Model, ObjectMeta, StrEnum
 from ..finetunejob import FineTuneJobSpec, ModelSpec
-from ..finetunejob.rules import SPEC_CREATE_RULES
+from ..finetunejob.rules import SPEC_CREATE_RULES, base_reference_cel
 from .status import FineTunePipelineStatus
 
 STAGES_MAX = 8
@@ -30,6 +30,7 @@ FULL_TYPES = ("full", "galore")  # every weight trained: the result is a whole m
 
 
 class Handover(StrEnum):
+    CONTINUE = "continue"
     MERGE = "merge"
     WEIGHTS = "weights"
 
@@ -102,22 +103,42 @@ class PipelineStage(Model):
         "model, later ones what the previous stage handed over.",
     )
     handover: Optional[Handover] = Field(
-        None, description="How this stage builds on the previous one. merge: the previous stage's adapter "
-        "(lora, qlora, dora) is merged into its base and this stage trains on the merged model (a new adapter; "
-        "for dpo the merged model is also the reference); weights: the previous stage trained full weights "
-        "(full, galore) and this stage starts from them. Default: merge after an adapter, weights after full "
-        "weights. Ignored on the first stage.",
+        None, description="How this stage builds on the previous one. continue: this stage keeps training the "
+        "previous stage's adapter on the same base (the previous stage trained lora, qlora or dora and this one "
+        "the same type; not into dpo, kto, or grpo/rloo/ppo with a KL penalty, whose reference would be the base "
+        "without the adapter: use merge there); merge: the previous stage's adapter (lora, qlora, dora) is "
+        "merged into its base and this stage trains a new adapter on the merged model (for dpo the merged model "
+        "is also the reference); weights: the previous stage trained full weights (full, galore) and this stage "
+        "starts from them. Default: merge after an adapter, weights after full weights. Ignored on the first "
+        "stage.",
     )
     gate: Optional[Gate] = Field(None, description="What this stage's results must reach before the pipeline "
                                  "moves on. Without a gate the next stage starts when this one succeeds.")
 
 
 def _handover_rules() -> list[dict]:
-    """Per stage index: the handover must fit the previous stage's adapter type, and no stage may follow a
-    reward-model stage (a classifier is not a causal LM)."""
+    """Per stage index: the handover must fit the previous stage's adapter type (continue: the same PEFT type,
+    into a stage without a reference model, with no adapter.init), and no stage may follow a reward-model
+    stage (a classifier is not a causal LM)."""
     rules = []
     for i in range(1, STAGES_MAX):
         prev, cur = f"self.stages[{i - 1}]", f"self.stages[{i}]"
+        cont = f"size(self.stages) <= {i} || !has({cur}.handover) || {cur}.handover != 'continue' || "
+        rules.append(cel(
+            cont + f"({prev}.job.adapter.type in {list(ADAPTER_TYPES)!r} && "
+            f"{cur}.job.adapter.type == {prev}.job.adapter.type)",
+            f"stages[{i}].handover continue needs the same adapter type (lora, qlora or dora) in stages[{i - 1}] "
+            f"and stages[{i}]; to change the type, or after full weights, use handover merge or weights",
+            field_path=".stages"))
+        rules.append(cel(
+            cont + f"!{base_reference_cel(cur + '.job')}",
+            f"stages[{i}].handover continue cannot go into dpo, kto, or grpo/rloo/ppo with a KL penalty: the "
+            "reference model would be the base without any adapter, not the previous stage's policy; use handover "
+            "merge: the merged model becomes the reference", field_path=".stages"))
+        rules.append(cel(
+            cont + f"!has({cur}.job.adapter.init)",
+            f"stages[{i}].handover continue keeps training the previous stage's adapter, which adapter.init cannot "
+            "re-initialise: remove it", field_path=".stages"))
         rules.append(cel(
             f"size(self.stages) <= {i} || !has({cur}.handover) || {cur}.handover != 'merge' || "
             f"{prev}.job.adapter.type in {list(ADAPTER_TYPES)!r}",

@@ -37,6 +37,8 @@ class StageStatus(Model):
     job_uid: Optional[str] = Field(None, description="The FineTuneJob's uid (its run id).")
     phase: Optional[str] = Field(None, description="The FineTuneJob's phase (absent: not started).")
     model_source: Optional[str] = Field(None, description="The model this stage trained on.")
+    model_adapter: Optional[str] = Field(None, description="The adapter this stage started from (handover "
+                                         "continue: the previous stage's adapter).")
     metric: Optional[str] = Field(None, description="The stage's headline figure (ppl, acc, reward, ...).")
     progress: Optional[Progress] = Field(None, description="The FineTuneJob's final (or latest) progress.")
     forgetting: Optional[Forgetting] = Field(None, description="The FineTuneJob's forgetting check.")

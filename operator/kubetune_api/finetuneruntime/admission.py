@@ -103,6 +103,9 @@ def rules(kind: str) -> list[dict]:
         (f"{_same('model')} || {_under(f'{spec}.model.source')}",
          "'spec.model.source: ' + object.spec.model.source + ' is outside the locations the runtime ' + "
          "params.metadata.name + ' allows'"),
+        (f"{_same('model')} || !has({spec}.model.adapter) || {_under(f'{spec}.model.adapter')}",
+         "'spec.model.adapter: ' + object.spec.model.adapter + ' is outside the locations the runtime ' + "
+         "params.metadata.name + ' allows'"),
         (f"{_same('dataset')} || {spec}.dataset.train.all(s, {_under('s.uri')})",
          "'spec.dataset.train: a source is outside the locations the runtime ' + params.metadata.name + ' allows'"),
     ]

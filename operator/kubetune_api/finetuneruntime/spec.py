@@ -143,9 +143,9 @@ class RuntimeStorage(Model):
         "default Secret (optional reference) or the pod's workload identity.")
     allowed_source_prefixes: Optional[list[Prefix]] = Field(
         None, max_length=PREFIX_MAX,
-        description="URIs a job may read (model, tokenizer, datasets, reward sources, reward models, resumeFrom; pvc:// "
-        "URIs are governed by allowedClaims instead) "
-        "must start with one of these (e.g. s3://models/, hf://). Unset: any.")
+        description="URIs a job may read (model, tokenizer, start adapter, datasets, reward sources, reward models, "
+        "resumeFrom; pvc:// URIs are governed by allowedClaims instead) must start with one of these (e.g. "
+        "s3://models/, hf://). Unset: any.")
     allowed_output_prefixes: Optional[list[Prefix]] = Field(
         None, max_length=PREFIX_MAX,
         description="spec.output.uri must start with one of these (e.g. s3://team-a/). Unset: any.")

@@ -222,3 +222,35 @@ def test_invalid_pipeline_fails_with_the_field():
     assert result.state == "invalid" and child(kube, "sft") is None
     failed = cond(kube, "Failed")
     assert failed["reason"] == "InvalidSpec" and "spec.stages[1].handover" in failed["message"]
+
+
+def test_continue_hands_over_the_same_base_and_the_previous_adapter():
+    """handover continue: the next stage's FineTuneJob trains the base the previous stage trained on (here sft's
+    merged model, which dpo trained on) starting from the previous stage's adapter; the previous stage writes
+    no merged model; the status names the adapter each stage started from."""
+    body = pipeline_body()
+    body["spec"]["stages"][2]["handover"] = "continue"
+    kube, rec, _ = setup(body)
+    _to_dpo_done(kube, rec, rewardAccuracy=0.9)
+    sft_uid, dpo = child(kube, "sft")["metadata"]["uid"], child(kube, "dpo")
+    assert dpo["spec"]["output"].get("mergedModel", False) is False
+    grpo = child(kube, "grpo")
+    dpo_base = f"s3://results/ft/{NS}/stack-sft/runs/{sft_uid}/merged"
+    assert dpo["spec"]["model"]["source"] == dpo_base and "adapter" not in dpo["spec"]["model"]
+    assert grpo["spec"]["model"] == {**dpo["spec"]["model"],
+                                     "adapter": f"s3://results/ft/{NS}/stack-dpo/runs/{dpo['metadata']['uid']}/adapter"}
+    stages = pipeline(kube)["status"]["stages"]
+    assert stages[2]["modelSource"] == dpo_base and stages[2]["modelAdapter"] == grpo["spec"]["model"]["adapter"]
+    assert "modelAdapter" not in stages[1]
+    run(rec)  # a repeated reconcile works the same hand-over out again: nothing changes
+    assert child(kube, "grpo") == grpo
+
+
+def test_continue_into_dpo_is_refused_before_any_stage_starts():
+    body = pipeline_body()
+    body["spec"]["stages"][1]["handover"] = "continue"
+    kube, rec, _ = setup(body)
+    result = run(rec)
+    assert result.state == "invalid" and child(kube, "sft") is None
+    failed = cond(kube, "Failed")
+    assert failed["reason"] == "InvalidSpec" and "use handover merge" in failed["message"]

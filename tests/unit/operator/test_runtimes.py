@@ -57,6 +57,8 @@ def test_a_job_within_the_runtime_passes():
     ({"resources": {"gpus": 1, "cacheClaim": "other"}}, "spec.resources.cacheClaim"),
     ({"output": {"uri": "s3://elsewhere/runs"}}, "spec.output.uri"),
     ({"model": {"source": "hf://org/tiny"}}, "spec.model.source"),
+    ({"model": {"source": "s3://models/tiny", "adapter": "s3://other-team/runs/sft/adapter"}}, "spec.model.adapter"),
+    ({"model": {"source": "s3://models/tiny", "adapter": "pvc://secrets-of-b/adapter"}}, "spec.model.adapter"),
     ({"dataset": {"format": "chat", "train": [{"uri": "pvc://secrets-of-b/x.jsonl"}]}}, "spec.dataset.train[0].uri"),
 ])
 def test_each_escalation_is_refused_naming_its_field(spec, field):
@@ -215,3 +217,17 @@ def test_a_job_started_before_runtimes_existed_keeps_running():
     (obj,) = kube.find(C.KIND)
     assert obj["status"].get("phase") != "Failed" and "runtime" not in obj["status"]
     assert len(kube.find("Job")) == 1
+
+
+def test_admission_policy_checks_the_start_adapter_where_the_operator_does():
+    """The ValidatingAdmissionPolicy refuses at apply what violations() refuses before pods: model.adapter is
+    an input URI like model.source (allowedSourcePrefixes, or allowedClaims for pvc://); the real apiserver runs
+    the policy in tests/e2e/test_runtime_escalation.py."""
+    from kubetune_api.finetuneruntime.admission import rules
+
+    for kind in (C.CLUSTER_RUNTIME_KIND, C.RUNTIME_KIND):
+        (rule,) = [r for r in rules(kind) if "spec.model.adapter" in r["messageExpression"]]
+        expr = rule["expression"]
+        assert "!has(object.spec.model.adapter)" in expr
+        assert "params.spec.storage.allowedSourcePrefixes.exists(p, object.spec.model.adapter.startsWith(p))" in expr
+        assert "object.spec.model.adapter.startsWith('pvc://' + c + '/')" in expr

@@ -20,9 +20,11 @@ class StageContext:
     job: FineTuneJob
     # Base model as loaded (4-bit for qlora, full precision otherwise), NOT wrapped in PEFT: TRL trainers
     # wrap it themselves from `peft_config`, which also gives DPO a free reference model (adapter disabled).
+    # With spec.model.adapter it is already a trainable PeftModel holding that adapter (and peft_config is None);
+    # the API refuses that for stages whose reference would be the adapter-disabled base (rules.base_reference).
     model: Any
     tokenizer: Any
-    # None for adapter types full and galore.
+    # None for adapter types full and galore, and when the model already carries its (start) adapter.
     peft_config: Optional[Any]
     # Datasets already in the column layout TRL expects for the spec's dataset format
     # (text | messages | prompt/completion | prompt/chosen/rejected | prompt/completion/label | prompt+extras).

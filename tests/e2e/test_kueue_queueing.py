@@ -208,13 +208,17 @@ def test_higher_priority_job_preempts_a_trainer_which_resumes_from_its_sigterm_c
     wait_for(lambda: _cond(cluster.kubectl_json("get", "finetunejob", "high", "-n", namespace), "Admitted")
              .get("status") == "True", 120, interval=0.5, message="high admitted")
     timeline["high admitted"] = round(time.monotonic() - t0)
-    at_preemption = _complete_steps(s3, ckpts)[-1]
     logs = [(p / "container.log").read_text(errors="replace")
             for p in sorted((cluster.dir / "pods").glob(f"{namespace}_low-trainer-*"))
             if (p / "container.log").exists()]
     sigterm = [log for log in logs if "for SIGTERM" in log]
     assert len(sigterm) == 1, [log[-1500:] for log in logs]
-    assert f"stopping at step {at_preemption} for SIGTERM" in sigterm[0], sigterm[0][-2000:]
+    stop = re.search(r"stopping at step (\d+) for SIGTERM", sigterm[0])
+    assert stop, sigterm[0][-2000:]
+    at_preemption = int(stop.group(1))
+    # the SIGTERM checkpoint is the newest complete one (its upload may finish a moment after Kueue's admission)
+    wait_for(lambda: _complete_steps(s3, ckpts)[-1:] == [at_preemption], 60, interval=0.5,
+             message=f"checkpoint-{at_preemption} (saved for SIGTERM) complete")
 
     high_done = cluster.wait_job(namespace, "high", timeout=120, context=context)
     done = cluster.wait_job(namespace, "low", timeout=300, context=context)

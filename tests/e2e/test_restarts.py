@@ -136,11 +136,16 @@ def test_five_pod_deletions_restart_flat_keep_the_budget_and_the_whole_story(clu
         cluster.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=false")
         pod = cluster.wait_for(lambda: live_pod(cluster, ns, name, seen), timeout=240, interval=0.2,
                                desc=f"the pod after deletion {kill + 1}", context=why(cluster, env, name))
-    print(f"\ndowntime after each deletion (delete -> the next pod's first training step), s: {downtimes}")
-    print(f"pod start -> first training step, s: {startups}")
+    # delete -> the next pod's container start: what the Job controller's backoff would stretch (+10, 20, 40, 80,
+    # 160 s); the rest of a downtime is the new pod's own start (imports, model fetch), which follows the
+    # machine's load, not the number of restarts (the suite runs beside the trainer tests on 2 cores)
+    gaps = [round(d - s, 1) for d, s in zip(downtimes, startups[1:])]
+    print(f"\ndowntime after each deletion (delete -> the next pod's first training step), s: {downtimes} "
+          f"(last/first {downtimes[-1] / downtimes[0]:.2f}x)")
+    print(f"of which delete -> next container start, s: {gaps}; pod start -> first training step, s: {startups}")
     obj = cluster.wait_job(ns, name, timeout=300, context=env["op"].logs)
-    # flat: the last restart is as quick as the first (the Job controller's backoff would give +10, 20, 40, 80 s)
-    assert max(downtimes) <= 1.5 * downtimes[0] + 5, downtimes
+    # flat: the last restart comes as quickly as the first
+    assert max(gaps) <= 1.5 * gaps[0] + 10, gaps
 
     st = obj["status"]
     restarts = st["restarts"]

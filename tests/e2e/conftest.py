@@ -9,8 +9,8 @@ with the job's message, conditions and pod log tails, when the job ends otherwis
 
 Env: KUBETUNE_CLUSTER_DIR (state dir, default /tmp/kubetune-cluster), KUBETUNE_SKIP_BUILD=1 (skip the e2e
 tests instead of building missing binaries, which takes 20-35 min once), KUBETUNE_KEEP_CLUSTER=1.
-Every test under tests/e2e/ gets the `e2e` marker, so `-m "not e2e"` deselects them, and the xdist group `e2e`,
-so that with pytest-xdist (`-n 2 --dist loadgroup`, what scripts/test.sh runs) they all run on one worker.
+Every test under tests/e2e/ gets the `e2e` marker, so `-m "not e2e"` deselects them. Under pytest-xdist (what
+scripts/test.sh runs) they all run on one worker, in order (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -39,15 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: end-to-end test against the local cluster (scripts/cluster/up.sh)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads xdist_group into the node id
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if E2E_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
-            # One cluster, some tests stop its API server or its S3: under `-n 2 --dist loadgroup`
-            # (scripts/test.sh) every e2e test runs on the same worker, in order, while the other worker
-            # takes the trainer and unit tests.
-            item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
 class KubectlError(subprocess.CalledProcessError):

@@ -169,6 +169,31 @@ def test_fixed_threshold_continues_without_rerunning_and_final_adapter_loads(clu
         assert not torch.allclose(original(ids).logits, base(ids).logits)
 
 
+def test_pipeline_dashboard_row_has_data(cluster, stack):
+    """The dashboard's Pipelines row, with its variables set to this namespace, returns data from the real
+    Prometheus for the pipeline that just ran (the SFT e2e has no pipeline and skips these panels): the stage
+    timeline, phases, and each stage's metrics carrying the `pipeline` and `stage` labels."""
+    from tests.dashboard_queries import panel_queries
+    from tests.e2e.test_sft_lora_end_to_end import _prom_range
+
+    ns = stack["ns"]
+    time.sleep(4)  # one more scrape interval after the last status change
+    queries = [q for q in panel_queries(variables={"namespace": ns, "job": ".*", "datasource": "prometheus"})
+               if "kubetune_operator_pipeline_" in q.query]
+    assert len(queries) >= 3, [q.panel_title for q in queries]
+    empty, labelled = [], set()
+    for q in queries:
+        series = _prom_range(cluster, q.query, stack["started"] - 30, time.time())
+        if not series:
+            empty.append(f"{q.panel_title}: {q.query}")
+        for sr in series:
+            if sr["metric"].get("pipeline") == "stack":
+                labelled.add(sr["metric"].get("stage"))
+    assert not empty, "pipeline panels without data:\n" + "\n".join(empty)
+    # per-stage series carry pipeline=stack and the stage name (the eval-loss panel: sft and dpo report one)
+    assert {"sft", "dpo"} <= labelled, labelled
+
+
 def test_apiserver_refuses_unsupported_handover_and_misplaced_gates(cluster, stack):
     """The CRD's CEL (server-side dry run): each refusal names the field and the fix."""
     bad = json.loads(json.dumps(stack["pipeline"]))

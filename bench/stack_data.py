@@ -35,7 +35,7 @@ VERBS = ["gets", "finds", "buys"]
 HELD_OUT_FRACTION = 0.2
 REPLAY = 0.25
 # The answer format the dpo stage prefers - a full sentence, the number after the name - and grpo's regex_match
-# reward checks (the same pattern in examples/stack/grpo.yaml).
+# reward checks (the same pattern in examples/stack/pipeline.yaml's grpo stage).
 SENTENCE = r"^\s*[a-z]+ has \d+ [a-z]+ \.\s*$"
 
 # rows per training file and per held-out set

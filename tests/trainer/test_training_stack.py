@@ -4,8 +4,10 @@
   held-out problems (no training file contains them);
 - bench/stack_eval.py: each held-out metric computes what it claims, checked on the tiny model against an
   independent computation or an identity the metric must satisfy;
-- examples/stack/*.yaml: valid FineTuneJobs that chain cpt -> sft -> dpo -> grpo through '<job>/latest/...'
-  URIs, and the grpo job rewards the same answer format the data's DPO pairs prefer.
+- examples/stack/pipeline.yaml: a valid FineTunePipeline cpt -> sft -> dpo -> grpo (weights, merge, merge) with
+  the documented gates, whose grpo stage rewards the same answer format the data's DPO pairs prefer;
+- bench/training_stack.py reads each stage's model and gate verdict from the local pipeline runner's state file,
+  and reports a gate that stopped the pipeline.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/trainer/test_training_stack.py -q
 """
@@ -161,24 +163,94 @@ def test_mean_reward_weights_the_jobs_built_in_rewards(model_tok, rows):
     assert 0.0 <= exact["mean_reward"] <= 1.0 and not math.isnan(exact["greedy_accuracy"])
 
 
-# ------------------------------------------------------------------------------------------------ manifests
-def test_stack_manifests_are_valid_jobs_chained_stage_to_stage(tmp_path, monkeypatch):
-    from kubetune_api.finetunejob import parse_job, validate_spec
+# ------------------------------------------------------------------------------------------------ the pipeline
+def _stack_pipeline(tmp_path, monkeypatch):
+    from kubetune_trainer import config
     from kubetune_trainer.cli import expand_local_vars
+    from kubetune_trainer.pipeline import load_pipeline
 
     monkeypatch.setenv("KUBETUNE_STACK_BASE", "/models/base")
     monkeypatch.setenv("KUBETUNE_STACK_DATA", "/data")
     monkeypatch.setenv("KUBETUNE_STACK_SEED", "3")
-    jobs = {}
-    for stage in ("cpt", "sft", "dpo", "grpo"):
-        text = (REPO / "examples" / "stack" / f"{stage}.yaml").read_text()
-        jobs[stage] = parse_job(yaml.safe_load(expand_local_vars(text, tmp_path)))
-        assert jobs[stage].spec.stage == stage and jobs[stage].spec.training.seed == 3
-        assert validate_spec(jobs[stage].spec) == [], stage
-    assert jobs["cpt"].spec.model.source == "file:///models/base"
-    for prev, stage in (("cpt", "sft"), ("sft", "dpo"), ("dpo", "grpo")):
-        folder = "adapter" if jobs[prev].spec.adapter.type == "full" else "merged"
-        assert jobs[prev].spec.adapter.type == "full" or jobs[prev].spec.output.merged_model
-        assert jobs[stage].spec.model.source == f"file://{tmp_path}/default/stack-{prev}/latest/{folder}"
-    patterns = [r.params["pattern"] for r in jobs["grpo"].spec.training.grpo.rewards if r.name == "regex_match"]
-    assert patterns == [stack_data.SENTENCE]
+    text = (REPO / "examples" / "stack" / "pipeline.yaml").read_text()
+    return load_pipeline(config.parse_yaml(expand_local_vars(text, tmp_path), "pipeline.yaml"), "pipeline.yaml")
+
+
+def test_stack_pipeline_is_valid_and_hands_each_stage_the_previous_model(tmp_path, monkeypatch):
+    from kubetune_api.finetunepipeline import handover, stage_job_spec
+
+    p = _stack_pipeline(tmp_path, monkeypatch)  # parse + validate_pipeline (the CRD's CEL rules in Python)
+    spec = p.spec
+    assert p.metadata.name == "stack" and [s.name for s in spec.stages] == ["cpt", "sft", "dpo", "grpo"]
+    assert [str(s.job.stage) for s in spec.stages] == ["cpt", "sft", "dpo", "grpo"]
+    assert [str(s.job.adapter.type) for s in spec.stages] == ["full", "lora", "lora", "lora"]
+    assert [handover(spec, i) for i in range(4)] == [None, "weights", "merge", "merge"]
+    assert spec.model.source == "file:///models/base"
+    jobs = [stage_job_spec(spec, i, "file:///prev") for i in range(4)]
+    assert all(j.training.seed == 3 for j in jobs)
+    # sft and dpo hand over merged models (the merged SFT model is also DPO's reference); grpo writes one to serve
+    assert [bool(j.output.merged_model) for j in jobs] == [False, True, True, True]
+    # the gates docs/training-stack.md derives from the hand-chained runs; forgetting judged at every stage
+    gates = {s.name: s.gate.model_dump(exclude_none=True, exclude_defaults=True) for s in spec.stages}
+    assert gates == {"cpt": {"max_perplexity": 3.0, "max_forgetting_rise": 0.3},
+                     "sft": {"max_eval_loss": 1.3, "max_forgetting_rise": 0.3},
+                     "dpo": {"min_reward_accuracy": 0.9, "max_forgetting_rise": 0.3},
+                     "grpo": {"min_mean_reward": 0.3, "max_forgetting_rise": 0.3}}
+    assert all(s.job.evaluation.reference[0].uri == "file:///data/reference.jsonl" for s in spec.stages)
+    patterns = [r.params["pattern"] for r in spec.stages[3].job.training.grpo.rewards if r.name == "regex_match"]
+    assert patterns == [stack_data.SENTENCE]  # grpo rewards the answer format the DPO pairs prefer
+
+
+def test_bench_reads_each_stage_and_gate_from_a_pipeline_run_stopped_by_a_gate(tmp_path, monkeypatch):
+    """bench/training_stack.py finds each stage's model and gate verdict in the state file the local pipeline
+    runner writes; a failed gate (here dpo's reward accuracy) is reported, with the stages that did not run.
+    The stages' training is stood in for (the bench itself runs it; minutes)."""
+    import json
+
+    import training_stack as bench
+    from kubetune_api.report import TrainerReport
+    from kubetune_trainer.pipeline import GATE_FAILED_EXIT, run_pipeline
+
+    pipeline = _stack_pipeline(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    reported = {"cpt": {"perplexity": 2.7, "evalLoss": 0.99}, "sft": {"evalLoss": 1.2},
+                "dpo": {"rewardAccuracy": 0.5, "rewardMargin": 0.0}}
+
+    def run_stage(job):
+        stage = str(job.spec.stage)
+        run = out / "default" / job.metadata.name / "runs" / "r1"
+        (run / "adapter").mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps({"wallSeconds": 12.5, "metrics": reported[stage]}))
+        arts = {"runId": "r1", "adapterUri": f"file://{run}/adapter", "manifestUri": f"file://{run}/manifest.json"}
+        if job.spec.output.merged_model:
+            arts["mergedModelUri"] = f"file://{run}/merged"
+        return TrainerReport.model_validate({
+            "state": "succeeded", "progress": reported[stage], "artifacts": arts,
+            "forgetting": {"referencePerplexityBefore": 2.0, "referencePerplexityAfter": 2.1, "relativeChange": 0.05}})
+
+    result = run_pipeline(pipeline, out, run_stage=run_stage, say=lambda m: None)
+    assert result.exit_code == GATE_FAILED_EXIT
+
+    recs = bench.pipeline_stages(out)
+    assert [r["name"] for r in recs] == ["cpt", "sft", "dpo"]
+    stages = {r["name"]: bench.stage_record(r) for r in recs}
+    run = out / "default"
+    assert stages["cpt"]["model"] == str(run / "stack-cpt" / "runs" / "r1" / "adapter")  # full: the whole model
+    assert stages["sft"]["model"] == str(run / "stack-sft" / "runs" / "r1" / "merged")
+    assert stages["dpo"]["model_source"] == f"file://{run}/stack-sft/runs/r1/merged"  # trained on the merged SFT
+    assert stages["sft"]["seconds"] == 12.5 and stages["sft"]["job_metrics"] == {"evalLoss": 1.2}
+
+    result = {"pipeline_exit_code": GATE_FAILED_EXIT, "stages": stages}
+    gates = bench.gate_table(result)
+    assert "| cpt | Passed | perplexity 2.7 <= 3: passed; forgettingRise 0.05 <= 0.3: passed |" in gates
+    assert "| dpo | Failed | forgettingRise 0.05 <= 0.3: passed; rewardAccuracy 0.5 >= 0.9: FAILED |" in gates
+    assert "| grpo | not run | - |" in gates
+    verdict = bench.verdict(result)
+    assert verdict.startswith("PIPELINE STOPPED (kubetune run exit 3) at stage dpo: gate failed: rewardAccuracy 0.5 < 0.9")
+    assert verdict.endswith("stages not run: grpo")
+
+    # the before/after table covers the stages that were measured, and stops where the pipeline stopped
+    row = {"reference_ppl": 2.0, "domain_ppl": 3.0, "sft_loss": 1.0, "dpo_reward_accuracy": 1.0,
+           "grpo_mean_reward": 0.1}
+    table = bench.table({"matrix": {"base": row, "cpt": row, "sft": row}})
+    assert [line.split(" |")[0] for line in table.splitlines()[2:]] == ["| cpt", "| sft"]

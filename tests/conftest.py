@@ -8,9 +8,16 @@ longer reads, so the mark has no effect.)
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 E2E_PREFIX = "tests/e2e/"
+# The e2e tests' cluster, operator and trainer pods wait on each other and on wall-clock bounds (restart
+# downtimes, outage windows); the trainer and unit tests only need CPU. Under xdist a worker lowers its own
+# priority (and its children's) once it runs a non-e2e test, so the e2e lane keeps its pace and the other
+# worker soaks up the CPU it leaves idle. One way: the worker that finished the e2e tests stays nice as well.
+OTHER_TESTS_NICENESS = 10
 
 
 @pytest.hookimpl(optionalhook=True)  # a no-op without pytest-xdist (KUBETUNE_TEST_WORKERS=0 or not installed)
@@ -25,3 +32,9 @@ def pytest_xdist_make_scheduler(config, log):
             return "e2e" if nodeid.startswith(E2E_PREFIX) else nodeid
 
     return E2EOnOneWorker(config, log)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") and not item.nodeid.startswith(E2E_PREFIX) \
+            and os.getpriority(os.PRIO_PROCESS, 0) < OTHER_TESTS_NICENESS:
+        os.setpriority(os.PRIO_PROCESS, 0, OTHER_TESTS_NICENESS)

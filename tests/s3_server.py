@@ -42,6 +42,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GRPC_OFFSET = 10000  # weed's gRPC port = HTTP port + 10000 unless set
+# Every bucket is a collection with volumes of its own; small volumes, many allowed (files grow on demand, nothing
+# is preallocated). Test objects are at most a few MB.
+VOLUME_LIMITS = ("-master.volumeSizeLimitMB=64", "-volume.max=5000")
 READY_TIMEOUT_S = 60.0
 
 
@@ -141,6 +144,9 @@ class S3Server:
             cmd = [weed, "mini", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                    f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
+                   # a fixed volume budget: the auto default (free disk / volume size) runs out after a few
+                   # dozen buckets when two test workers' servers share a disk ("No writable volumes")
+                   *VOLUME_LIMITS,
                    "-s3.port.lance=0", "-master.telemetry=false",
                    # unix sockets default to fixed /tmp paths that another weed may hold
                    f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock"]

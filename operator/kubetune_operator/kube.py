@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any, Optional
 from urllib.parse import urlencode
 
@@ -194,6 +195,32 @@ class KubeApi:
 
 
 # ------------------------------------------------------------------------------------------------ events
+class RecentGets:
+    """GETs answered from a short-lived memory: a burst of new FineTuneJobs naming the same runtime reads it
+    once, not once per job. At most `ttl` seconds stale, like an informer cache: a runtime an admin edits applies
+    to jobs created from `ttl` seconds later (a job records the runtime it was resolved against, status.runtime).
+    Misses are not remembered. Answers are shared: callers must not modify them."""
+
+    def __init__(self, api: "KubeApi", ttl: float = 5.0, clock=None):
+        self.api, self.ttl = api, ttl
+        self._clock = clock or time.monotonic
+        self._memory: dict[str, tuple[float, Optional[dict]]] = {}
+
+    async def get(self, path: str) -> Optional[dict]:
+        now = self._clock()
+        hit = self._memory.get(path)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        obj = await self.api.get(path)
+        if obj is None:  # a miss is not remembered: an object created a moment later is found at once
+            self._memory.pop(path, None)
+            return None
+        self._memory[path] = (self._clock(), obj)
+        if len(self._memory) > 256:  # runtimes and namespaces: few; drop what is expired
+            self._memory = {k: v for k, v in self._memory.items() if now - v[0] < self.ttl}
+        return obj
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 

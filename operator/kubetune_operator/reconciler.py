@@ -49,7 +49,7 @@ from kubetune_api.report import TrainerReport
 from . import runtimes
 from . import queueing
 from . import status as S
-from .kube import ApiError, EventRecorder, KubeApi, collection_path, object_path
+from .kube import ApiError, EventRecorder, KubeApi, RecentGets, collection_path, object_path
 from .metrics import OperatorMetrics
 from . import render_jobset as JS
 from .render import (GENERATION_ANNOTATION, TEMPLATE_HASH_ANNOTATION, child_names, is_multi_node, iter_children,
@@ -84,6 +84,7 @@ class ChildRejected(Exception):
 
 
 CONFIG_MAP_MAX_BYTES = 1024 * 1024  # what the API server stores in one ConfigMap
+RUNTIME_READ_TTL_SECONDS = 5.0  # a burst of new jobs reads their runtime (and namespace) once (kube.RecentGets)
 
 
 def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
@@ -256,6 +257,9 @@ class _KeyState:
     desired: Optional[tuple] = None  # (spec_key + runtime, rendered Job)
     blocked: tuple = (None, None)  # last _pods_refused answer, reused by runs that do not list events
     check_blocked: bool = False
+    # status.runtime resolved by this reconcile and not written yet: it rides along with the reconcile's status
+    # write (a write of its own would cost a PATCH and a watch event per new job)
+    unrecorded_runtime: Optional[dict] = None
 
 
 class Reconciler:
@@ -268,6 +272,7 @@ class Reconciler:
         self.lookup = lookup
         self.now = now
         self._states: dict[tuple[str, str], _KeyState] = {}
+        self._recent = RecentGets(api, ttl=RUNTIME_READ_TTL_SECONDS)
         self._events_denied = False  # RBAC without `list` on events: warned once
         self._workloads_denied = False  # RBAC without `list` on Kueue workloads: warned once
         self._workload_version: Optional[str] = None  # the Workload API version the cluster serves
@@ -503,7 +508,7 @@ class Reconciler:
         recorded when it resolves, and nothing is refused for it."""
         recorded = runtimes.from_snapshot(ftj.get("status"))
         if recorded is None:
-            resolved, problem = await runtimes.resolve(self.api, ftj)
+            resolved, problem = await runtimes.resolve(self.api, ftj, get=self._recent.get)
             if resolved is None:
                 if job_exists:
                     log.warning("%s/%s runs without a resolvable runtime (%s); keeping it running",
@@ -511,10 +516,11 @@ class Reconciler:
                     return runtimes.settings_runtime(self.settings), None
                 reason = Reason.RUNTIME_VIOLATION if "not granted" in (problem or "") else Reason.RUNTIME_NOT_FOUND
                 return resolved, (reason, problem or "spec.runtimeRef: cannot be resolved")
-            meta = ftj["metadata"]
-            resp = await self.api.merge_patch(ftj_path(meta["namespace"], meta["name"]) + "/status",
-                                              {"status": {"runtime": resolved.snapshot()}})
-            ftj["status"] = (resp or {}).get("status") or {**(ftj.get("status") or {}), "runtime": resolved.snapshot()}
+            # recorded with this reconcile's status write (_write), which follows before any other reconcile of
+            # the job (per-job lock); should that write fail, the next reconcile resolves it again (the Job, if
+            # created meanwhile, keeps running: job_exists)
+            st.unrecorded_runtime = resolved.snapshot()
+            ftj["status"] = {**(ftj.get("status") or {}), "runtime": st.unrecorded_runtime}
             st.status = ftj["status"]
             recorded = resolved
         if not job_exists:
@@ -529,10 +535,11 @@ class Reconciler:
         children = render_children(job_model, ftj, self.settings, runtime)
         uid = ftj["metadata"]["uid"]
         if create_job:
-            # A server-side dry run of every child first: a spec the API server refuses (a label, toleration or
-            # quantity core/v1 does not accept, a config too large) fails before anything is created.
-            for child in iter_children(children):
-                await self._dry_run(job_model, child)
+            # A server-side dry run of the workload first: a spec the API server refuses (a label, toleration or
+            # quantity core/v1 does not accept) fails before anything is created. Not of the ConfigMap: what the
+            # API server could refuse of it (size, a quota) its create below refuses just as clearly, before the
+            # Job exists; one request less per new job.
+            await self._dry_run(job_model, children.job)
         # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
         # config it started with.
         await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
@@ -756,10 +763,13 @@ class Reconciler:
     async def _write(self, st: _KeyState, ftj: dict, new: dict) -> None:
         old = ftj.get("status") or {}
         patch = S.owned_changes(old, new)
+        if st.unrecorded_runtime is not None:
+            patch["runtime"] = st.unrecorded_runtime
         if not patch:
             return
         meta = ftj["metadata"]
         resp = await self.api.merge_patch(ftj_path(meta["namespace"], meta["name"]) + "/status", {"status": patch})
+        st.unrecorded_runtime = None
         st.status = (resp or {}).get("status") or {**old, **{k: v for k, v in patch.items() if v is not None}}
         self._hold(st, resp)
         for type_, cond in S.condition_changes(old.get("conditions"), new.get("conditions")):

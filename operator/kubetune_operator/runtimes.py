@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from kubetune_api import constants as C
 from kubetune_api.finetunejob import FineTuneJob
@@ -114,12 +114,15 @@ def namespace_problem(kind: str, name: str, spec: FineTuneRuntimeSpec, namespace
             "(`kubectl get clusterfinetuneruntimes,finetuneruntimes`) or ask the platform team")
 
 
-async def resolve(api: KubeApi, ftj: dict) -> tuple[Optional[Resolved], Optional[str]]:
+async def resolve(api: KubeApi, ftj: dict, get: Optional[Callable[[str], Awaitable[Optional[dict]]]] = None
+                  ) -> tuple[Optional[Resolved], Optional[str]]:
     """(the job's runtime, None) or (None, problem naming spec.runtimeRef). Raises kube.ApiError for anything but
-    a missing runtime (403, 5xx: retried by the caller like any API failure)."""
+    a missing runtime (403, 5xx: retried by the caller like any API failure). `get` reads the runtime (default
+    api.get; the reconciler passes kube.RecentGets.get); the namespace, whose labels grant it, is always read."""
+    get = get or api.get
     kind, name = ref_of(ftj)
     namespace = ftj["metadata"]["namespace"]
-    obj = await api.get(runtime_path(kind, name, namespace))
+    obj = await get(runtime_path(kind, name, namespace))
     if obj is None:
         where = "" if kind == C.CLUSTER_RUNTIME_KIND else f" in namespace {namespace!r}"
         return None, (f"spec.runtimeRef: {kind} {name!r} does not exist{where}; name one that does "
@@ -132,7 +135,7 @@ async def resolve(api: KubeApi, ftj: dict) -> tuple[Optional[Resolved], Optional
                       f"{first.get('msg')}); the platform team must fix it")
     meta = obj.get("metadata") or {}
     if kind == C.CLUSTER_RUNTIME_KIND and spec.namespace_selector is not None:
-        ns = await api.get(f"/api/v1/namespaces/{namespace}") or {}
+        ns = await api.get(f"/api/v1/namespaces/{namespace}") or {}  # fresh: its labels are the grant
         problem = namespace_problem(kind, name, spec, namespace, (ns.get("metadata") or {}).get("labels") or {})
         if problem:
             return None, problem

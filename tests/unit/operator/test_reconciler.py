@@ -457,11 +457,11 @@ def test_watched_job_is_read_from_the_watch_not_fetched():
         first = kube.put(ftj())
         rec.observe(first)
         await rec.reconcile(NS, "demo", ensure_all=True)
-        # a new job costs its runtime's lookup and record, dry runs, creates, one status write and its events:
-        # neither the FineTuneJob nor a Job or Service is read
+        # a new job costs its runtime's lookup, the Job's dry run, two creates, ONE status write (which also
+        # records the runtime) and its events: neither the FineTuneJob nor a Job or Service is read
         assert [p for m, p in kube.calls if m == "GET"] == ["/apis/kubetune.dev/v1alpha1/clusterfinetuneruntimes/default"]
-        assert sorted(m for m, _ in kube.calls if m != "GET") == ["DRYRUN", "DRYRUN", "PATCH", "PATCH", "POST", "POST",
-                                                                 "POST", "POST"]
+        assert sorted(m for m, _ in kube.calls if m != "GET") == ["DRYRUN", "PATCH", "POST", "POST", "POST", "POST"]
+        assert stored(kube)["status"]["runtime"]["name"] == "default"
         job_uid = kube.find("Job")[0]["metadata"]["uid"]
         lookup.pod_list = [pod(job_uid=job_uid)]
         rec.observe(first)  # a late watch event from before our status write: ignored

@@ -231,3 +231,26 @@ def test_admission_policy_checks_the_start_adapter_where_the_operator_does():
         assert "!has(object.spec.model.adapter)" in expr
         assert "params.spec.storage.allowedSourcePrefixes.exists(p, object.spec.model.adapter.startsWith(p))" in expr
         assert "object.spec.model.adapter.startsWith('pvc://' + c + '/')" in expr
+
+
+def test_a_burst_of_new_jobs_reads_their_runtime_once_and_a_miss_is_not_remembered():
+    """kube.RecentGets: within its ttl the runtime is read once for many jobs; after it, again; a runtime that did
+    not exist is looked up again at once (created a moment later, it is found)."""
+    from kubetune_operator.kube import RecentGets
+
+    async def scenario():
+        kube = FakeKube()
+        now = [100.0]
+        recent = RecentGets(kube, ttl=5.0, clock=lambda: now[0])
+        path = "/apis/kubetune.dev/v1alpha1/clusterfinetuneruntimes/burst"
+        assert await recent.get(path) is None and await recent.get(path) is None
+        assert sum(1 for m, p in kube.calls if p == path) == 2, "misses are asked again"
+        kube.put_runtime("ClusterFineTuneRuntime", "burst", DEFAULT_RUNTIME_SPEC)
+        for _ in range(50):
+            assert (await recent.get(path))["metadata"]["name"] == "burst"
+        assert sum(1 for m, p in kube.calls if p == path) == 3, "50 reads within the ttl: one GET"
+        now[0] += 5.1
+        await recent.get(path)
+        assert sum(1 for m, p in kube.calls if p == path) == 4, "after the ttl: read again"
+
+    asyncio.run(scenario())

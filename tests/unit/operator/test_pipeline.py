@@ -8,6 +8,7 @@ import asyncio
 import copy
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kubetune_api import constants as C
@@ -214,14 +215,18 @@ def test_failed_stage_fails_the_pipeline_with_its_message():
     assert failed["reason"] == "StageFailed" and "no rows" in failed["message"] and "retryFrom: sft" in failed["message"]
 
 
-def test_invalid_pipeline_fails_with_the_field():
+@pytest.mark.parametrize("handover, says", [
+    ("weights", "spec.stages[1].handover"),
+    ("continue", "use handover merge"),  # continue into dpo: its reference would be the bare base
+])
+def test_invalid_pipeline_fails_with_the_field_before_any_stage_starts(handover, says):
     body = pipeline_body()
-    body["spec"]["stages"][1]["handover"] = "weights"
+    body["spec"]["stages"][1]["handover"] = handover
     kube, rec, _ = setup(body)
     result = run(rec)
     assert result.state == "invalid" and child(kube, "sft") is None
     failed = cond(kube, "Failed")
-    assert failed["reason"] == "InvalidSpec" and "spec.stages[1].handover" in failed["message"]
+    assert failed["reason"] == "InvalidSpec" and says in failed["message"]
 
 
 def test_continue_hands_over_the_same_base_and_the_previous_adapter():
@@ -244,13 +249,3 @@ def test_continue_hands_over_the_same_base_and_the_previous_adapter():
     assert "modelAdapter" not in stages[1]
     run(rec)  # a repeated reconcile works the same hand-over out again: nothing changes
     assert child(kube, "grpo") == grpo
-
-
-def test_continue_into_dpo_is_refused_before_any_stage_starts():
-    body = pipeline_body()
-    body["spec"]["stages"][1]["handover"] = "continue"
-    kube, rec, _ = setup(body)
-    result = run(rec)
-    assert result.state == "invalid" and child(kube, "sft") is None
-    failed = cond(kube, "Failed")
-    assert failed["reason"] == "InvalidSpec" and "use handover merge" in failed["message"]

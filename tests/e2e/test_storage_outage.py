@@ -119,8 +119,10 @@ def test_outage_beyond_patience_fails_once_with_storage_reason(cluster, env):
     ns, name = env["ns"], "outage"
     run = _apply(cluster, env, name, patience_s=SHORT_PATIENCE_S)
     _wait_first_checkpoint(env, run)
-    cluster.stop_s3()
+    # the outage starts with the SIGTERM: a stopping weed refuses connections at once, and on a loaded machine
+    # it can take seconds to exit, which stop_s3() waits out
     t0 = time.monotonic()
+    cluster.stop_s3()
     try:
         obj = cluster.wait_job(ns, name, want="Failed", timeout=SHORT_PATIENCE_S + 120,
                                context=lambda: env["operator"].logs()[-3000:])

@@ -194,7 +194,6 @@ class KubeApi:
             raise
 
 
-# ------------------------------------------------------------------------------------------------ events
 class RecentGets:
     """GETs answered from a short-lived memory: a burst of new FineTuneJobs naming the same runtime reads it
     once, not once per job. At most `ttl` seconds stale, like an informer cache: a runtime an admin edits applies
@@ -204,7 +203,7 @@ class RecentGets:
     def __init__(self, api: "KubeApi", ttl: float = 5.0, clock=None):
         self.api, self.ttl = api, ttl
         self._clock = clock or time.monotonic
-        self._memory: dict[str, tuple[float, Optional[dict]]] = {}
+        self._memory: dict[str, tuple[float, dict]] = {}
 
     async def get(self, path: str) -> Optional[dict]:
         now = self._clock()
@@ -216,11 +215,12 @@ class RecentGets:
             self._memory.pop(path, None)
             return None
         self._memory[path] = (self._clock(), obj)
-        if len(self._memory) > 256:  # runtimes and namespaces: few; drop what is expired
+        if len(self._memory) > 256:  # runtimes are few: drop what is expired
             self._memory = {k: v for k, v in self._memory.items() if now - v[0] < self.ttl}
         return obj
 
 
+# ------------------------------------------------------------------------------------------------ events
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 

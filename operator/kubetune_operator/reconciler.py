@@ -52,7 +52,7 @@ from . import status as S
 from .kube import ApiError, EventRecorder, KubeApi, RecentGets, collection_path, object_path
 from .metrics import OperatorMetrics
 from . import render_jobset as JS
-from .render import (GENERATION_ANNOTATION, TEMPLATE_HASH_ANNOTATION, child_names, is_multi_node, iter_children,
+from .render import (GENERATION_ANNOTATION, TEMPLATE_HASH_ANNOTATION, child_names, is_multi_node,
                      mutable_fields, render_children, render_job, retries_used_by, spec_field_of, template_hash,
                      workload_name)
 from .settings import OperatorSettings
@@ -84,7 +84,7 @@ class ChildRejected(Exception):
 
 
 CONFIG_MAP_MAX_BYTES = 1024 * 1024  # what the API server stores in one ConfigMap
-RUNTIME_READ_TTL_SECONDS = 5.0  # a burst of new jobs reads their runtime (and namespace) once (kube.RecentGets)
+RUNTIME_READ_TTL_SECONDS = 5.0  # a burst of new jobs reads their runtime once (kube.RecentGets)
 
 
 def rejection(job: FineTuneJob, child: dict, exc: ApiError) -> ChildRejected:
@@ -349,7 +349,8 @@ class Reconciler:
             return Result("gone")
         uid = ftj["metadata"].get("uid")
         if st.uid != uid:
-            st.uid, st.expected_deletion = uid, None
+            # a re-created FineTuneJob of this name: nothing of the old object's state carries over
+            st.uid, st.expected_deletion, st.unrecorded_runtime = uid, None, None
         st.body, st.status = ftj, ftj.get("status") or {}
         old_status = st.status
 

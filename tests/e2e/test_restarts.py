@@ -69,11 +69,23 @@ def manifest(env: dict, name: str, steps: int, **training) -> dict:
     }
 
 
+def container_started(pod: dict) -> str | None:
+    """When the trainer container started (it may be running or have ended already), else None."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        started = (state.get("running") or state.get("terminated") or {}).get("startedAt")
+        if started:
+            return started
+    return None
+
+
 def live_pod(cluster, ns: str, name: str, not_in: set[str]) -> dict | None:
+    """A trainer pod not in `not_in` whose container has started. It may have ended already: the last pod of a
+    run resumes near the end and, on a loaded machine, can finish its few steps between two polls."""
     out = cluster.kubectl("get", "pods", "-n", ns, "-l", f"kubetune.dev/job-name={name}", "-o", "json").stdout
     for p in json.loads(out)["items"]:
         if p["metadata"]["uid"] not in not_in and not p["metadata"].get("deletionTimestamp") and \
-                (p.get("status") or {}).get("phase") == "Running":
+                (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") and container_started(p):
             return p
     return None
 
@@ -125,7 +137,7 @@ def test_five_pod_deletions_restart_flat_keep_the_budget_and_the_whole_story(clu
     for kill in range(KILLS + 1):
         step = cluster.wait_for(lambda: first_own_step(cluster, ns, pod), timeout=180, interval=0.2,
                                 desc=f"pod {pod['metadata']['name']} training", context=why(cluster, env, name))
-        started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+        started = container_started(pod)
         startups.append(round(step["time"] - calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")), 1))
         if kill:
             downtimes.append(round(step["time"] - deleted_at, 1))  # noqa: F821 - set in the previous round

@@ -7,6 +7,7 @@ peak RSS, CPU seconds per job and reconcile errors.
     .venv/bin/python bench/scale.py --sizes 100,1000,3000 --repeats 2     # alternating arms (ABBA)
     .venv/bin/python bench/scale.py --sizes 5 --hold 0                    # smoke run (seconds)
     .venv/bin/python bench/scale.py --sizes 1000 --arms ftj --py-spy /tmp/op.svg   # profile the operator
+    .venv/bin/python bench/scale.py --sizes 1000 --arms ftj --tracemalloc          # where its memory goes
 
 What one run of an arm does (each in a fresh namespace, deleted afterwards):
 - `ftj`: starts the operator (`python -m kubetune_operator --standalone --namespace NS`, the product's
@@ -247,10 +248,13 @@ def running(ftj: dict) -> bool:
 
 # ------------------------------------------------------------------------------------------------ operator
 class Operator:
-    def __init__(self, namespace: str, log_path: Path, py_spy: Optional[str]):
+    def __init__(self, namespace: str, log_path: Path, py_spy: Optional[str], tracemalloc_out: Optional[Path] = None):
         env = dict(os.environ, KUBECONFIG=kubeconfig(), KUBETUNE_METRICS_PORT="0", KUBETUNE_METRICS_HOST="127.0.0.1",
                    PYTHONUNBUFFERED="1")
         args = [sys.executable, "-m", "kubetune_operator", "--standalone", "--namespace", namespace]
+        if tracemalloc_out:
+            env["KUBETUNE_TRACEMALLOC_OUT"] = str(tracemalloc_out)
+            args[1:3] = [str(Path(__file__).with_name("operator_tracemalloc.py"))]
         if py_spy:
             args = ["py-spy", "record", "--nonblocking", "-r", "50", "-o", py_spy, "--", *args]
         self.log_path = log_path
@@ -271,6 +275,10 @@ class Operator:
             out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
             self.pid = int(out[0])
         time.sleep(1.0)  # watches established
+
+    def dump_memory(self) -> None:
+        """bench/operator_tracemalloc.py appends its allocation sites (only when started with tracemalloc_out)."""
+        os.kill(self.pid, signal.SIGUSR1)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -321,7 +329,8 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
     ns = f"scale-{arm}-{n}-{suffix}"
     kubectl("create", "namespace", ns)
-    op = Operator(ns, workdir / f"operator-{ns}.log", args.py_spy) if arm == "ftj" else None
+    traced = workdir / f"tracemalloc-{ns}.txt" if args.tracemalloc else None
+    op = Operator(ns, workdir / f"operator-{ns}.log", args.py_spy, traced) if arm == "ftj" else None
     pods = Counter(api, f"/api/v1/namespaces/{ns}/pods", scheduled)
     pods.start()
     status = None
@@ -347,6 +356,8 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         cpu1 = op.cpu_seconds()
         row.update(status_s=(t_status - t0) if t_status else None, running_count=len(status.times),
                    cpu_per_job_ms=1000 * (cpu1 - cpu0) / n)
+        if traced:
+            op.dump_memory()
     requests1 = api_requests(api)
     delta = {k: v - requests0.get(k, 0.0) for k, v in requests1.items() if v - requests0.get(k, 0.0) > 0}
     row["api_requests_per_job"] = sum(delta.values()) / n
@@ -355,6 +366,9 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         if args.hold > 0:
             time.sleep(args.hold)
             row["hold_cpu_per_1k_jobs_min"] = (op.cpu_seconds() - cpu1) / args.hold * 60 * 1000 / n
+        if traced:
+            op.dump_memory()
+            time.sleep(5)  # the dump walks every traced block
         row.update(rss_mb=op.peak_rss_mb(), reconcile_errors=op.reconcile_errors(), log_errors=op.log_errors())
         op.stop()
     pods.stopped.set()
@@ -421,6 +435,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timeout-per-job", type=float, default=0.5)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kubetune-scale"), help="operator logs, results.json")
     ap.add_argument("--py-spy", help="record the operator with py-spy into this flamegraph (svg)")
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="run the operator under bench/operator_tracemalloc.py: its allocation sites once all jobs "
+                         "run and after the hold, in WORKDIR/tracemalloc-NS.txt (slows the operator: no timings)")
     ap.add_argument("--keep", action="store_true", help="do not wait for namespaces to be deleted")
     ap.add_argument("--cleanup-nodes", action="store_true", help="delete the bench nodes at the end")
     args = ap.parse_args(argv)

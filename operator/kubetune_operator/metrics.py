@@ -53,6 +53,7 @@ class OperatorMetrics:
             kwargs = {"buckets": DURATION_BUCKETS} if m.type == "histogram" else {}
             self.metrics[m.name] = kind(_unsuffixed(m), m.help, list(m.labels), registry=self.registry, **kwargs)
         self._phases: dict[tuple[str, str], str] = {}
+        self._phase_counts: dict[str, int] = {p: 0 for p in Phase.ALL}  # kept with _phases (no O(N) recount)
         self._job_series: dict[tuple[str, str], set[str]] = {}
         self._queues: dict[tuple[str, str], str] = {}  # the queue label of each job's GPU-seconds series
         self._gpu_seconds: dict[tuple[tuple[str, str], str], float] = {}  # what each counter series says
@@ -78,12 +79,18 @@ class OperatorMetrics:
             self._server = None
 
     # fleet ----------------------------------------------------------------------------------------------
-    def _recount(self) -> None:
-        counts = {p: 0 for p in Phase.ALL}
-        for phase in self._phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, n in counts.items():
-            self.metrics["kubetune_operator_jobs"].labels(phase=phase).set(n)
+    def _set_phase(self, key: tuple[str, str], phase: Optional[str]) -> None:
+        """Record a job's phase (None: the job is gone) and move kubetune_operator_jobs by one: every watch
+        event comes here, so the fleet counts must not be recounted over all jobs (O(N) per event)."""
+        old = self._phases.pop(key, None) if phase is None else self._phases.get(key)
+        if phase is not None:
+            self._phases[key] = phase
+        if old == phase:
+            return
+        for p, delta in ((old, -1), (phase, 1)):
+            if p is not None:
+                self._phase_counts[p] = self._phase_counts.get(p, 0) + delta
+                self.metrics["kubetune_operator_jobs"].labels(phase=p).set(self._phase_counts[p])
 
     def transition(self, from_phase: Optional[str], to_phase: str) -> None:
         self.metrics["kubetune_operator_phase_transitions_total"].labels(
@@ -107,8 +114,7 @@ class OperatorMetrics:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         status = body.get("status") or {}
         phase = status.get("phase") or Phase.PENDING
-        self._phases[key] = phase
-        self._recount()
+        self._set_phase(key, phase)
         labels = {"namespace": key[0], "finetunejob": key[1]}
         series = self._job_series.setdefault(key, set())
         for p in Phase.ALL:
@@ -155,8 +161,8 @@ class OperatorMetrics:
         active one's. kopf re-lists when this replica becomes active, which brings them back."""
         for namespace, name in list(self._job_series):
             self.forget_job(namespace, name)
-        self._phases.clear()
-        self._recount()
+        for key in list(self._phases):
+            self._set_phase(key, None)
 
     def _remove(self, metric_name: str, *label_values: str) -> None:
         try:
@@ -167,8 +173,7 @@ class OperatorMetrics:
     def forget_job(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted FineTuneJob."""
         key = (namespace, name)
-        self._phases.pop(key, None)
-        self._recount()
+        self._set_phase(key, None)
         for metric_name in self._job_series.pop(key, set()):
             metric = self.metrics[metric_name]
             if metric_name == "kubetune_job_gpu_seconds_total":

@@ -71,6 +71,30 @@ def test_per_job_series_follow_the_status_and_are_removed_on_delete():
     m.forget_job(NS, "never-seen")  # harmless
 
 
+def test_jobs_per_phase_stay_equal_to_a_recount_through_transitions_deletes_and_standby():
+    """kubetune_operator_jobs moves by one per event instead of recounting every job (O(N) per watch event):
+    after any sequence it still equals a count over the jobs' last phases."""
+    import random
+
+    rng = random.Random(7)
+    m = OperatorMetrics(CollectorRegistry())
+    last: dict[str, str] = {}
+    for _ in range(400):
+        name = f"j{rng.randrange(12)}"
+        if rng.random() < 0.2:
+            m.forget_job(NS, name)
+            last.pop(name, None)
+        else:
+            phase = rng.choice(Phase.ALL)
+            m.observe_job(ftj(name, uid=name, status={"phase": phase}))
+            last[name] = phase
+        for phase in Phase.ALL:
+            assert value(m, "kubetune_operator_jobs", phase=phase) == list(last.values()).count(phase), phase
+    m.forget_all_jobs()
+    assert all(value(m, "kubetune_operator_jobs", phase=p) == 0 for p in Phase.ALL)
+    assert m.jobs() == []
+
+
 def test_fleet_counters():
     m = OperatorMetrics(CollectorRegistry())
     m.transition("Running", "Failed")

@@ -16,7 +16,7 @@ import sys
 import time
 import tracemalloc
 
-FRAMES = 12
+FRAMES = 6
 OURS = ("kubetune_operator", "kubetune_api", "/kopf/", "/kubernetes/", "/aiohttp/")
 
 
@@ -36,10 +36,11 @@ def dump(*_: object) -> None:
         acc = sites.setdefault(_site(stat.traceback), [0, 0])
         acc[0] += stat.size
         acc[1] += stat.count
+    lines = [f"--- {time.strftime('%H:%M:%S')} traced now {now / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB\n"]
+    for site, (size, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:40]:
+        lines.append(f"{size / 2**20:8.2f} MiB {count:9d} blocks  {site}\n")
     with open(os.environ.get("KUBETUNE_TRACEMALLOC_OUT", "operator-tracemalloc.txt"), "a") as out:
-        out.write(f"--- {time.strftime('%H:%M:%S')} traced now {now / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB\n")
-        for site, (size, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:40]:
-            out.write(f"{size / 2**20:8.2f} MiB {count:9d} blocks  {site}\n")
+        out.write("".join(lines))  # in one write: bench/scale.py waits for the file to grow
 
 
 if __name__ == "__main__":

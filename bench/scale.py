@@ -276,9 +276,14 @@ class Operator:
             self.pid = int(out[0])
         time.sleep(1.0)  # watches established
 
-    def dump_memory(self) -> None:
-        """bench/operator_tracemalloc.py appends its allocation sites (only when started with tracemalloc_out)."""
+    def dump_memory(self, out: Path, timeout: float = 600) -> None:
+        """bench/operator_tracemalloc.py appends its allocation sites to `out` (only when started with it); waits
+        until it has (walking every traced block takes a while)."""
+        before = out.stat().st_size if out.exists() else 0
         os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (out.stat().st_size if out.exists() else 0) == before:
+            time.sleep(1)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -357,7 +362,7 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         row.update(status_s=(t_status - t0) if t_status else None, running_count=len(status.times),
                    cpu_per_job_ms=1000 * (cpu1 - cpu0) / n)
         if traced:
-            op.dump_memory()
+            op.dump_memory(traced)
     requests1 = api_requests(api)
     delta = {k: v - requests0.get(k, 0.0) for k, v in requests1.items() if v - requests0.get(k, 0.0) > 0}
     row["api_requests_per_job"] = sum(delta.values()) / n
@@ -367,7 +372,7 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
             time.sleep(args.hold)
             row["hold_cpu_per_1k_jobs_min"] = (op.cpu_seconds() - cpu1) / args.hold * 60 * 1000 / n
         if traced:
-            op.dump_memory()
+            op.dump_memory(traced)
             time.sleep(5)  # the dump walks every traced block
         row.update(rss_mb=op.peak_rss_mb(), reconcile_errors=op.reconcile_errors(), log_errors=op.log_errors())
         op.stop()

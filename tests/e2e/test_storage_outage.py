@@ -25,7 +25,7 @@ from tests.e2e.test_run_identity import _json, _keys, _train_steps
 from tests.e2e.test_sft_lora_end_to_end import BUCKET, create_s3_secret, ensure_bucket, s3_client, upload_tiny_inputs
 
 STEPS = 80
-OUTAGE_S = 30
+OUTAGE_S = 60  # the "a 60 s S3 outage mid-run"
 SHORT_PATIENCE_S = 15
 
 

@@ -373,7 +373,6 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
             row["hold_cpu_per_1k_jobs_min"] = (op.cpu_seconds() - cpu1) / args.hold * 60 * 1000 / n
         if traced:
             op.dump_memory(traced)
-            time.sleep(5)  # the dump walks every traced block
         row.update(rss_mb=op.peak_rss_mb(), reconcile_errors=op.reconcile_errors(), log_errors=op.log_errors())
         op.stop()
     pods.stopped.set()

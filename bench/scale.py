@@ -8,6 +8,7 @@ peak RSS, CPU seconds per job and reconcile errors.
     .venv/bin/python bench/scale.py --sizes 5 --hold 0                    # smoke run (seconds)
     .venv/bin/python bench/scale.py --sizes 1000 --arms ftj --py-spy /tmp/op.svg   # profile the operator
     .venv/bin/python bench/scale.py --sizes 1000 --arms ftj --tracemalloc          # where its memory goes
+    .venv/bin/python bench/scale.py --sizes 1000 --arms ftj --memstats             # live vs held, at full speed
 
 What one run of an arm does (each in a fresh namespace, deleted afterwards):
 - `ftj`: starts the operator (`python -m kubetune_operator --standalone --namespace NS`, the product's
@@ -248,15 +249,20 @@ def running(ftj: dict) -> bool:
 
 # ------------------------------------------------------------------------------------------------ operator
 class Operator:
-    def __init__(self, namespace: str, log_path: Path, py_spy: Optional[str], tracemalloc_out: Optional[Path] = None):
+    def __init__(self, namespace: str, log_path: Path, py_spy: Optional[str], tracemalloc_out: Optional[Path] = None,
+                 trace: bool = True):
         env = dict(os.environ, KUBECONFIG=kubeconfig(), KUBETUNE_METRICS_PORT="0", KUBETUNE_METRICS_HOST="127.0.0.1",
                    PYTHONUNBUFFERED="1")
         args = [sys.executable, "-m", "kubetune_operator", "--standalone", "--namespace", namespace]
         if tracemalloc_out:
             env["KUBETUNE_TRACEMALLOC_OUT"] = str(tracemalloc_out)
+            env["KUBETUNE_TRACEMALLOC_FRAMES"] = env.get("KUBETUNE_TRACEMALLOC_FRAMES", "6") if trace else "0"
             args[1:3] = [str(Path(__file__).with_name("operator_tracemalloc.py"))]
         if py_spy:
-            args = ["py-spy", "record", "--nonblocking", "-r", "50", "-o", py_spy, "--", *args]
+            fmt = ["--format", "raw"] if py_spy.endswith(".txt") else []  # raw: collapsed stacks, for grep
+            venv_spy = Path(sys.executable).with_name("py-spy")
+            args = [str(venv_spy) if venv_spy.exists() else "py-spy", "record", "--nonblocking", "-r", "50", *fmt, "-o",
+                    py_spy, "--", *args]
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -334,8 +340,10 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
     ns = f"scale-{arm}-{n}-{suffix}"
     kubectl("create", "namespace", ns)
-    traced = workdir / f"tracemalloc-{ns}.txt" if args.tracemalloc else None
-    op = Operator(ns, workdir / f"operator-{ns}.log", args.py_spy, traced) if arm == "ftj" else None
+    traced = workdir / f"{'tracemalloc' if args.tracemalloc else 'memstats'}-{ns}.txt" \
+        if args.tracemalloc or args.memstats else None
+    op = Operator(ns, workdir / f"operator-{ns}.log", args.py_spy, traced, trace=args.tracemalloc) \
+        if arm == "ftj" else None
     pods = Counter(api, f"/api/v1/namespaces/{ns}/pods", scheduled)
     pods.start()
     status = None
@@ -442,6 +450,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tracemalloc", action="store_true",
                     help="run the operator under bench/operator_tracemalloc.py: its allocation sites once all jobs "
                          "run and after the hold, in WORKDIR/tracemalloc-NS.txt (slows the operator: no timings)")
+    ap.add_argument("--memstats", action="store_true",
+                    help="the same wrapper without tracing (full speed): RSS timeline, glibc heap in use vs kept, "
+                         "pymalloc arenas, live objects per type, in WORKDIR/memstats-NS.txt")
     ap.add_argument("--keep", action="store_true", help="do not wait for namespaces to be deleted")
     ap.add_argument("--cleanup-nodes", action="store_true", help="delete the bench nodes at the end")
     args = ap.parse_args(argv)

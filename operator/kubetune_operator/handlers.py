@@ -37,7 +37,7 @@ from .outage import ENDLESS_BACKOFF, ApiHealth, install_log_filter
 from .peering import PeeringGate
 from . import render_jobset as JS
 from .progress import ProgressLoop, aiohttp_fetcher, job_view
-from .reconciler import Reconciler, Result, snapshot_job, snapshot_pod
+from .reconciler import Reconciler, Result, freeze, snapshot_job, snapshot_pod, thaw
 from . import pipeline_handlers  # noqa: F401  (registers the FineTunePipeline handlers with kopf)
 from .settings import OperatorSettings
 
@@ -164,7 +164,8 @@ async def finetunejobs_known(memo: kopf.Memo, **_: Any) -> int:
 
 # ------------------------------------------------------------------------------------------------ indices
 class IndexLookup:
-    """Child Jobs and pods of a FineTuneJob, from kopf's in-memory indices (kept current by the watches)."""
+    """Child Jobs and pods of a FineTuneJob, from kopf's in-memory indices (kept current by the watches). The
+    indices hold frozen snapshots (reconciler.freeze: compact bytes); each lookup thaws fresh copies."""
 
     def __init__(self, jobs: kopf.Index, pods: kopf.Index):
         self._jobs, self._pods = jobs, pods
@@ -172,7 +173,7 @@ class IndexLookup:
     @staticmethod
     def _get(index: kopf.Index, namespace: str, name: str) -> list[dict]:
         store = index.get((namespace, name))
-        return list(store) if store is not None else []
+        return [thaw(item) for item in store] if store is not None else []
 
     def jobs(self, namespace: str, name: str) -> list[dict]:
         return self._get(self._jobs, namespace, name)
@@ -192,12 +193,12 @@ def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
 def trainer_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[Label.JOB_NAME]): snapshot_job(body)}
+    return {(namespace, labels[Label.JOB_NAME]): freeze(snapshot_job(body))}
 
 
 @kopf.index("v1", "pods", labels=CHILD_LABELS)
 def trainer_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[Label.JOB_NAME]): snapshot_pod(body)}
+    return {(namespace, labels[Label.JOB_NAME]): freeze(snapshot_pod(body))}
 
 
 # ------------------------------------------------------------------------------------------------ FineTuneJobs

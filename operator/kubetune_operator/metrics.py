@@ -13,6 +13,7 @@ import logging
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from kubetune_api.constants import Phase
 from kubetune_api.metrics_catalog import OPERATOR_METRICS, MetricDef
@@ -43,12 +44,38 @@ def _unsuffixed(m: MetricDef) -> str:
 RECONCILE_HANDLERS = ("reconcile", "job-event", "jobset-event", "pod-event", "delete", "metrics", "progress")
 
 
+# Exported from the operator's own phase table at scrape time (PhaseCollector) rather than as prometheus_client
+# children: one child per job and phase (6 per job, each with its lock and value object) was the largest part
+# of the metrics' memory per job.
+PHASE_METRIC = "kubetune_job_phase"
+
+
+class PhaseCollector:
+    """kubetune_job_phase from OperatorMetrics._phases: 1 for each job's phase, 0 for its other phases."""
+
+    def __init__(self, owner: "OperatorMetrics", definition: MetricDef):
+        self.owner, self.definition = owner, definition
+
+    def describe(self):
+        return [GaugeMetricFamily(self.definition.name, self.definition.help, labels=list(self.definition.labels))]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.definition.name, self.definition.help, labels=list(self.definition.labels))
+        for (namespace, name), phase in list(self.owner._phases.items()):
+            for p in Phase.ALL:
+                family.add_metric([namespace, name, p], 1.0 if p == phase else 0.0)
+        yield family
+
+
 class OperatorMetrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None):
         disable_created_metrics()  # `*_created` series are not in the catalog (and nobody queries them)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: dict[str, object] = {}
         for m in OPERATOR_METRICS:
+            if m.name == PHASE_METRIC:
+                self.registry.register(PhaseCollector(self, m))
+                continue
             kind = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}[m.type]
             kwargs = {"buckets": DURATION_BUCKETS} if m.type == "histogram" else {}
             self.metrics[m.name] = kind(_unsuffixed(m), m.help, list(m.labels), registry=self.registry, **kwargs)
@@ -116,10 +143,7 @@ class OperatorMetrics:
         phase = status.get("phase") or Phase.PENDING
         self._set_phase(key, phase)
         labels = {"namespace": key[0], "finetunejob": key[1]}
-        series = self._job_series.setdefault(key, set())
-        for p in Phase.ALL:
-            self.metrics["kubetune_job_phase"].labels(**labels, phase=p).set(1 if p == phase else 0)
-        series.add("kubetune_job_phase")
+        series = self._job_series.setdefault(key, set())  # kubetune_job_phase: PhaseCollector, from _phases
         progress = status.get("progress") or {}
         for name, field in _PROGRESS_GAUGES.items():
             if isinstance(progress.get(field), (int, float)):
@@ -181,17 +205,10 @@ class OperatorMetrics:
                 self._gpu_seconds.pop((key, queue), None)
                 self._remove(metric_name, namespace, name, queue)
                 continue
-            if metric_name == "kubetune_job_phase":
-                for p in Phase.ALL:
-                    try:
-                        metric.remove(namespace, name, p)
-                    except KeyError:
-                        pass
-            else:
-                try:
-                    metric.remove(namespace, name)
-                except KeyError:
-                    pass
+            try:
+                metric.remove(namespace, name)
+            except KeyError:
+                pass
 
     # per pipeline ---------------------------------------------------------------------------------------
     def observe_pipeline(self, namespace: str, name: str, status: dict) -> None:

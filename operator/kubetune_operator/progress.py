@@ -153,9 +153,9 @@ class ProgressLoop:
             self._last_resync = now
         for v in views:
             # A Pending job whose pods Kubernetes refuses to create changes nothing the operator watches (the
-            # refusal is only an event on the Job): look again every tick so PodsBlocked shows within one.
-            waiting = v.phase in (None, Phase.PENDING) and not any(
-                S.pod_is_running(p) for p in self.pods(v.namespace, v.name))
+            # refusal is only an event on the Job): look again every tick so PodsBlocked shows within one. Jobs
+            # whose pods exist and wait for a node are left to the pods' watch events (lacks_pods).
+            waiting = v.phase in (None, Phase.PENDING) and self.reconciler.lacks_pods(v.namespace, v.name)
             if not v.terminal and (resync or waiting):
                 try:
                     await self.reconciler.reconcile(v.namespace, v.name)

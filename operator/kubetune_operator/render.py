@@ -190,10 +190,15 @@ def resolved_job(job: FineTuneJob) -> dict:
     return {"apiVersion": C.API_VERSION, "kind": C.KIND, "metadata": meta, "spec": job.spec.to_k8s()}
 
 
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def render_config_map(job: FineTuneJob, body: dict | None = None,
                       settings: OperatorSettings | None = None) -> dict:
     names = child_names(job.metadata.name)
-    text = yaml.safe_dump(resolved_job(job), sort_keys=False, width=120)
+    # libyaml's emitter when present (same document, ~10x faster: the dump was ~5 % of the operator's CPU in a
+    # burst of new jobs, bench/scale.py --py-spy)
+    text = yaml.dump(resolved_job(job), Dumper=_YAML_DUMPER, sort_keys=False, width=120)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -245,3 +245,43 @@ def test_gate_reads_the_peering_object():
                                  mandatory=False).active() is True
         assert await PeeringGate(None, standalone=True, name="k", identity="me", priority=1).active() is True
     asyncio.run(scenario())
+
+
+def test_tick_looks_for_refused_pods_only_while_a_job_lacks_them():
+    """A Pending job whose Job has no pod may have pods Kubernetes refuses (only the Job's events say so): the
+    tick reconciles it and lists those events. Once the pod exists and waits for a node, the pod's own watch
+    events carry every change: the tick leaves it alone (at 1,000 jobs queued behind a busy scheduler, a LIST
+    per waiting job per tick made the operator's work grow with N)."""
+    async def fetch(url):
+        raise AssertionError("nothing runs: nothing to scrape")
+
+    def event_lists(kube) -> int:
+        return sum(1 for method, path in kube.calls if method == "GET" and path.endswith("/events"))
+
+    async def scenario():
+        kube, lookup, rec, loop, views = setup(fetch)
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        body = kube.objects[ftj_path(NS, "demo")]
+        assert body["status"]["phase"] == Phase.PENDING
+        views[:] = [P.job_view(body)]
+        assert rec.lacks_pods(NS, "demo")
+        before = event_lists(kube)
+        await loop.tick()
+        assert event_lists(kube) == before + 1, kube.calls[-5:]
+
+        (job,) = kube.find("Job")
+        lookup.pod_list = [pod(job_uid=job["metadata"]["uid"], phase="Pending")]  # created, waiting for a node
+        await rec.reconcile(NS, "demo")  # the pod's watch event
+        views[:] = [P.job_view(kube.objects[ftj_path(NS, "demo")])]
+        assert views[0].phase == Phase.PENDING and not rec.lacks_pods(NS, "demo")
+        calls = len(kube.calls)
+        await loop.tick()
+        assert kube.calls[calls:] == [], "a job whose pod exists is not re-checked every tick"
+
+        lookup.pod_list = []  # the pod went away (evicted before the Job replaced it): look again
+        assert rec.lacks_pods(NS, "demo")
+        job["spec"]["suspend"] = True  # ... unless the Job is suspended (queued): no pods are due
+        kube.put(job)
+        assert not rec.lacks_pods(NS, "demo")
+    asyncio.run(scenario())

@@ -554,3 +554,70 @@ def test_child_events_do_not_list_events_but_keep_pods_blocked():
         assert conds(kube)[CT.RUNNING]["reason"] == Reason.RUNNING
         assert lists == [], "the run that created the Job does not look: the Job controller has not seen it yet"
     run(scenario())
+
+
+def test_the_held_body_is_a_frozen_copy():
+    """What the reconciler keeps per job is compact bytes (few long-lived objects per job, docs/scale.md): a later
+    change to the watched dict does not reach it, and each read is a copy of its own."""
+    _, _, rec = make()
+    body = ftj()
+    body["metadata"]["resourceVersion"] = "7"
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    rec.observe(body)
+    st = rec._state(NS, "demo")
+    assert isinstance(st.frozen, bytes) and b"managedFields" not in st.frozen
+    body["spec"]["stage"] = "dpo"
+    held = st.body
+    assert held["spec"]["stage"] == "sft" and held["metadata"]["resourceVersion"] == "7"
+    held["spec"]["stage"] = "kto"
+    assert st.body["spec"]["stage"] == "sft", "each read is a copy"
+    older = ftj()
+    older["metadata"]["resourceVersion"] = "6"
+    older["spec"]["stage"] = "orpo"
+    rec.observe(older)  # a late watch event must not roll back what is held
+    assert st.body["spec"]["stage"] == "sft"
+
+
+def test_validation_and_rendering_are_kept_for_recent_jobs_only(monkeypatch):
+    """A bounded cache: reused across one job's burst of events, evicted for jobs seen long ago (which then
+    validate again, with the same result)."""
+    import kubetune_operator.reconciler as R
+
+    calls: list[str] = []
+    real = R.validate
+
+    def counting(body):
+        calls.append(body["metadata"]["name"])
+        return real(body)
+
+    monkeypatch.setattr(R, "validate", counting)
+
+    async def scenario():
+        kube, lookup, rec = make()
+        rec._models.size = rec._desired.size = 1
+        for name, uid in (("a", "uid-a"), ("b", "uid-b")):
+            kube.put(ftj(name, uid=uid))
+        await rec.reconcile(NS, "a", ensure_all=True)
+        await rec.reconcile(NS, "a")
+        assert calls == ["a"], "the second event of the same job reuses the validated model"
+        await rec.reconcile(NS, "b", ensure_all=True)
+        await rec.reconcile(NS, "a")
+        assert calls == ["a", "b", "a"], "b evicted a"
+        assert len(rec._models) == 1 and len(rec._desired) == 1
+        assert stored(kube, "a")["status"]["phase"] == stored(kube, "b")["status"]["phase"] == Phase.PENDING
+        assert len(kube.find("Job")) == 2
+    run(scenario())
+
+
+def test_bounded_cache_evicts_the_least_recently_used():
+    from kubetune_operator.reconciler import BoundedCache
+
+    cache = BoundedCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    cache.pop("a")
+    cache.pop("missing")
+    assert len(cache) == 1

@@ -1,6 +1,6 @@
 """API-server outages, quietly: one warning when the API server stops answering, one when it answers again, and
 no tracebacks in between. Everything else keeps working as before: kopf's watchers retry (endlessly, with
-ENDLESS_BACKOFF) and re-list when the server is back, handlers that failed are retried by kopf, and the
+ENDLESS_BACKOFF) and re-list when the server is back, reconciles that failed are retried (handlers.Retries), and the
 progress loop's resync catches up on whatever changed meanwhile.
 
     health = ApiHealth()
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 class ApiUnreachable(Exception):
     """The API server did not answer (connection refused or reset, timeout): not an answer about the request.
-    Raised by KubeApi; the caller retries later (kopf retries failed handlers, the progress loop its next tick)."""
+    Raised by KubeApi; the caller retries later (handlers.Retries for reconciles, the progress loop its next tick)."""
 
 
 class EndlessBackoff:

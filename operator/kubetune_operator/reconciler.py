@@ -297,6 +297,10 @@ class _KeyState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     requested: bool = False
     ensure_all: bool = False
+    # spec_key of the last run that checked every child: a FineTuneJob first seen (created, or found when the
+    # operator starts) or whose metadata/spec changed gets its ConfigMap and Service checked too
+    ensured: Optional[str] = None
+    ensuring: Optional[str] = None
     result: Optional[Result] = None
     uid: Optional[str] = None
     status: Optional[dict] = None
@@ -386,8 +390,9 @@ class Reconciler:
     # -------------------------------------------------------------------------------------------- entry
     async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False,
                         check_blocked: bool = True) -> Result:
-        """Bring one FineTuneJob in line. `ensure_all` also checks the ConfigMap and Service (kopf's
-        create/resume/update handlers); child events only need the Job and the status. `check_blocked=False`
+        """Bring one FineTuneJob in line. `ensure_all` also checks the ConfigMap and Service; without it they are
+        checked when the job is first seen or its metadata/spec changed (`_KeyState.ensured`), otherwise child
+        events only need the Job and the status. `check_blocked=False`
         (child events: the Job and pods changed, so Kubernetes is creating pods) skips listing the Job's
         FailedCreate events and keeps the last answer; the progress loop checks Pending jobs every tick."""
         st = self._state(namespace, name)
@@ -401,6 +406,8 @@ class Reconciler:
             check, st.check_blocked = st.check_blocked, False
             try:
                 st.result = await self._reconcile_once(st, namespace, name, ensure, check)
+                if st.result.state in ("ok", "terminal"):
+                    st.ensured = st.ensuring
             except BaseException:
                 st.requested = True  # let the next caller retry
                 st.ensure_all = st.ensure_all or ensure
@@ -431,6 +438,8 @@ class Reconciler:
             await self._write(st, ftj, new)
             return Result("terminal", status=st.status)
 
+        st.ensuring = spec_key(ftj)
+        ensure_all = ensure_all or st.ensuring != st.ensured
         job_model, problems = self._validated(st, ftj)
         if problems:
             message = describe_problems(problems)

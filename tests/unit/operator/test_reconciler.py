@@ -621,3 +621,31 @@ def test_bounded_cache_evicts_the_least_recently_used():
     cache.pop("a")
     cache.pop("missing")
     assert len(cache) == 1
+
+
+def test_every_child_is_checked_when_a_job_is_new_to_the_operator_or_its_spec_changed():
+    """No kopf create/update/resume handlers: the reconciler notices itself when a job needs its ConfigMap and
+    Service checked (first seen, e.g. after an operator restart, or metadata/spec changed); other events only
+    look at the Job and the status."""
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo")
+        (cm,) = kube.find("ConfigMap")
+        path = f"/api/v1/namespaces/{NS}/configmaps/{cm['metadata']['name']}"
+        del kube.objects[path]
+        await rec.reconcile(NS, "demo")  # a pod event: same spec, children already checked
+        assert not kube.find("ConfigMap")
+
+        _, _, restarted = make(kube)  # a new operator process: nothing ensured yet
+        restarted.lookup = lookup
+        await restarted.reconcile(NS, "demo")
+        assert len(kube.find("ConfigMap")) == 1
+
+        del kube.objects[path]
+        body = stored(kube)
+        body["metadata"]["labels"] = {"team": "a"}  # a metadata change: the children carry labels
+        kube.put(body)
+        await restarted.reconcile(NS, "demo")
+        assert len(kube.find("ConfigMap")) == 1
+    run(scenario())

@@ -5,12 +5,14 @@ render.py / status.py (pure), progress.py (the periodic loop) and metrics.py.
     kopf run -m kubetune_operator.handlers --standalone -n team-a     # the same handlers under kopf's own CLI
 
 What triggers what:
+Watch handlers only record what they saw and queue the FineTuneJob's key (workqueue.py: deduplicated, a fixed
+number of workers, delayed retries); the reconciles run from the queue.
 - every FineTuneJob watch event (kopf's initial listing included) -> the per-job Prometheus series, and a
-  reconcile: every child checked when the job is new to this operator or its metadata/spec changed, else the Job
+  queued reconcile: every child checked when the job is new to this operator or its metadata/spec changed, else the Job
   and the status; an invalid spec -> Failed/InvalidSpec (final until the spec changes); a name taken by a foreign
-  object, or an attempt that raised -> tried again later (`Retries`). DELETED -> its series and state dropped.
+  object, or an attempt that raised -> queued again later (`WorkQueue.later`). DELETED -> its series and state dropped.
 - a labelled child Job, JobSet (multi-node jobs) or trainer pod changed -> reconcile of its FineTuneJob (status
-  follows the pods). Without the JobSet API in the cluster kopf logs that it cannot watch jobsets and the rest
+  follows the pods), queued. Without the JobSet API in the cluster kopf logs that it cannot watch jobsets and the rest
   works; multi-node jobs then fail with reason JobSetNotInstalled (install JobSet, then restart the operator).
 - deletion: nothing blocks it (no finalizer, no delete handler); the garbage collector removes the children
   through their owner references.
@@ -25,7 +27,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import kopf
 
@@ -41,6 +43,7 @@ from .progress import ProgressLoop, aiohttp_fetcher, job_view
 from .reconciler import Reconciler, Result, freeze, snapshot_job, snapshot_pod, thaw
 from . import pipeline_handlers  # noqa: F401  (registers the FineTunePipeline handlers with kopf)
 from .settings import OperatorSettings
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +127,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
     fetch, close_fetch = aiohttp_fetcher(cfg.progress_timeout_seconds)
     loop = ProgressLoop(cfg, reconciler, gate, jobs=lambda: _views(finetunejobs), pods=lookup.pods, fetch=fetch)
     stopped = asyncio.Event()
+    queue = WorkQueue(functools.partial(reconcile_key, memo), workers=cfg.api_concurrency, gate=gate,
+                      on_error=functools.partial(reconcile_failed, memo), retry_delay=RETRY_BACKOFF)
+    queue.start()
     memo.update(settings=cfg, api=api, metrics=metrics, reconciler=reconciler, loop_stopped=stopped,
-                retries=Retries(memo, gate),
+                queue=queue,
                 loop_task=asyncio.create_task(loop.run(stopped), name="kubetune progress loop"),
                 health_task=asyncio.create_task(health.watch(api, stopped=stopped), name="kubetune API health"),
                 close_fetch=close_fetch)
@@ -141,8 +147,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             memo.loop_task.cancel()
     if memo.get("health_task") is not None:
         memo.health_task.cancel()
-    if memo.get("retries") is not None:
-        memo.retries.close()
+    if memo.get("queue") is not None:
+        await memo.queue.close()
     if memo.get("close_fetch") is not None:
         await memo.close_fetch()
     if memo.get("metrics") is not None:
@@ -207,79 +213,31 @@ async def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, namespace: st
     if event.get("type") == "DELETED":
         memo.metrics.forget_job(namespace, name)
         memo.reconciler.forget(namespace, name)
-        memo.retries.cancel(namespace, name)
+        memo.queue.forget(namespace, name)
         return
     memo.metrics.observe_job(body)
     memo.reconciler.observe(event["object"])  # later reconciles read it instead of GETting it
-    await drive(memo, namespace, name)
+    memo.queue.add(namespace, name)
 
 
-async def drive(memo: kopf.Memo, namespace: str, name: str, **kwargs: Any) -> Result:
-    """Reconcile, and come back later when the result asks for it (a name taken by a foreign object, the old
-    Job's pods still stopping) or the attempt raised (what kopf's handler retries did). An invalid spec is final
+async def reconcile_key(memo: kopf.Memo, namespace: str, name: str, check_blocked: bool) -> Optional[float]:
+    """One run of the reconcile queue (workqueue.py): seconds after which to look again when the result asks for
+    it (a name taken by a foreign object, the old Job's pods still stopping), else None. An invalid spec is final
     until the spec changes: the next watch event brings that."""
-    try:
-        result = await memo.reconciler.reconcile(namespace, name, **kwargs)
-    except Exception:
-        memo.retries.later(namespace, name, RETRY_BACKOFF)
-        raise
+    result = await memo.reconciler.reconcile(namespace, name, check_blocked=check_blocked)
     if result.state in ("conflict", "waiting"):
-        memo.retries.later(namespace, name, result.delay or WAITING_DELAY)
-    return result
+        return result.delay or WAITING_DELAY
+    return None
 
 
-class Retries:
-    """Delayed re-reconciles, one pending per FineTuneJob (the earliest wins). A retry that raises is counted
-    in kubetune_operator_reconcile_errors_total{handler="reconcile"}, logged and scheduled again. Nothing runs on
-    a standby replica (peering): the active one owns the jobs."""
-
-    def __init__(self, memo: kopf.Memo, gate: PeeringGate):
-        self.memo, self.gate = memo, gate
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task] = set()
-
-    def later(self, namespace: str, name: str, delay: float) -> None:
-        key = (namespace, name)
-        loop = asyncio.get_running_loop()
-        timer = self._timers.get(key)
-        if timer is not None:
-            if timer.when() <= loop.time() + delay:
-                return
-            timer.cancel()
-        self._timers[key] = loop.call_later(delay, self._fire, key)
-
-    def cancel(self, namespace: str, name: str) -> None:
-        timer = self._timers.pop((namespace, name), None)
-        if timer is not None:
-            timer.cancel()
-
-    def pending(self) -> list[tuple[str, str]]:
-        return list(self._timers)
-
-    def _fire(self, key: tuple[str, str]) -> None:
-        self._timers.pop(key, None)
-        task = asyncio.create_task(self._run(*key), name=f"kubetune retry {key[0]}/{key[1]}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, namespace: str, name: str) -> None:
-        try:
-            if not await self.gate.active():
-                return
-            await drive(self.memo, namespace, name)
-        except ApiUnreachable as exc:  # outage.py has said it once; the retry comes back by itself
-            log.debug("retry of %s/%s: %s", namespace, name, exc)
-            self.memo.metrics.reconcile_error("reconcile")
-        except Exception:  # noqa: BLE001 - a retry must not die silently
-            log.exception("retry of %s/%s failed; trying again in %.0f s", namespace, name, RETRY_BACKOFF)
-            self.memo.metrics.reconcile_error("reconcile")
-
-    def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        for task in self._tasks:
-            task.cancel()
+def reconcile_failed(memo: kopf.Memo, exc: BaseException) -> None:
+    """A queued reconcile raised (the queue retries it after RETRY_BACKOFF): counted, and logged once per
+    failure; an unreachable API server is outage.py's single warning, not a traceback per job."""
+    memo.metrics.reconcile_error("reconcile")
+    if isinstance(exc, ApiUnreachable):
+        log.debug("reconcile postponed: %s", exc)
+    else:
+        log.error("reconcile failed; retrying in %.0f s", RETRY_BACKOFF, exc_info=exc)
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -287,17 +245,17 @@ class Retries:
 @_counted("job-event")
 async def trainer_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     # the Job controller is at work: no need to look for its FailedCreate events (the progress loop does)
-    await drive(memo, namespace, labels[Label.JOB_NAME], check_blocked=False)
+    memo.queue.add(namespace, labels[Label.JOB_NAME], check_blocked=False)
 
 
 @kopf.on.event(*JOBSET, labels=CHILD_LABELS)
 @_counted("jobset-event")
 async def trainer_jobset_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     """The JobSet's status (Completed, Failed, restarts) changes after its pods': reconcile on it too."""
-    await drive(memo, namespace, labels[Label.JOB_NAME])
+    memo.queue.add(namespace, labels[Label.JOB_NAME])
 
 
 @kopf.on.event("v1", "pods", labels=CHILD_LABELS)
 @_counted("pod-event")
 async def trainer_pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    await drive(memo, namespace, labels[Label.JOB_NAME], check_blocked=False)
+    memo.queue.add(namespace, labels[Label.JOB_NAME], check_blocked=False)

@@ -65,92 +65,24 @@ def test_configure_kopf():
     assert settings.watching.server_timeout and settings.watching.client_timeout > settings.watching.server_timeout
 
 
-class _Reconciler:
-    """Answers reconcile() from a script: a Result, or an exception to raise."""
+def test_reconcile_results_become_retries():
+    """What a queued run tells the queue: look again after the result's delay for a conflict or a wait, never for
+    an invalid spec (final until the spec changes, which brings a watch event)."""
+    class Rec:
+        def __init__(self, result):
+            self.result = result
 
-    def __init__(self, *answers):
-        self.answers, self.calls = list(answers), []
-
-    async def reconcile(self, namespace, name, **kwargs):
-        self.calls.append((namespace, name))
-        answer = self.answers.pop(0) if self.answers else Result("ok")
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-
-class _Gate:
-    def __init__(self, active=True):
-        self.is_active = active
-
-    async def active(self):
-        return self.is_active
-
-
-def _memo(reconciler, gate=None):
-    from prometheus_client import CollectorRegistry
-    from kubetune_operator.metrics import OperatorMetrics
-
-    memo = kopf.Memo(reconciler=reconciler, metrics=OperatorMetrics(CollectorRegistry()))
-    memo.retries = H.Retries(memo, gate or _Gate())
-    return memo
-
-
-def _errors(memo) -> float:
-    return memo.metrics.registry.get_sample_value("kubetune_operator_reconcile_errors_total",
-                                                  {"handler": "reconcile"})
-
-
-def test_a_conflict_or_a_wait_comes_back_by_itself_an_invalid_spec_does_not():
-    async def scenario():
-        rec = _Reconciler(Result("conflict", message="taken", delay=0.05), Result("ok"))
-        memo = _memo(rec)
-        assert (await H.drive(memo, "ns", "a")).state == "conflict"
-        assert memo.retries.pending() == [("ns", "a")]
-        await asyncio.sleep(0.2)
-        assert rec.calls == [("ns", "a")] * 2 and memo.retries.pending() == []
-
-        rec = _Reconciler(Result("invalid", message="spec.stage: unknown"))
-        memo = _memo(rec)
-        await H.drive(memo, "ns", "b")
-        await asyncio.sleep(0.1)
-        assert rec.calls == [("ns", "b")] and memo.retries.pending() == [], "invalid: final until the spec changes"
-    asyncio.run(scenario())
-
-
-def test_a_reconcile_that_raised_is_retried_counted_and_logged(monkeypatch, caplog):
-    monkeypatch.setattr(H, "RETRY_BACKOFF", 0.05)
+        async def reconcile(self, namespace, name, **kwargs):
+            assert kwargs == {"check_blocked": False}
+            return self.result
 
     async def scenario():
-        rec = _Reconciler(RuntimeError("boom"), RuntimeError("boom again"), Result("ok"))
-        memo = _memo(rec)
-        with pytest.raises(RuntimeError):  # kopf logs and counts the handler's own failure
-            await H.drive(memo, "ns", "a")
-        await asyncio.sleep(0.3)
-        assert len(rec.calls) == 3, rec.calls
-        assert _errors(memo) == 1, "the retry's failure is counted (the handler's own by @_counted)"
-        assert "retry of ns/a failed" in caplog.text
-    asyncio.run(scenario())
-
-
-def test_retries_keep_the_earliest_and_stop_on_delete_and_on_standby():
-    async def scenario():
-        rec = _Reconciler()
-        memo = _memo(rec)
-        memo.retries.later("ns", "a", 0.05)
-        memo.retries.later("ns", "a", 10)  # later than the pending one: ignored
-        memo.retries.later("ns", "b", 0.05)
-        memo.retries.cancel("ns", "b")  # the job was deleted
-        await asyncio.sleep(0.2)
-        assert rec.calls == [("ns", "a")]
-
-        standby = _memo(rec, gate=_Gate(active=False))
-        standby.retries.later("ns", "c", 0.01)
-        await asyncio.sleep(0.1)
-        assert rec.calls == [("ns", "a")], "a standby replica leaves the jobs to the active one"
-        memo.retries.later("ns", "d", 10)
-        memo.retries.close()
-        assert memo.retries.pending() == []
+        for result, delay in [(Result("conflict", message="taken", delay=30), 30),
+                              (Result("waiting", message="old pods stopping"), H.WAITING_DELAY),
+                              (Result("invalid", message="spec.stage: unknown"), None),
+                              (Result("rejected", message="quota"), None), (Result("ok"), None)]:
+            memo = kopf.Memo(reconciler=Rec(result))
+            assert await H.reconcile_key(memo, "ns", "a", False) == delay, result
     asyncio.run(scenario())
 
 

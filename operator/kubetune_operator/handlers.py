@@ -216,8 +216,9 @@ async def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, namespace: st
         memo.queue.forget(namespace, name)
         return
     memo.metrics.observe_job(body)
-    memo.reconciler.observe(event["object"])  # later reconciles read it instead of GETting it
-    memo.queue.add(namespace, name)
+    # later reconciles read it instead of GETting it; our own status write's echo needs no reconcile
+    if memo.reconciler.observe(event["object"]):
+        memo.queue.add(namespace, name)
 
 
 async def reconcile_key(memo: kopf.Memo, namespace: str, name: str, check_blocked: bool) -> Optional[float]:

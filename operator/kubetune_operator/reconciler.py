@@ -358,14 +358,21 @@ class Reconciler:
         if st is not None and not st.lock.locked():
             self._states.pop((namespace, name), None)
 
-    def observe(self, body: dict) -> None:
+    def observe(self, body: dict) -> bool:
         """The FineTuneJob as kopf's watch delivered it (a plain dict, not kopf's live view): later reconciles of
-        this job read it instead of GETting it. Kept only when newer than what is held (see `newer`)."""
+        this job read it instead of GETting it. Kept only when newer than what is held (see `newer`).
+        Returns whether it says anything the reconciler does not know: False for the watch event of the
+        reconciler's own status write (same uid and resourceVersion as that write's answer, already held), which
+        would otherwise cost a reconcile that finds nothing to do, about three per new job."""
         meta = body.get("metadata") or {}
         st = self._state(meta.get("namespace", ""), meta.get("name", ""))
+        held = (st.head or {}).get("metadata") or {}
+        known = st.watched and held.get("resourceVersion") is not None and \
+            held.get("resourceVersion") == meta.get("resourceVersion") and held.get("uid") == meta.get("uid")
         if newer(body, st.head):
             st.body = body  # frozen: a copy by construction
         st.watched = True
+        return not known
 
     def _validated(self, st: _KeyState, ftj: dict) -> tuple[Optional[FineTuneJob], list[str]]:
         """validate(ftj), kept while metadata and spec stay the same (status is not validated: the operator

@@ -649,3 +649,19 @@ def test_every_child_is_checked_when_a_job_is_new_to_the_operator_or_its_spec_ch
         await restarted.reconcile(NS, "demo")
         assert len(kube.find("ConfigMap")) == 1
     run(scenario())
+
+
+def test_the_echo_of_our_own_status_write_needs_no_reconcile():
+    async def scenario():
+        kube, lookup, rec = make()
+        body = kube.put(ftj())
+        body["metadata"]["resourceVersion"] = "1"
+        assert rec.observe(json.loads(json.dumps(body))), "first sight"
+        assert not rec.observe(json.loads(json.dumps(body))), "the same version again"
+        await rec.reconcile(NS, "demo")  # writes the status: the answer is held
+        echo = json.loads(json.dumps(stored(kube)))
+        assert not rec.observe(echo), "the watch event of that write"
+        echo["metadata"]["resourceVersion"] = str(int(echo["metadata"]["resourceVersion"]) + 1)
+        echo["metadata"]["labels"] = {"team": "b"}  # someone else changed it
+        assert rec.observe(echo)
+    run(scenario())

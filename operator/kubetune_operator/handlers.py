@@ -54,6 +54,9 @@ CHILD_LABELS = {Label.MANAGED_BY: Label.MANAGED_BY_VALUE, Label.JOB_NAME: kopf.P
 CHILD_SELECTOR = f"{Label.MANAGED_BY}={Label.MANAGED_BY_VALUE},{Label.JOB_NAME}"
 RETRY_BACKOFF = 5.0  # seconds before a reconcile that raised something unexpected runs again
 WAITING_DELAY = 5.0  # seconds before a job waiting for something it does not watch is looked at again
+# Reconciles running at once per API connection: a reconcile spends part of its time between calls (rendering,
+# status), so as many reconciles as connections leave connections idle; each costs ~100 KB while it runs.
+RECONCILES_PER_CONNECTION = 4
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -127,7 +130,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
     fetch, close_fetch = aiohttp_fetcher(cfg.progress_timeout_seconds)
     loop = ProgressLoop(cfg, reconciler, gate, jobs=lambda: _views(finetunejobs), pods=lookup.pods, fetch=fetch)
     stopped = asyncio.Event()
-    queue = WorkQueue(functools.partial(reconcile_key, memo), workers=cfg.api_concurrency, gate=gate,
+    queue = WorkQueue(functools.partial(reconcile_key, memo), workers=RECONCILES_PER_CONNECTION * cfg.api_concurrency,
+                      gate=gate,
                       on_error=functools.partial(reconcile_failed, memo), retry_delay=RETRY_BACKOFF)
     queue.start()
     memo.update(settings=cfg, api=api, metrics=metrics, reconciler=reconciler, loop_stopped=stopped,

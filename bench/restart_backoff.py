@@ -1,7 +1,7 @@
 """What the real Job controller does with a pod that ended for a reason that is not a crash: does it count
 against backoffLimit (Job status.failed), and how long until the replacement pod exists?
 
-    source .wt-env && source $KUBETUNE_CLUSTER_DIR/env            # a cluster from scripts/cluster/up.sh
+    scripts/cluster/up.sh && source /tmp/kubetune-cluster/env        # a cluster from scripts/cluster/up.sh
     .venv/bin/python bench/restart_backoff.py --kills 3             # ~3 min: every variant, 3 kills each
 
 Each variant is a plain batch/v1 Job on the local-runner node (the node agent runs the command as a process)

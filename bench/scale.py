@@ -2,7 +2,7 @@
 plain batch/v1 Jobs with the same pod template, on the local cluster's KWOK GPU nodes; plus the operator's
 peak RSS, CPU seconds per job and reconcile errors.
 
-    source .wt-env && scripts/cluster/up.sh                               # the local cluster (scripts/cluster)
+    scripts/cluster/up.sh && source /tmp/kubetune-cluster/env          # the local cluster (scripts/cluster)
     .venv/bin/python bench/scale.py                                       # N = 100, 1000; 1 repeat per arm
     .venv/bin/python bench/scale.py --sizes 100,1000,3000 --repeats 2     # alternating arms (ABBA)
     .venv/bin/python bench/scale.py --sizes 5 --hold 0                    # smoke run (seconds)

@@ -23,7 +23,7 @@ override the matching variables.
 | KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS | 300 | trainer pods' terminationGracePeriodSeconds (time to checkpoint on SIGTERM) |
 | KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
-| KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (threads and connections), and FineTuneJob reconciles running at once (workqueue.py workers) |
+| KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (threads and connections); FineTuneJob reconciles running at once are 4x this (workqueue.py) |
 """
 
 from __future__ import annotations

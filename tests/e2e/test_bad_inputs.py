@@ -10,7 +10,7 @@
   zero retry loops, zero silent hangs, zero operator tracebacks, zero pods;
 - two data errors through real trainer pods (exit 65 naming the file and row).
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_bad_inputs.py -q
+    .venv/bin/python -m pytest tests/e2e/test_bad_inputs.py -q
 """
 
 from __future__ import annotations

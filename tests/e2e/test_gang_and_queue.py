@@ -6,7 +6,7 @@ scripts/cluster/up.sh runs, and the node agent resolving gang pod names to pod I
 - 3 batch/v1 Jobs x 8 GPUs queued through Kueue against the 16-GPU ClusterQueue: never more than 2 admitted
   at once (the third stays suspended, without pods), all complete.
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_gang_and_queue.py -q
+    .venv/bin/python -m pytest tests/e2e/test_gang_and_queue.py -q
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
    SIGTERM (exit 143), the FineTuneJob shows Admitted=False/Preempted, and when re-admitted the trainer resumes
    from that very checkpoint step and finishes.
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_kueue_queueing.py -q -s
+    .venv/bin/python -m pytest tests/e2e/test_kueue_queueing.py -q -s
 """
 
 from __future__ import annotations

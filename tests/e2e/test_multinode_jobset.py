@@ -7,7 +7,7 @@ real trainer: 2 pods x 1 process, gloo, the tiny model.
    (RestartJobSetAndIgnoreMaxRestarts on the child Job's podFailurePolicy rule), and the new gang resumes from
    that checkpoint and publishes ONE adapter; every pod of the last gang exits 0, rank 1's included.
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_multinode_jobset.py -q
+    .venv/bin/python -m pytest tests/e2e/test_multinode_jobset.py -q
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 - The kube-apiserver stopped for 20 s while a job trains: no traceback in the operator's log, one warning each
   way, and the status catches up (the job finished during the outage).
 
-    source .wt-env && .venv/bin/python -m pytest tests/e2e/test_restarts.py -q -s
+    .venv/bin/python -m pytest tests/e2e/test_restarts.py -q -s
 """
 
 from __future__ import annotations

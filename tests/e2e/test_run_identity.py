@@ -6,7 +6,7 @@
    object has a new uid, so a new run starts at step 0 beside the first one; both results stay intact, and
    status.artifacts and runs.json name the new run.
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_run_identity.py -q
+    .venv/bin/python -m pytest tests/e2e/test_run_identity.py -q
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ condition naming the field; the same user's legitimate job succeeds, rendered fr
 The user is impersonated (`kubectl --as=alice --as-group=ml-team`); the operator runs as in the other e2e
 tests. The policies and the user role are the chart's own templates (`helm template --show-only`).
 
-    source .wt-env && .venv/bin/python -m pytest tests/e2e/test_runtime_escalation.py -q
+    .venv/bin/python -m pytest tests/e2e/test_runtime_escalation.py -q
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Job (same uid) runs to completion, and the job's runtime is recorded in its stat
 
 The previous chart and operator are read from git: the parent of the commit that added the runtime API.
 
-    source .wt-env && .venv/bin/python -m pytest tests/e2e/test_runtime_upgrade.py -q
+    .venv/bin/python -m pytest tests/e2e/test_runtime_upgrade.py -q
 """
 
 from __future__ import annotations

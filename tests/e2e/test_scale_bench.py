@@ -2,7 +2,7 @@
 figures, and the table prints a ratio. The measurement itself (N = 100 ... thousands) is not a test: see
 docs/scale.md.
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_scale_bench.py -q
+    .venv/bin/python -m pytest tests/e2e/test_scale_bench.py -q
 """
 from __future__ import annotations
 

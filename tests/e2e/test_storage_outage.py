@@ -7,7 +7,7 @@
    75, no second pod) with reason StorageUnavailable naming the endpoint and the call, and nothing of the run
    looks final (no manifest.json, runs.json does not name it).
 
-    source .wt-env; .venv/bin/python -m pytest tests/e2e/test_storage_outage.py -q
+    .venv/bin/python -m pytest tests/e2e/test_storage_outage.py -q
 """
 
 from __future__ import annotations

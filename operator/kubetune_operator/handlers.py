@@ -222,7 +222,7 @@ async def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, namespace: st
     memo.metrics.observe_job(body)
     # later reconciles read it instead of GETting it; our own status write's echo needs no reconcile
     if memo.reconciler.observe(event["object"]):
-        memo.queue.add(namespace, name)
+        memo.queue.add(namespace, name, urgent=memo.reconciler.unsettled(namespace, name))
 
 
 async def reconcile_key(memo: kopf.Memo, namespace: str, name: str, check_blocked: bool) -> Optional[float]:

@@ -301,6 +301,7 @@ class _KeyState:
     # operator starts) or whose metadata/spec changed gets its ConfigMap and Service checked too
     ensured: Optional[str] = None
     ensuring: Optional[str] = None
+    observed: Optional[str] = None  # spec_key of the newest body the watch delivered (`unsettled`)
     result: Optional[Result] = None
     uid: Optional[str] = None
     status: Optional[dict] = None
@@ -371,8 +372,15 @@ class Reconciler:
             held.get("resourceVersion") == meta.get("resourceVersion") and held.get("uid") == meta.get("uid")
         if newer(body, st.head):
             st.body = body  # frozen: a copy by construction
+            st.observed = spec_key(body)
         st.watched = True
         return not known
+
+    def unsettled(self, namespace: str, name: str) -> bool:
+        """Whether the job's children are not yet made for its newest spec (a new job, a spec change, a job the
+        operator has not reconciled since it started): the reconcile queue runs those first."""
+        st = self._states.get((namespace, name))
+        return st is None or st.ensured is None or st.ensured != st.observed
 
     def _validated(self, st: _KeyState, ftj: dict) -> tuple[Optional[FineTuneJob], list[str]]:
         """validate(ftj), kept while metadata and spec stay the same (status is not validated: the operator

@@ -4,6 +4,7 @@ with delayed retries (what controller-runtime's workqueue does for Go controller
     queue = WorkQueue(reconcile, workers=32, gate=gate, on_error=count)   # reconcile(ns, name, check_blocked)
     queue.start()
     queue.add("team-a", "llama-sft", check_blocked=False)   # from a watch event: returns at once
+    queue.add("team-a", "new-job", urgent=True)              # its children do not exist yet: ahead of the rest
     queue.later("team-a", "llama-sft", 5.0)                  # look again in 5 s (the earliest pending time wins)
     await queue.close()
 
@@ -14,6 +15,10 @@ once: 3.6 M live Python objects at the peak against 0.7 M once the burst was ove
 allocator's high-water mark of that peak (docs/scale.md). Watch handlers now only record what they saw and
 `add` the key: the backlog is a set of keys, a key queued while queued or running runs once more at most, and
 at most `workers` reconciles (each with the object, its rendered children and API answers) exist at once.
+
+Two lanes: `urgent` keys (a job whose children are not created or not up to date with its spec) run before the
+others (status following the pods). In one FIFO a burst of new jobs waited behind the status reconciles of the
+jobs created just before them, and their pods reached the scheduler later (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -42,24 +47,36 @@ class WorkQueue:
         self._gate = gate
         self._on_error = on_error
         self.retry_delay = retry_delay
-        self._ready: asyncio.Queue[Key] = asyncio.Queue()
-        self._queued: dict[Key, bool] = {}  # key -> check_blocked (OR of every add since it was queued)
+        # (lane, sequence, key): lane 0 is urgent. A key promoted to lane 0 leaves a stale lane-1 entry behind,
+        # skipped when it comes up (its key is no longer queued in that lane).
+        self._ready: asyncio.PriorityQueue[tuple[int, int, Key]] = asyncio.PriorityQueue()
+        self._seq = 0
+        self._queued: dict[Key, list] = {}  # key -> [check_blocked (OR of every add since queued), lane]
         self._running: set[Key] = set()
-        self._again: dict[Key, bool] = {}  # added while running: queued again when that run ends
+        self._again: dict[Key, list] = {}  # added while running: queued again when that run ends
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self._firing: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------------------------------------- producers
-    def add(self, namespace: str, name: str, check_blocked: bool = True) -> None:
-        key = (namespace, name)
+    def add(self, namespace: str, name: str, check_blocked: bool = True, urgent: bool = False) -> None:
+        key, lane = (namespace, name), 0 if urgent else 1
         if key in self._running:
-            self._again[key] = self._again.get(key, False) or check_blocked
+            held = self._again.setdefault(key, [False, 1])
+            held[0], held[1] = held[0] or check_blocked, min(held[1], lane)
         elif key in self._queued:
-            self._queued[key] = self._queued[key] or check_blocked
+            held = self._queued[key]
+            held[0] = held[0] or check_blocked
+            if lane < held[1]:
+                held[1] = lane
+                self._put(lane, key)
         else:
-            self._queued[key] = check_blocked
-            self._ready.put_nowait(key)
+            self._queued[key] = [check_blocked, lane]
+            self._put(lane, key)
+
+    def _put(self, lane: int, key: Key) -> None:
+        self._seq += 1
+        self._ready.put_nowait((lane, self._seq, key))
 
     def later(self, namespace: str, name: str, delay: float) -> None:
         key = (namespace, name)
@@ -125,15 +142,19 @@ class WorkQueue:
 
     async def _work(self) -> None:
         while True:
-            key = await self._ready.get()
-            check_blocked = self._queued.pop(key, True)
+            lane, _, key = await self._ready.get()
+            held = self._queued.get(key)
+            if held is None or held[1] != lane:
+                continue  # stale: the key ran from the other lane already, or was promoted
+            del self._queued[key]
             self._running.add(key)
             try:
-                await self._run_one(key, check_blocked)
+                await self._run_one(key, held[0])
             finally:
                 self._running.discard(key)
                 if key in self._again:
-                    self.add(*key, check_blocked=self._again.pop(key))
+                    check_blocked, again_lane = self._again.pop(key)
+                    self.add(*key, check_blocked=check_blocked, urgent=again_lane == 0)
 
     async def _run_one(self, key: Key, check_blocked: bool) -> None:
         try:

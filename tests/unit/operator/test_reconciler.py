@@ -665,3 +665,21 @@ def test_the_echo_of_our_own_status_write_needs_no_reconcile():
         echo["metadata"]["labels"] = {"team": "b"}  # someone else changed it
         assert rec.observe(echo)
     run(scenario())
+
+
+def test_a_job_is_unsettled_until_its_children_match_its_newest_spec():
+    async def scenario():
+        kube, lookup, rec = make()
+        body = kube.put(ftj())
+        body["metadata"]["resourceVersion"] = "1"
+        assert rec.unsettled(NS, "demo"), "never seen"
+        rec.observe(json.loads(json.dumps(body)))
+        assert rec.unsettled(NS, "demo")
+        await rec.reconcile(NS, "demo")
+        assert not rec.unsettled(NS, "demo")
+        changed = json.loads(json.dumps(stored(kube)))
+        changed["metadata"]["resourceVersion"] = "99"
+        changed["spec"]["training"] = {**changed["spec"].get("training", {}), "maxSteps": 7}
+        rec.observe(changed)
+        assert rec.unsettled(NS, "demo"), "a spec change"
+    run(scenario())

@@ -108,3 +108,21 @@ def test_the_earliest_retry_wins_forget_cancels_and_a_standby_replica_retries_no
         await standby.close()
         assert standby.pending_retries() == []
     asyncio.run(scenario())
+
+
+def test_urgent_keys_run_first_and_a_promoted_key_runs_once():
+    """New jobs (children not made yet) go ahead of status reconciles queued before them."""
+    async def scenario():
+        rec = Recorder()
+        q = WorkQueue(rec, workers=1)
+        q.add("ns", "status-1")
+        q.add("ns", "status-2")
+        q.add("ns", "promoted")
+        q.add("ns", "new", urgent=True)
+        q.add("ns", "promoted", urgent=True)  # its spec changed while it waited
+        q.add("ns", "new")  # a later plain event does not demote it
+        q.start()
+        await q.join()
+        assert [c[1] for c in rec.calls] == ["new", "promoted", "status-1", "status-2"]
+        await q.close()
+    asyncio.run(scenario())

@@ -366,7 +366,7 @@ class Reconciler:
         reconciler's own status write (same uid and resourceVersion as that write's answer, already held), which
         would otherwise cost a reconcile that finds nothing to do, about three per new job."""
         meta = body.get("metadata") or {}
-        st = self._state(meta.get("namespace", ""), meta.get("name", ""))
+        st = self._state(*st_key(body))
         held = (st.head or {}).get("metadata") or {}
         known = st.watched and held.get("resourceVersion") is not None and \
             held.get("resourceVersion") == meta.get("resourceVersion") and held.get("uid") == meta.get("uid")
@@ -384,8 +384,8 @@ class Reconciler:
 
     def _validated(self, st: _KeyState, ftj: dict) -> tuple[Optional[FineTuneJob], list[str]]:
         """validate(ftj), kept while metadata and spec stay the same (status is not validated: the operator
-        writes it, and it changes on most runs)."""
-        key, held = spec_key(ftj), self._models.get(st_key(ftj))
+        writes it, and it changes on most runs). `st.ensuring` is this run's spec_key(ftj)."""
+        key, held = st.ensuring, self._models.get(st_key(ftj))
         if held is None or held[0] != key:
             model, problems = validate({k: v for k, v in ftj.items() if k != "status"})
             held = (key, model, problems)
@@ -395,8 +395,8 @@ class Reconciler:
     def _desired_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec,
                      retries_used: int) -> dict:
         """render_job for this spec, runtime and retry count (only the Job: _align_job needs nothing else), kept
-        until one of them changes. Callers must not modify the result."""
-        key, held = f"{spec_key(ftj)}{runtime.model_dump_json()}{retries_used}", self._desired.get(st_key(ftj))
+        until one of them changes (`st.ensuring`: this run's spec_key). Callers must not modify the result."""
+        key, held = f"{st.ensuring}{runtime.model_dump_json()}{retries_used}", self._desired.get(st_key(ftj))
         if held is None or held[0] != key:
             held = (key, render_job(job_model, ftj, self.settings, runtime, retries_used))
             self._desired.put(st_key(ftj), held)

@@ -40,7 +40,7 @@ from .outage import ENDLESS_BACKOFF, ApiHealth, ApiUnreachable, install_log_filt
 from .peering import PeeringGate
 from . import render_jobset as JS
 from .progress import ProgressLoop, aiohttp_fetcher, job_view
-from .reconciler import Reconciler, Result, freeze, snapshot_job, snapshot_pod, thaw
+from .reconciler import Reconciler, freeze, snapshot_job, snapshot_pod, thaw
 from . import pipeline_handlers  # noqa: F401  (registers the FineTunePipeline handlers with kopf)
 from .settings import OperatorSettings
 from .workqueue import WorkQueue

@@ -100,7 +100,9 @@ def operator(cluster, crd, namespace, tmp_path):
     op.stop()
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = ""):
+def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = "", context=None):
+    """Polls predicate until it is truthy (returned) or fails after timeout s; `context()` adds what a person needs
+    to see why to the failure."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -108,4 +110,5 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = ""
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s: {message} (last={last!r})")
+    extra = f"\n{context()}" if context else ""
+    raise AssertionError(f"timed out after {timeout}s: {message} (last={last!r}){extra}")

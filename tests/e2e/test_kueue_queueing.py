@@ -204,13 +204,20 @@ def test_higher_priority_job_preempts_a_trainer_which_resumes_from_its_sigterm_c
         return obj if adm.get("status") == "False" and adm.get("reason") == "Preempted" else None
     obj = wait_for(preempted, 60, interval=0.3, message="low shows Admitted=False/Preempted")
     assert obj["status"]["phase"] == "Queued" and "resumes from the latest checkpoint" in obj["status"]["message"]
-    # Kueue admits the high job only once the low one's pod is gone: SIGTERM -> checkpoint -> exit 143
+    # Kueue admits the high job once the low one's Job has no active pod. A pod that is terminating no longer counts
+    # as active, so the admission can come while the low trainer is still finishing the step it was in when SIGTERM
+    # arrived (seen in CI: the log ended at "SIGTERM received"); its "stopping at step N" line follows a moment later.
     wait_for(lambda: _cond(cluster.kubectl_json("get", "finetunejob", "high", "-n", namespace), "Admitted")
              .get("status") == "True", 120, interval=0.5, message="high admitted")
     timeline["high admitted"] = round(time.monotonic() - t0)
-    logs = [(p / "container.log").read_text(errors="replace")
-            for p in sorted((cluster.dir / "pods").glob(f"{namespace}_low-trainer-*"))
-            if (p / "container.log").exists()]
+
+    def low_logs():
+        return [(p / "container.log").read_text(errors="replace")
+                for p in sorted((cluster.dir / "pods").glob(f"{namespace}_low-trainer-*"))
+                if (p / "container.log").exists()]
+    wait_for(lambda: any("for SIGTERM" in log for log in low_logs()), 60, interval=0.3,
+             message="the low trainer logs that it stops for SIGTERM", context=lambda: [g[-1500:] for g in low_logs()])
+    logs = low_logs()
     sigterm = [log for log in logs if "for SIGTERM" in log]
     assert len(sigterm) == 1, [log[-1500:] for log in logs]
     stop = re.search(r"stopping at step (\d+) for SIGTERM", sigterm[0])

@@ -239,6 +239,24 @@ def api_requests(api) -> dict[str, float]:
     return out
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def cluster_cpu() -> dict[str, float]:
+    """CPU seconds so far of each server the local cluster runs (scripts/cluster writes their pids to
+    $KUBETUNE_CLUSTER_DIR/run/NAME.pid); servers not running are left out."""
+    out = {}
+    run = Path(os.environ.get("KUBETUNE_CLUSTER_DIR", "/tmp/kubetune-cluster")) / "run"
+    for pidfile in sorted(run.glob("*.pid")):
+        try:
+            out[pidfile.stem] = proc_cpu_seconds(int(pidfile.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def scheduled(pod: dict) -> bool:
     return bool((pod.get("spec") or {}).get("nodeName"))
 
@@ -292,8 +310,7 @@ class Operator:
             time.sleep(1)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+        return proc_cpu_seconds(self.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -358,12 +375,23 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         path = f"/apis/batch/v1/namespaces/{ns}/jobs"
     timeout = args.timeout_base + args.timeout_per_job * n
     requests0 = api_requests(api)
+    servers0 = cluster_cpu()
+    op0 = op.cpu_seconds() if op else 0.0
     t0 = time.monotonic()
     create_all(api, ns, objs, path)
     t_created = time.monotonic()
     t_sched = pods.wait(n, timeout)
+    # where the CPU went until the N-th pod got a node, per job: the same window for both arms (the machine's
+    # cores are shared, so the arm that needs more CPU in all takes longer)
+    servers1, op1 = cluster_cpu(), (op.cpu_seconds() if op else 0.0)
+    window_cpu = {k: 1000 * (v - servers0[k]) / n for k, v in servers1.items() if k in servers0}
+    if op:
+        window_cpu["operator"] = 1000 * (op1 - op0) / n
     row = {"arm": arm, "n": n, "namespace": ns, "create_s": t_created - t0,
-           "scheduled_s": (t_sched - t0) if t_sched else None, "scheduled_count": len(pods.times)}
+           "scheduled_s": (t_sched - t0) if t_sched else None, "scheduled_count": len(pods.times),
+           "cpu_ms_per_job_until_scheduled": {k: round(v, 1) for k, v in
+                                              sorted(window_cpu.items(), key=lambda kv: -kv[1])},
+           "cpu_ms_per_job_until_scheduled_total": round(sum(window_cpu.values()), 1)}
     if op:
         t_status = status.wait(n, max(30.0, timeout - (time.monotonic() - t0)))
         cpu1 = op.cpu_seconds()
@@ -436,6 +464,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def cpu_table(rows: list[dict]) -> str:
+    """CPU ms per job of each process from the first create until the N-th pod had a node, median per arm: what
+    the operator costs the machine, and (the `job` arm's servers as N grows) how the cluster's own cost per
+    job grows on the same cores."""
+    names = sorted({k for r in rows for k in r.get("cpu_ms_per_job_until_scheduled", {})},
+                   key=lambda k: (k != "operator", k))
+    out = ["| N | arm | total | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for n in sorted({r["n"] for r in rows}):
+        for arm in ("ftj", "job"):
+            rs = [r for r in rows if r["n"] == n and r["arm"] == arm and "cpu_ms_per_job_until_scheduled" in r]
+            if rs:
+                cells = [spread([r["cpu_ms_per_job_until_scheduled"].get(k, 0.0) for r in rs]) for k in names]
+                total = spread([r["cpu_ms_per_job_until_scheduled_total"] for r in rs])
+                out.append(f"| {n:,} | {arm} | {total} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100,1000", help="comma-separated N (default 100,1000)")
@@ -476,6 +521,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         kubectl("delete", "nodes", "-l", "type=kwok-bench")
     print()
     print(table(rows))
+    print()
+    print(cpu_table(rows))
     return 0
 
 

@@ -166,11 +166,10 @@ class KubeApi:
                 return None
             raise
 
-    async def create(self, obj: dict, dry_run: bool = False) -> dict:
-        """POST the object; dry_run: the server validates and admits it (schema, quota on the object's own
-        kind, admission webhooks) without storing anything."""
+    async def create(self, obj: dict) -> dict:
+        """POST the object; the created object."""
         path = object_path(obj).rsplit("/", 1)[0]
-        return await self.request("POST", path, obj, query={"dryRun": "All"} if dry_run else None)
+        return await self.request("POST", path, obj)
 
     async def list(self, path: str, **query: str) -> list[dict]:
         """The items of a collection (one page; callers narrow with fieldSelector/labelSelector)."""

@@ -650,15 +650,10 @@ class Reconciler:
                                create_job: bool, existed: bool = True) -> tuple[dict, bool]:
         children = render_children(job_model, ftj, self.settings, runtime)
         uid = ftj["metadata"]["uid"]
-        if create_job:
-            # A server-side dry run of the workload first: a spec the API server refuses (a label, toleration or
-            # quantity core/v1 does not accept) fails before anything is created. Not of the ConfigMap: what the
-            # API server could refuse of it (size, a quota) its create below refuses just as clearly, before the
-            # Job exists; one request less per new job.
-            await self._dry_run(job_model, children.job)
         # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
-        # config it started with.
-        await self._ensure(children.config_map, uid, update_data=create_job, job_model=job_model)
+        # config it started with. It comes first so a new pod never starts without its config.
+        config_map, cm_created = await self._ensure(children.config_map, uid, update_data=create_job,
+                                                    job_model=job_model)
         if create_job and existed:  # a job never Created has no leftovers (and a new job costs no GETs)
             ns, name = job_model.metadata.namespace, job_model.metadata.name
             # The workload of the other kind, left from before a suspended job was resized across nodes: 1
@@ -674,20 +669,25 @@ class Reconciler:
                 await self._delete_if_ours(obj, uid)
         if not create_job:
             return {}, False
-        return await self._ensure(children.job, uid, job_model=job_model)
-
-    async def _dry_run(self, job_model: FineTuneJob, child: dict) -> None:
         try:
-            await self.api.create(child, dry_run=True)
+            return await self._ensure(children.job, uid, job_model=job_model)
+        except ChildRejected:
+            # A workload the API server refuses (a label, toleration or quantity core/v1 does not accept, an
+            # admission policy, no JobSet API) ends the job: the ConfigMap made for it in this same reconcile
+            # goes again, so a refused spec leaves nothing behind. (Cheaper than a server-side dry run of every
+            # new Job, which costs the API server and every Job admission webhook, e.g. Kueue's, a second full
+            # admission of each new job.)
+            if cm_created:
+                await self._delete_quietly(config_map)
+            raise
+
+    async def _delete_quietly(self, obj: dict) -> None:
+        """Best effort: a leftover is owned by the FineTuneJob and goes with it."""
+        try:
+            await self.api.delete(object_path(obj), uid=(obj.get("metadata") or {}).get("uid"))
         except ApiError as exc:
-            if exc.not_found and JS.is_jobset(child):
-                raise jobset_not_installed(job_model, exc) from None
-            if exc.invalid:
-                raise rejection(job_model, child, exc) from None
-            if exc.status == 403:
-                raise forbidden(child, exc) from None
-            if not exc.conflict:  # exists already: _ensure decides whether it is ours
-                raise
+            log.warning("could not delete %s %s/%s: %s", obj.get("kind"), obj["metadata"].get("namespace"),
+                        obj["metadata"].get("name"), exc)
 
     async def _ensure(self, obj: dict, owner_uid: str, update_data: bool = False,
                       job_model: Optional[FineTuneJob] = None) -> tuple[dict, bool]:

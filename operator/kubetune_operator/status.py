@@ -124,8 +124,11 @@ def is_terminal(status: dict | None) -> bool:
 
 def condition_changes(old: Iterable[dict] | None, new: Iterable[dict] | None) -> list[tuple[str, dict]]:
     """(event type, condition) for each condition whose status or reason changed: what deserves an event.
-    A condition that appears as False is news only when it explains a wait (e.g. PodsPending); Running turning
-    False because the job finished or was suspended is told by that condition's own event."""
+    A condition that appears as False is news only when it explains a wait (queued, blocked, a conflict), not
+    the plain start of every new job (Running=False/PodsPending next to JobCreated: its pods were just asked
+    for; the JobCreated event says so, and one event less per job is one API write less). Pods waiting again
+    later (Running True -> False, e.g. after a restart) are news. Running turning False because the job
+    finished or was suspended is told by that condition's own event."""
     out = []
     old = list(old or [])
     new = list(new or [])
@@ -136,7 +139,8 @@ def condition_changes(old: Iterable[dict] | None, new: Iterable[dict] | None) ->
         before = get_condition(old, c["type"])
         if before and before.get("status") == c.get("status") and before.get("reason") == c.get("reason"):
             continue
-        if before is None and c.get("status") == "False" and c["type"] not in (CT.RUNNING, CT.CREATED, CT.ADMITTED):
+        if before is None and c.get("status") == "False" and (
+                c["type"] not in (CT.RUNNING, CT.CREATED, CT.ADMITTED) or c.get("reason") == Reason.PENDING):
             continue
         warning = (c.get("reason") in WARNING_REASONS and c.get("status") == "True") or \
             c.get("reason") in (Reason.RESTARTING, Reason.JOB_MISSING, Reason.CHILD_CONFLICT, Reason.PODS_BLOCKED,
@@ -493,6 +497,8 @@ def _account(out: dict, old: dict, pods: list[dict], spec: dict, now: str) -> No
     if not pods and not old.get("gpuUsage"):
         return
     usage, seconds = gpu_usage(old.get("gpuUsage"), pods, gpus, now)
+    if not old.get("gpuUsage") and not usage["openPods"] and not usage["closedPods"]:
+        return  # pods that have not started hold nothing yet: no status write just to say "0" (one per new job)
     out["gpuUsage"] = usage
     out["gpuSeconds"] = max(seconds, int(old.get("gpuSeconds") or 0))  # never goes down (a counter)
 

@@ -135,7 +135,7 @@ def test_a_child_the_api_server_refuses_fails_once_naming_the_field(cluster, nam
     assert len(events_for(cluster, namespace, name, "InvalidPodTemplate")) == 1
     for kind in ("job", "configmap"):
         assert get(cluster, namespace, kind, f"{name}-{'trainer' if kind == 'job' else 'config'}") is None, \
-            "the dry run refused it before anything was created"
+            "a refused Job leaves nothing behind (its ConfigMap goes again)"
     assert items(cluster, namespace, "pods") == []
     assert_clean_log(operator)
 

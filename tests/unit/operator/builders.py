@@ -171,16 +171,14 @@ class FakeKube:
     def refuse(self, kind: str, error: ApiError) -> None:
         self.refusals[kind] = error
 
-    async def create(self, obj: dict, dry_run: bool = False) -> dict:
+    async def create(self, obj: dict) -> dict:
         path = object_path(obj)
-        self.calls.append(("DRYRUN" if dry_run else "POST", path))
+        self.calls.append(("POST", path))
         await asyncio.sleep(0)  # a real call yields to other tasks
         if path in self.objects:
             raise ApiError(409, "AlreadyExists", f"{path} already exists")
         if obj["kind"] in self.refusals:
             raise self.refusals[obj["kind"]]
-        if dry_run:
-            return copy.deepcopy(obj)
         obj = copy.deepcopy(obj)
         obj["metadata"]["creationTimestamp"] = "2026-01-01T00:00:01Z"
         return copy.deepcopy(self.put(obj))

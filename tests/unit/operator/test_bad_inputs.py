@@ -94,16 +94,18 @@ def test_a_refused_child_fails_the_job_once_with_the_field_and_creates_nothing(k
         assert failed["status"] == "True" and failed["reason"] == reason
         assert failed["message"].startswith(field + ":"), failed["message"]
         assert stored(kube)["status"]["phase"] == Phase.FAILED
-        # refused by the Job's dry run, or (a ConfigMap, which gets none) by its own create, before the Job's
-        assert not kube.find("ConfigMap") and not kube.find("Job"), "nothing was created"
-        assert [c for c in kube.calls if c[0] == "POST" and "/events" not in c[1]] == \
-            ([] if kind == "Job" else [("POST", "/api/v1/namespaces/ml/configmaps/demo-config")])
+        # a refused ConfigMap stops before the Job; a refused Job takes the ConfigMap made for it along
+        assert not kube.find("ConfigMap") and not kube.find("Job"), "nothing is left behind"
+        cm = "/api/v1/namespaces/ml/configmaps/demo-config"
+        assert [c for c in kube.calls if c[0] in ("POST", "DELETE") and "/events" not in c[1]] == \
+            ([("POST", cm), ("POST", "/apis/batch/v1/namespaces/ml/jobs/demo-trainer"), ("DELETE", cm)]
+             if kind == "Job" else [("POST", cm)])
         assert [e["reason"] for e in kube.events] == [reason]
-        # kopf would call again (resume, resync): no new attempt, no second event
-        attempts = len([c for c in kube.calls if c[0] in ("POST", "DRYRUN") and "/events" not in c[1]])
+        # called again (a resync, an operator restart): no new attempt, no second event
+        attempts = len([c for c in kube.calls if c[0] == "POST" and "/events" not in c[1]])
         await rec.reconcile(NS, "demo", ensure_all=True)
         assert [e["reason"] for e in kube.events] == [reason]
-        assert len([c for c in kube.calls if c[0] in ("POST", "DRYRUN") and "/events" not in c[1]]) == attempts
+        assert len([c for c in kube.calls if c[0] == "POST" and "/events" not in c[1]]) == attempts
     run(scenario())
 
 

@@ -61,14 +61,14 @@ def test_create_makes_children_and_status_once():
         assert c[CT.CREATED]["status"] == "True" and c[CT.RUNNING]["reason"] == Reason.PENDING
         st = stored(kube)["status"]
         assert st["phase"] == Phase.PENDING and st["workload"]["name"] == "demo-trainer"
-        assert [e["reason"] for e in kube.events] == [Reason.JOB_CREATED, Reason.PENDING]
+        assert [e["reason"] for e in kube.events] == [Reason.JOB_CREATED]
         ev = kube.events[0]
         assert ev["involvedObject"] == {"apiVersion": C.API_VERSION, "kind": C.KIND, "name": "demo",
                                         "namespace": NS, "uid": UID, "resourceVersion": ev["involvedObject"]["resourceVersion"]}
         # again: nothing new is created, status unchanged, no new events
         before = len(kube.mutations())
         await rec.reconcile(NS, "demo", ensure_all=True)
-        assert kinds(kube) == ["ConfigMap", "Job"] and len(kube.events) == 2
+        assert kinds(kube) == ["ConfigMap", "Job"] and len(kube.events) == 1
         assert [m for m in kube.mutations()[before:] if m[0] != "POST"] == [], "only idempotent creates (409)"
         assert rec.metrics.registry.get_sample_value(
             "kubetune_operator_phase_transitions_total", {"from_phase": "", "to_phase": "Pending"}) == 1
@@ -370,7 +370,7 @@ def test_multi_node_without_the_jobset_api_fails_with_a_condition_not_a_retry_lo
         assert kube.events[-1]["type"] == "Warning" and kube.events[-1]["reason"] == Reason.JOBSET_NOT_INSTALLED
         calls = len(kube.calls)
         await rec.reconcile(NS, "demo")
-        assert not [c for c in kube.calls[calls:] if c[0] in ("POST", "DRYRUN")], "no retry"
+        assert not [c for c in kube.calls[calls:] if c[0] == "POST"], "no retry"
     run(scenario())
 
 
@@ -457,10 +457,12 @@ def test_watched_job_is_read_from_the_watch_not_fetched():
         first = kube.put(ftj())
         rec.observe(first)
         await rec.reconcile(NS, "demo", ensure_all=True)
-        # a new job costs its runtime's lookup, the Job's dry run, two creates, ONE status write (which also
-        # records the runtime) and its events: neither the FineTuneJob nor a Job or Service is read
+        # a new job costs its runtime's lookup, two creates, ONE status write (which also records the runtime)
+        # and its one event (JobCreated): neither the FineTuneJob nor a Job or Service is read, nothing is
+        # dry-run first
         assert [p for m, p in kube.calls if m == "GET"] == ["/apis/kubetune.dev/v1alpha1/clusterfinetuneruntimes/default"]
-        assert sorted(m for m, _ in kube.calls if m != "GET") == ["DRYRUN", "PATCH", "POST", "POST", "POST", "POST"]
+        assert sorted(m for m, _ in kube.calls if m != "GET") == ["PATCH", "POST", "POST", "POST"]
+        assert [p.rsplit("/", 1)[1] for m, p in kube.calls if m == "POST"] == ["demo-config", "demo-trainer", "events"]
         assert stored(kube)["status"]["runtime"]["name"] == "default"
         job_uid = kube.find("Job")[0]["metadata"]["uid"]
         lookup.pod_list = [pod(job_uid=job_uid)]

@@ -136,7 +136,7 @@ def test_a_violation_fails_the_job_before_anything_is_created():
     kube.put(ftj(runtimeRef={"kind": "FineTuneRuntime", "name": "strict"}, resources={"gpus": 8}))
     result = _run(_reconciler(kube).reconcile(NS, "demo", ensure_all=True))
     assert result.state == "invalid" and result.message.startswith("spec.resources.gpus: ")
-    assert _created(kube) == [] and not [c for c in kube.calls if c[0] == "DRYRUN"]
+    assert _created(kube) == [] and not [c for c in kube.calls if c[0] == "POST" and "/events" not in c[1]]
     (obj,) = kube.find(C.KIND)
     failed = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == C.Reason.RUNTIME_VIOLATION

@@ -305,8 +305,16 @@ def test_invalid_spec_status():
 def test_condition_changes_tell_each_transition_once():
     pending = S.derive_status(ftj(), job_obj(), [pod(phase="Pending")], now=T0)
     changes = S.condition_changes([], pending["conditions"])
-    assert [(t, c["reason"]) for t, c in changes] == [("Normal", Reason.JOB_CREATED), ("Normal", Reason.PENDING)]
+    # a new job's pods were just asked for: JobCreated says so, "0/1 running" is no news of its own
+    assert [(t, c["reason"]) for t, c in changes] == [("Normal", Reason.JOB_CREATED)]
     assert S.condition_changes(pending["conditions"], pending["conditions"]) == []
+    running = S.derive_status(again(ftj(), pending), job_obj(), [pod(phase="Running")], now=T1)
+    assert [(t, c["reason"]) for t, c in S.condition_changes(pending["conditions"], running["conditions"])] == \
+        [("Normal", Reason.RUNNING)]
+    # waiting again after running (a replaced pod) is news
+    again_pending = S.derive_status(again(ftj(), running), job_obj(), [pod(phase="Pending")], now=T1)
+    assert [(t, c["reason"]) for t, c in S.condition_changes(running["conditions"], again_pending["conditions"])] \
+        == [("Normal", Reason.PENDING)]
     failed = S.derive_status(again(ftj(), pending), job_obj(conditions=[job_cond("Failed", "BackoffLimitExceeded")]),
                              [pod(phase="Failed")], now=T1)
     changes = S.condition_changes(pending["conditions"], failed["conditions"])

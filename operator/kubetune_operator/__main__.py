@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import os
 import random
 import socket
@@ -95,6 +96,13 @@ def plan(args: argparse.Namespace, env=os.environ) -> dict:
     }
 
 
+def quiet_per_event_logs(args: argparse.Namespace) -> None:
+    """kopf logs "Handler '...' succeeded." at INFO for every watch event it hands us (about 7 per new job: 7,000
+    lines for 1,000 jobs, and a measurable share of the operator's CPU). Unless --verbose or --debug asks for
+    them, its per-object logger keeps only warnings and errors."""
+    logging.getLogger("kopf.objects").setLevel(logging.NOTSET if args.verbose or args.debug else logging.WARNING)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import kopf
@@ -103,6 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet,
                    log_format=kopf.LogFormat[args.log_format.upper()])
+    quiet_per_event_logs(args)
     try:
         p = plan(args)
     except ValueError as exc:

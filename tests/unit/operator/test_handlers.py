@@ -14,7 +14,7 @@ import pytest
 
 from kubetune_api import constants as C
 from kubetune_operator import handlers as H
-from kubetune_operator.__main__ import parse_args, plan
+from kubetune_operator.__main__ import parse_args, plan, quiet_per_event_logs
 from kubetune_operator.reconciler import Result
 from kubetune_operator.settings import OperatorSettings
 
@@ -114,6 +114,17 @@ def test_env_as_the_helm_chart_sets_it():
     assert p["memo"]["peering"] == {"standalone": False, "name": "kubetune", "priority": kw["priority"],
                                     "mandatory": True}
     assert plan(parse_args(["--priority", "7"]), env=env)["kwargs"]["priority"] == 7
+
+
+def test_kopf_per_event_success_lines_only_with_verbose():
+    objects = logging.getLogger("kopf.objects")
+    try:
+        quiet_per_event_logs(parse_args([]))
+        assert not objects.isEnabledFor(logging.INFO) and objects.isEnabledFor(logging.WARNING)
+        quiet_per_event_logs(parse_args(["--verbose"]))
+        assert objects.level == logging.NOTSET  # kopf's own verbose/debug levels decide
+    finally:
+        objects.setLevel(logging.NOTSET)
 
 
 def test_liveness_flag_and_defaults():

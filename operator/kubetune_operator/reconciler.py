@@ -17,10 +17,10 @@ owner reference with this FineTuneJob's uid): use it. Labelled ours but without 
 restored from a backup): adopt it. Owned by an older FineTuneJob of the same name (being garbage-collected):
 wait. Anything else: a name conflict, reported on the FineTuneJob, retried until the object is gone.
 
-Bad inputs end in a condition, never in a retry loop: before creating anything, every child is sent as a
-server-side dry run; a 400/413/422 fails the FineTuneJob (InvalidPodTemplate, ConfigTooLarge) with the API
-server's causes mapped back to spec fields (render.spec_field_of); a 403 (quota on object counts, RBAC) is
-Created=False and retried. Pods the Job controller cannot create (quota, missing PriorityClass/ServiceAccount)
+Bad inputs end in a condition, never in a retry loop: a child the API server refuses (400/413/422) fails the
+FineTuneJob (InvalidPodTemplate, ConfigTooLarge) with the API server's causes mapped back to spec fields
+(render.spec_field_of), and a refused workload takes the ConfigMap made for it along, so nothing is left; a
+403 (quota on object counts, RBAC) is Created=False and retried. Pods the Job controller cannot create (quota, missing PriorityClass/ServiceAccount)
 show only as FailedCreate events on the Job: they become Running=False/PodsBlocked. Spec edits reach the live
 Job in one step (_align_job); status.observedGeneration is the generation the live Job reflects.
 

@@ -60,11 +60,23 @@ RECONCILES_PER_CONNECTION = 4
 
 
 # ------------------------------------------------------------------------------------------------ settings
+class PipelineDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a diff base (a deep copy of the body without status) for every watch event of every resource,
+    also where only event handlers run and nothing reads it: FineTuneJobs, Jobs, pods (about 8 % of the
+    operator's CPU in a burst of 1,000 jobs). Only FineTunePipelines have change handlers (create/update/resume);
+    every other kind gets an empty essence. (kopf fills in `kind` on listed objects too.)"""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        if body.get("kind") != C.PIPELINE_KIND:
+            return kopf.BodyEssence()
+        return super().build(body=body, extra_fields=extra_fields)
+
+
 def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> None:
     """Everything the operator sets on kopf, in one place (called by the startup handler)."""
     # Progress and diff-base in annotations under our own prefix: status stays entirely ours.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = PipelineDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"  # unused: no handler requires one
     # Events: only the ones the operator posts on purpose (kopf.event-style), not every log line.

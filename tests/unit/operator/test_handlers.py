@@ -65,6 +65,19 @@ def test_configure_kopf():
     assert settings.watching.server_timeout and settings.watching.client_timeout > settings.watching.server_timeout
 
 
+def test_only_pipelines_get_a_diff_base():
+    """Only FineTunePipelines have change handlers: other kinds' watch events cost no deep copy; a pipeline's
+    essence is kopf's own (spec, labels; no status)."""
+    settings = kopf.OperatorSettings()
+    H.configure_kopf(settings, OperatorSettings())
+    storage = settings.persistence.diffbase_storage
+    job = {"apiVersion": C.API_VERSION, "kind": C.KIND, "metadata": {"name": "a", "labels": {"x": "1"}},
+           "spec": {"stage": "sft"}, "status": {"phase": "Running"}}
+    assert storage.build(body=kopf.Body(job)) == {}
+    pipeline = {**job, "kind": C.PIPELINE_KIND}
+    assert storage.build(body=kopf.Body(pipeline)) == {"metadata": {"labels": {"x": "1"}}, "spec": {"stage": "sft"}}
+
+
 def test_reconcile_results_become_retries():
     """What a queued run tells the queue: look again after the result's delay for a conflict or a wait, never for
     an invalid spec (final until the spec changes, which brings a watch event)."""

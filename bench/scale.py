@@ -402,7 +402,9 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     requests1 = api_requests(api)
     delta = {k: v - requests0.get(k, 0.0) for k, v in requests1.items() if v - requests0.get(k, 0.0) > 0}
     row["api_requests_per_job"] = sum(delta.values()) / n
-    row["api_requests_top"] = {k: round(v / n, 2) for k, v in sorted(delta.items(), key=lambda kv: -kv[1])[:8]}
+    per_job = {k: round(v / n, 3) for k, v in sorted(delta.items(), key=lambda kv: -kv[1])}
+    row["api_requests_top"] = dict(list(per_job.items())[:8])
+    row["api_requests_all"] = per_job  # results.json: every verb and resource
     if op:
         if args.hold > 0:
             time.sleep(args.hold)

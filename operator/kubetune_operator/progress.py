@@ -151,16 +151,23 @@ class ProgressLoop:
         resync = now - self._last_resync >= self.settings.resync_interval_seconds
         if resync:
             self._last_resync = now
-        for v in views:
-            # A Pending job whose pods Kubernetes refuses to create changes nothing the operator watches (the
-            # refusal is only an event on the Job): look again every tick so PodsBlocked shows within one. Jobs
-            # whose pods exist and wait for a node are left to the pods' watch events (lacks_pods).
-            waiting = v.phase in (None, Phase.PENDING) and self.reconciler.lacks_pods(v.namespace, v.name)
-            if not v.terminal and (resync or waiting):
-                try:
-                    await self.reconciler.reconcile(v.namespace, v.name)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("resync of %s/%s failed: %s", v.namespace, v.name, exc)
+        # A Pending job whose pods Kubernetes refuses to create changes nothing the operator watches (the refusal
+        # is only an event on the Job): look again every tick so PodsBlocked shows within one, with one LIST of
+        # FailedCreate events per namespace for all of them. Jobs whose pods exist and wait for a node are left to
+        # the pods' watch events (lacks_pods).
+        waiting = {(v.namespace, v.name) for v in views if not v.terminal and v.phase in (None, Phase.PENDING)
+                   and self.reconciler.lacks_pods(v.namespace, v.name)}
+        if waiting:
+            await self.reconciler.share_failed_creates({ns for ns, _ in waiting})
+        try:
+            for v in views:
+                if not v.terminal and (resync or (v.namespace, v.name) in waiting):
+                    try:
+                        await self.reconciler.reconcile(v.namespace, v.name)
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("resync of %s/%s failed: %s", v.namespace, v.name, exc)
+        finally:
+            self.reconciler.unshare_failed_creates()
 
     async def _expire(self, v: JobView) -> None:
         try:

@@ -38,7 +38,7 @@ import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from kubetune_api import constants as C
 from kubetune_api.constants import ConditionType as CT
@@ -344,6 +344,8 @@ class Reconciler:
         self._desired = BoundedCache(MODEL_CACHE_SIZE)  # key -> (spec_key + runtime + retries, rendered Job)
         self._recent = RecentGets(api, ttl=RUNTIME_READ_TTL_SECONDS)
         self._events_denied = False  # RBAC without `list` on events: warned once
+        # namespace -> FailedCreate events of its Jobs by the Job's uid, while a progress tick shares them
+        self._failed_creates: dict[str, dict[str, list[dict]]] = {}
         self._workloads_denied = False  # RBAC without `list` on Kueue workloads: warned once
         self._workload_version: Optional[str] = None  # the Workload API version the cluster serves
 
@@ -590,17 +592,16 @@ class Reconciler:
             if child is None or not (child.get("metadata") or {}).get("uid"):
                 return None, None
             meta, job = child["metadata"], child
-        try:
-            events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
-                                         fieldSelector=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
-        except ApiError as exc:
-            if exc.status == 403 and not self._events_denied:
-                self._events_denied = True
-                log.warning("cannot list events (%s): pods that Kubernetes refuses to create are reported as "
-                            "pending only; grant `list` on events", exc.message)
-            elif exc.status != 403:
-                raise
-            return None, None
+        shared = self._failed_creates.get(meta["namespace"])
+        if shared is not None:
+            events = shared.get(meta["uid"], [])
+        else:
+            try:
+                events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
+                                             fieldSelector=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
+            except ApiError as exc:
+                self._events_refused(exc)
+                return None, None
         started = (job.get("status") or {}).get("startTime") or ""  # reset by the Job controller on resume
 
         def last(e: dict) -> str:
@@ -611,6 +612,39 @@ class Reconciler:
             return None, None
         first = min((e.get("firstTimestamp") or e.get("eventTime") or last(e)) for e in recent)
         return recent[-1].get("message") or "pod creation failed", first
+
+    def _events_refused(self, exc: ApiError) -> None:
+        if exc.status != 403:
+            raise exc
+        if not self._events_denied:
+            self._events_denied = True
+            log.warning("cannot list events (%s): pods that Kubernetes refuses to create are reported as "
+                        "pending only; grant `list` on events", exc.message)
+
+    async def share_failed_creates(self, namespaces: Iterable[str]) -> None:
+        """One LIST of the Jobs' FailedCreate events per namespace, used by every job of it that checks for pods
+        Kubernetes refuses to create until `unshare_failed_creates`. The progress tick checks each Pending job
+        whose Job lacks pods; one LIST per job made the API server scan all the namespace's events once per job,
+        so 1,000 jobs waiting for the Job controller cost it O(N^2) (docs/scale.md). Where the LIST fails, each
+        job lists its own."""
+        for ns in sorted(set(namespaces)):
+            try:
+                events = await self.api.list(f"/api/v1/namespaces/{ns}/events",
+                                             fieldSelector="involvedObject.kind=Job,reason=FailedCreate")
+            except Exception as exc:  # noqa: BLE001 - unreachable API server, 5xx: each job lists its own (or fails)
+                if isinstance(exc, ApiError) and exc.status == 403:
+                    self._events_refused(exc)
+                else:
+                    log.warning("could not list FailedCreate events in %s: %s", ns, exc)
+                self._failed_creates.pop(ns, None)
+                continue
+            by_uid: dict[str, list[dict]] = {}
+            for e in events:
+                by_uid.setdefault((e.get("involvedObject") or {}).get("uid") or "", []).append(e)
+            self._failed_creates[ns] = by_uid
+
+    def unshare_failed_creates(self) -> None:
+        self._failed_creates.clear()
 
     # -------------------------------------------------------------------------------------------- runtime
     async def _runtime(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, *, job_exists: bool

@@ -29,6 +29,13 @@ def test_scale_bench_smoke(cluster, tmp_path, monkeypatch, capsys):
     (ftj,) = [r for r in rows if r["arm"] == "ftj"]
     assert ftj["running_count"] == 5 and ftj["rss_mb"] > 0 and ftj["cpu_per_job_ms"] > 0
     assert ftj["reconcile_errors"] == 0 and ftj["log_errors"] == 0
+    # where the CPU went until the pods had nodes: the operator's share, and the cluster's servers in both arms
+    (job,) = [r for r in rows if r["arm"] == "job"]
+    assert ftj["cpu_ms_per_job_until_scheduled"]["operator"] > 0
+    assert "operator" not in job["cpu_ms_per_job_until_scheduled"]
+    assert all(r["cpu_ms_per_job_until_scheduled"]["kube-apiserver"] > 0 for r in rows)
+    assert ftj["api_requests_all"]["POST configmaps"] >= 1  # one per job (+ the namespace's root CA)
     out = capsys.readouterr().out
     assert "| 5 |" in out and "x |" in out  # the table with a ratio
+    assert "| 5 | ftj |" in out and "| 5 | job |" in out  # the CPU table
     assert cluster.kubectl("get", "nodes", "-l", "type=kwok-bench", "-o", "name").stdout.strip() == ""

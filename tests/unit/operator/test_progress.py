@@ -285,3 +285,41 @@ def test_tick_looks_for_refused_pods_only_while_a_job_lacks_them():
         kube.put(job)
         assert not rec.lacks_pods(NS, "demo")
     asyncio.run(scenario())
+
+
+def test_tick_lists_refused_pods_once_per_namespace_for_all_waiting_jobs():
+    """Three jobs whose Jobs lack pods: one LIST of the namespace's FailedCreate events serves all three in that
+    tick (a LIST per job made the API server scan every event of the namespace once per job: O(N^2) at 1,000
+    waiting jobs), and only the job the events name is PodsBlocked. The shared answer lasts for that tick only."""
+    from kubetune_api.constants import ConditionType as CT, Reason
+    from tests.unit.operator.test_bad_inputs import QUOTA, failed_create
+
+    async def fetch(url):
+        raise AssertionError("nothing runs: nothing to scrape")
+
+    def event_lists(kube) -> list[str]:
+        return [path for method, path in kube.calls if method == "GET" and path.endswith("/events")]
+
+    async def scenario():
+        kube, lookup, rec, loop, views = setup(fetch)
+        names = ["a", "b", "c"]
+        for name in names:
+            kube.put(ftj(name, uid=f"uid-{name}"))
+            await rec.reconcile(NS, name, ensure_all=True)
+        jobs = {j["metadata"]["labels"]["kubetune.dev/job-name"]: j for j in kube.find("Job")}
+        kube.core_events.append(failed_create(jobs["b"], QUOTA))
+        views[:] = [P.job_view(kube.objects[ftj_path(NS, n)]) for n in names]
+        assert all(rec.lacks_pods(NS, n) for n in names)
+        before = len(event_lists(kube))
+        await loop.tick()
+        assert event_lists(kube)[before:] == [f"/api/v1/namespaces/{NS}/events"], "one LIST for the namespace"
+        reasons = {n: next(c for c in kube.objects[ftj_path(NS, n)]["status"]["conditions"]
+                           if c["type"] == CT.RUNNING)["reason"] for n in names}
+        assert reasons == {"a": Reason.PENDING, "b": Reason.PODS_BLOCKED, "c": Reason.PENDING}
+        # after the tick, a job's own check lists its own events again (fresh, not the tick's answer)
+        kube.core_events.append(failed_create(jobs["c"], QUOTA))
+        await rec.reconcile(NS, "c")
+        assert len(event_lists(kube)) == before + 2
+        assert next(c for c in kube.objects[ftj_path(NS, "c")]["status"]["conditions"]
+                    if c["type"] == CT.RUNNING)["reason"] == Reason.PODS_BLOCKED
+    asyncio.run(scenario())

@@ -20,9 +20,10 @@ wait. Anything else: a name conflict, reported on the FineTuneJob, retried until
 Bad inputs end in a condition, never in a retry loop: a child the API server refuses (400/413/422) fails the
 FineTuneJob (InvalidPodTemplate, ConfigTooLarge) with the API server's causes mapped back to spec fields
 (render.spec_field_of), and a refused workload takes the ConfigMap made for it along, so nothing is left; a
-403 (quota on object counts, RBAC) is Created=False and retried. Pods the Job controller cannot create (quota, missing PriorityClass/ServiceAccount)
-show only as FailedCreate events on the Job: they become Running=False/PodsBlocked. Spec edits reach the live
-Job in one step (_align_job); status.observedGeneration is the generation the live Job reflects.
+403 (quota on object counts, RBAC) is Created=False and retried. Pods the Job controller cannot create (quota,
+missing PriorityClass/ServiceAccount) show only as FailedCreate events on the Job: they become
+Running=False/PodsBlocked. Spec edits reach the live Job in one step (_align_job); status.observedGeneration is
+the generation the live Job reflects.
 
 Flat restarts: when a pod ended in a way the Job's podFailurePolicy ignores (preempted, deleted: exit 143) and
 nothing of the Job runs any more, the Job controller would still wait out its exponential pod-failure backoff
@@ -600,7 +601,9 @@ class Reconciler:
                 events = await self.api.list(f"/api/v1/namespaces/{meta['namespace']}/events",
                                              fieldSelector=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
             except ApiError as exc:
-                self._events_refused(exc)
+                if exc.status != 403:
+                    raise
+                self._warn_events_denied(exc)
                 return None, None
         started = (job.get("status") or {}).get("startTime") or ""  # reset by the Job controller on resume
 
@@ -613,9 +616,8 @@ class Reconciler:
         first = min((e.get("firstTimestamp") or e.get("eventTime") or last(e)) for e in recent)
         return recent[-1].get("message") or "pod creation failed", first
 
-    def _events_refused(self, exc: ApiError) -> None:
-        if exc.status != 403:
-            raise exc
+    def _warn_events_denied(self, exc: ApiError) -> None:
+        """A 403 on listing events: warned once, pods Kubernetes refuses are then reported as pending."""
         if not self._events_denied:
             self._events_denied = True
             log.warning("cannot list events (%s): pods that Kubernetes refuses to create are reported as "
@@ -633,7 +635,7 @@ class Reconciler:
                                              fieldSelector="involvedObject.kind=Job,reason=FailedCreate")
             except Exception as exc:  # noqa: BLE001 - unreachable API server, 5xx: each job lists its own (or fails)
                 if isinstance(exc, ApiError) and exc.status == 403:
-                    self._events_refused(exc)
+                    self._warn_events_denied(exc)
                 else:
                     log.warning("could not list FailedCreate events in %s: %s", ns, exc)
                 self._failed_creates.pop(ns, None)

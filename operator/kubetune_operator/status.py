@@ -494,11 +494,9 @@ def gpu_usage(old: Optional[dict], pods: Iterable[dict], gpus_per_pod: int, now:
 
 def _account(out: dict, old: dict, pods: list[dict], spec: dict, now: str) -> None:
     gpus = int((spec.get("resources") or {}).get("gpus", 1) or 0)
-    if not pods and not old.get("gpuUsage"):
-        return
     usage, seconds = gpu_usage(old.get("gpuUsage"), pods, gpus, now)
     if not old.get("gpuUsage") and not usage["openPods"] and not usage["closedPods"]:
-        return  # pods that have not started hold nothing yet: no status write just to say "0" (one per new job)
+        return  # no pod has started (or none exists): no status write just to say "0" (one per new job)
     out["gpuUsage"] = usage
     out["gpuSeconds"] = max(seconds, int(old.get("gpuSeconds") or 0))  # never goes down (a counter)
 

@@ -8,7 +8,8 @@ import datetime as dt
 
 from prometheus_client import CollectorRegistry
 
-from kubetune_api.constants import Phase
+from kubetune_api.constants import ConditionType as CT
+from kubetune_api.constants import Phase, Reason
 from kubetune_operator import progress as P
 from kubetune_operator.kube import EventRecorder
 from kubetune_operator.metrics import OperatorMetrics
@@ -291,8 +292,8 @@ def test_tick_lists_refused_pods_once_per_namespace_for_all_waiting_jobs():
     """Three jobs whose Jobs lack pods: one LIST of the namespace's FailedCreate events serves all three in that
     tick (a LIST per job made the API server scan every event of the namespace once per job: O(N^2) at 1,000
     waiting jobs), and only the job the events name is PodsBlocked. The shared answer lasts for that tick only."""
-    from kubetune_api.constants import ConditionType as CT, Reason
     from tests.unit.operator.test_bad_inputs import QUOTA, failed_create
+    from tests.unit.operator.test_reconciler import conds
 
     async def fetch(url):
         raise AssertionError("nothing runs: nothing to scrape")
@@ -313,13 +314,11 @@ def test_tick_lists_refused_pods_once_per_namespace_for_all_waiting_jobs():
         before = len(event_lists(kube))
         await loop.tick()
         assert event_lists(kube)[before:] == [f"/api/v1/namespaces/{NS}/events"], "one LIST for the namespace"
-        reasons = {n: next(c for c in kube.objects[ftj_path(NS, n)]["status"]["conditions"]
-                           if c["type"] == CT.RUNNING)["reason"] for n in names}
+        reasons = {n: conds(kube, n)[CT.RUNNING]["reason"] for n in names}
         assert reasons == {"a": Reason.PENDING, "b": Reason.PODS_BLOCKED, "c": Reason.PENDING}
         # after the tick, a job's own check lists its own events again (fresh, not the tick's answer)
         kube.core_events.append(failed_create(jobs["c"], QUOTA))
         await rec.reconcile(NS, "c")
         assert len(event_lists(kube)) == before + 2
-        assert next(c for c in kube.objects[ftj_path(NS, "c")]["status"]["conditions"]
-                    if c["type"] == CT.RUNNING)["reason"] == Reason.PODS_BLOCKED
+        assert conds(kube, "c")[CT.RUNNING]["reason"] == Reason.PODS_BLOCKED
     asyncio.run(scenario())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -55,8 +56,8 @@ from .kube import ApiError, EventRecorder, KubeApi, RecentGets, collection_path,
 from .metrics import OperatorMetrics
 from . import render_jobset as JS
 from .render import (GENERATION_ANNOTATION, TEMPLATE_HASH_ANNOTATION, child_names, is_multi_node,
-                     mutable_fields, render_children, render_job, retries_used_by, spec_field_of, template_hash,
-                     workload_name)
+                     mutable_fields, render_children, render_config_map, render_job, retries_used_by,
+                     spec_field_of, template_hash, workload_name)
 from .settings import OperatorSettings
 from .validation import describe_problems, validate
 
@@ -268,8 +269,10 @@ class BoundedCache:
         return len(self._data)
 
 
-# Validation (~0.14 ms) and rendering the Job (~0.18 ms) are cheap next to a reconcile (~5-7 ms of the operator's
-# CPU per job event): their results are kept only for the jobs seen last.
+# Validation (~0.12 ms) is cheap next to a reconcile (~5-7 ms of the operator's CPU per job event): the parsed
+# models are kept only for the jobs seen last. What status reconciles need of the rendered Job is kept for every
+# job instead (`_KeyState.target`, a few hundred bytes): re-rendering it for each job that had fallen out of an LRU
+# made the operator's CPU per job grow with the number of jobs (docs/scale.md).
 MODEL_CACHE_SIZE = 256
 
 
@@ -282,6 +285,16 @@ def spec_key(ftj: dict) -> str:
     """What validation and rendering read: metadata (less what changes on every write) and spec."""
     meta = {k: v for k, v in (ftj.get("metadata") or {}).items() if k not in _VOLATILE_META}
     return json.dumps([meta, ftj.get("spec")], sort_keys=True, separators=(",", ":"), default=str)
+
+
+def align_target(desired: dict) -> dict:
+    """What _align_job needs of a rendered Job/JobSet to bring a live one in line: the digest of its immutable
+    template, the values of the fields a live one may change, and the generation it reflects."""
+    annotations = (desired.get("metadata") or {}).get("annotations") or {}
+    mutable = mutable_fields(desired)
+    return {"hash": annotations.get(TEMPLATE_HASH_ANNOTATION) or template_hash(desired["spec"], mutable),
+            "mutable": {key: desired["spec"].get(key) for key in mutable},
+            "generation": annotations.get(GENERATION_ANNOTATION)}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -315,6 +328,8 @@ class _KeyState:
     # status.runtime resolved by this reconcile and not written yet: it rides along with the reconcile's status
     # write (a write of its own would cost a PATCH and a watch event per new job)
     unrecorded_runtime: Optional[dict] = None
+    # (digest of what the Job was rendered from, freeze(AlignTarget)): what _align_job compares a live Job with
+    target: Optional[tuple[bytes, bytes]] = None
 
     @property
     def body(self) -> Optional[dict]:
@@ -342,7 +357,6 @@ class Reconciler:
         self.now = now
         self._states: dict[tuple[str, str], _KeyState] = {}
         self._models = BoundedCache(MODEL_CACHE_SIZE)  # key -> (spec_key, model, problems)
-        self._desired = BoundedCache(MODEL_CACHE_SIZE)  # key -> (spec_key + runtime + retries, rendered Job)
         self._recent = RecentGets(api, ttl=RUNTIME_READ_TTL_SECONDS)
         self._events_denied = False  # RBAC without `list` on events: warned once
         # namespace -> FailedCreate events of its Jobs by the Job's uid, while a progress tick shares them
@@ -356,7 +370,6 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         st = self._states.get((namespace, name))
         self._models.pop((namespace, name))
-        self._desired.pop((namespace, name))
         if st is not None:
             st.body, st.watched = None, False
         if st is not None and not st.lock.locked():
@@ -395,15 +408,20 @@ class Reconciler:
             self._models.put(st_key(ftj), held)
         return held[1], held[2]
 
-    def _desired_job(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec,
-                     retries_used: int) -> dict:
-        """render_job for this spec, runtime and retry count (only the Job: _align_job needs nothing else), kept
-        until one of them changes (`st.ensuring`: this run's spec_key). Callers must not modify the result."""
-        key, held = f"{st.ensuring}{runtime.model_dump_json()}{retries_used}", self._desired.get(st_key(ftj))
-        if held is None or held[0] != key:
-            held = (key, render_job(job_model, ftj, self.settings, runtime, retries_used))
-            self._desired.put(st_key(ftj), held)
-        return held[1]
+    def _target(self, st: _KeyState, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec,
+                retries_used: int) -> dict:
+        """align_target(render_job(...)) for this spec, runtime and retry count, kept per job until one of them
+        changes (`st.ensuring`: this run's spec_key). Only a digest of those inputs is kept, not the inputs."""
+        digest = self._target_digest(st, runtime, retries_used)
+        if st.target is None or st.target[0] != digest:
+            st.target = (digest, freeze(align_target(render_job(job_model, ftj, self.settings, runtime,
+                                                                retries_used))))
+        return thaw(st.target[1])
+
+    @staticmethod
+    def _target_digest(st: _KeyState, runtime: FineTuneRuntimeSpec, retries_used: int) -> bytes:
+        return hashlib.blake2b(f"{st.ensuring}\0{runtime.model_dump_json()}\0{retries_used}".encode(),
+                               digest_size=16).digest()
 
     # -------------------------------------------------------------------------------------------- entry
     async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False,
@@ -487,7 +505,7 @@ class Reconciler:
             if job is None and queueing.queue_name(job_model) and job_model.spec.suspend:
                 # Kueue would admit (start) a new Job before the operator could deactivate its Workload: a queued
                 # job suspended before it ever ran gets its Job only when unsuspended.
-                await self._ensure_children(ftj, job_model, runtime, create_job=False)
+                await self._ensure_children(st, ftj, job_model, runtime, create_job=False)
                 await self._write(st, ftj, S.held_status(ftj, queueing.queue_name(job_model), pods, now=self.now()))
                 return Result("ok", status=st.status)
             if job is None:
@@ -499,7 +517,7 @@ class Reconciler:
                     await self._write(st, ftj, new)
                     return Result("waiting", message=new.get("message", ""), status=st.status)
                 existed = S.condition_true(old_status.get("conditions"), CT.CREATED)
-                job, created = await self._ensure_children(ftj, job_model, runtime, create_job=True,
+                job, created = await self._ensure_children(st, ftj, job_model, runtime, create_job=True,
                                                            existed=existed)
                 check_blocked = check_blocked and not created  # the Job controller has not even seen it yet
                 if created and existed:
@@ -514,7 +532,7 @@ class Reconciler:
                 st.expected_deletion = None
             else:
                 if ensure_all:
-                    await self._ensure_children(ftj, job_model, runtime, create_job=False)
+                    await self._ensure_children(st, ftj, job_model, runtime, create_job=False)
                 job = await self._align_job(st, ftj, job_model, job, runtime)
                 why = S.waits_for_backoff(job, pods, self.now())
                 if why is not None and not (await self._pods_refused(job, pods, job_model))[0]:
@@ -682,14 +700,14 @@ class Reconciler:
         return recorded.spec, None
 
     # -------------------------------------------------------------------------------------------- children
-    async def _ensure_children(self, ftj: dict, job_model: FineTuneJob, runtime: FineTuneRuntimeSpec, *,
-                               create_job: bool, existed: bool = True) -> tuple[dict, bool]:
-        children = render_children(job_model, ftj, self.settings, runtime)
+    async def _ensure_children(self, st: _KeyState, ftj: dict, job_model: FineTuneJob,
+                               runtime: FineTuneRuntimeSpec, *, create_job: bool, existed: bool = True
+                               ) -> tuple[dict, bool]:
         uid = ftj["metadata"]["uid"]
         # The ConfigMap is brought up to date only together with a new Job: a running trainer keeps the
         # config it started with. It comes first so a new pod never starts without its config.
-        config_map, cm_created = await self._ensure(children.config_map, uid, update_data=create_job,
-                                                    job_model=job_model)
+        config_map, cm_created = await self._ensure(render_config_map(job_model, ftj, self.settings), uid,
+                                                    update_data=create_job, job_model=job_model)
         if create_job and existed:  # a job never Created has no leftovers (and a new job costs no GETs)
             ns, name = job_model.metadata.namespace, job_model.metadata.name
             # The workload of the other kind, left from before a suspended job was resized across nodes: 1
@@ -705,8 +723,11 @@ class Reconciler:
                 await self._delete_if_ours(obj, uid)
         if not create_job:
             return {}, False
+        workload = render_job(job_model, ftj, self.settings, runtime)
+        # the next reconcile aligns the new Job with what it was rendered from: no need to render it again
+        st.target = (self._target_digest(st, runtime, 0), freeze(align_target(workload)))
         try:
-            return await self._ensure(children.job, uid, job_model=job_model)
+            return await self._ensure(workload, uid, job_model=job_model)
         except ChildRejected:
             # A workload the API server refuses (a label, toleration or quantity core/v1 does not accept, an
             # admission policy, no JobSet API) ends the job: the ConfigMap made for it in this same reconcile
@@ -787,14 +808,11 @@ class Reconciler:
         running; observedGeneration stays at the generation the Job reflects."""
         if job["metadata"].get("deletionTimestamp") or S.job_finished(job):
             return job
-        desired = self._desired_job(st, ftj, job_model, runtime, retries_used_by(job))
+        target = self._target(st, ftj, job_model, runtime, retries_used_by(job))
         path = _path_of(job)
         live_spec = job.get("spec") or {}
         annotations = (job.get("metadata") or {}).get("annotations") or {}
-        mutable = mutable_fields(desired)
-        # the rendered workload carries its own digest (render._workload_metadata): no need to hash it again
-        wanted = ((desired.get("metadata") or {}).get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION) \
-            or template_hash(desired["spec"], mutable)
+        wanted = target["hash"]
         same_template = annotations.get(TEMPLATE_HASH_ANNOTATION) == wanted
         if not same_template and live_spec.get("suspend"):
             log.info("re-creating suspended Job %s: the spec changed", path)
@@ -809,11 +827,11 @@ class Reconciler:
         if want is not None:
             log.info("%s Job %s", "suspending" if want else "resuming", path)
             patch["suspend"] = want
-        for key in mutable:
-            if live_spec.get(key) != desired["spec"].get(key):
-                patch[key] = desired["spec"].get(key)  # None removes it
+        for key, value in target["mutable"].items():
+            if live_spec.get(key) != value:
+                patch[key] = value  # None removes it
         meta_patch = {}
-        gen = desired["metadata"]["annotations"].get(GENERATION_ANNOTATION)
+        gen = target["generation"]
         if same_template and gen and annotations.get(GENERATION_ANNOTATION) != gen:
             meta_patch = {"annotations": {GENERATION_ANNOTATION: gen}}
         if not patch and not meta_patch:
@@ -828,6 +846,8 @@ class Reconciler:
         except ApiError as exc:
             if not exc.invalid:
                 raise
+            # the field paths of the API server's answer are mapped back through the rendered Job (rare: render again)
+            desired = render_job(job_model, ftj, self.settings, runtime, retries_used_by(job))
             raise rejection(job_model, desired, exc) from None
         job = copy.deepcopy(job)
         job.setdefault("spec", {}).update({k: v for k, v in patch.items() if v is not None})

@@ -580,34 +580,56 @@ def test_the_held_body_is_a_frozen_copy():
     assert st.body["spec"]["stage"] == "sft"
 
 
-def test_validation_and_rendering_are_kept_for_recent_jobs_only(monkeypatch):
-    """A bounded cache: reused across one job's burst of events, evicted for jobs seen long ago (which then
-    validate again, with the same result)."""
+def test_validation_is_kept_for_recent_jobs_only_and_the_rendered_target_for_every_job(monkeypatch):
+    """Parsed models sit in a bounded cache: reused across one job's burst of events, evicted for jobs seen long
+    ago (which then validate again, with the same result). What aligning a live Job needs of the rendered Job is
+    kept for every job, so a job that fell out of the cache is not rendered again (at thousands of jobs that
+    re-rendering made the operator's CPU per job grow with N), until its spec changes."""
     import kubetune_operator.reconciler as R
 
     calls: list[str] = []
-    real = R.validate
+    renders: list[str] = []
+    real_validate, real_render = R.validate, R.render_job
 
     def counting(body):
         calls.append(body["metadata"]["name"])
-        return real(body)
+        return real_validate(body)
+
+    def counting_render(job, *args, **kwargs):
+        renders.append(job.metadata.name)
+        return real_render(job, *args, **kwargs)
 
     monkeypatch.setattr(R, "validate", counting)
+    monkeypatch.setattr(R, "render_job", counting_render)
 
     async def scenario():
         kube, lookup, rec = make()
-        rec._models.size = rec._desired.size = 1
+        rec._models.size = 1
         for name, uid in (("a", "uid-a"), ("b", "uid-b")):
-            kube.put(ftj(name, uid=uid))
+            rec.observe(kube.put(ftj(name, uid=uid)))
         await rec.reconcile(NS, "a", ensure_all=True)
         await rec.reconcile(NS, "a")
         assert calls == ["a"], "the second event of the same job reuses the validated model"
+        assert renders == ["a"], "the Job rendered to create it is what the next reconcile aligns it with"
         await rec.reconcile(NS, "b", ensure_all=True)
         await rec.reconcile(NS, "a")
         assert calls == ["a", "b", "a"], "b evicted a"
-        assert len(rec._models) == 1 and len(rec._desired) == 1
+        assert renders == ["a", "b"], "a left the model cache, but its target did not go with it"
+        assert len(rec._models) == 1
         assert stored(kube, "a")["status"]["phase"] == stored(kube, "b")["status"]["phase"] == Phase.PENDING
         assert len(kube.find("Job")) == 2
+        # a spec change renders again, and the live Job follows it
+        edited = stored(kube, "a")
+        edited["spec"]["retryLimit"] = 4
+        edited["metadata"]["generation"] = 2
+        rec.observe(kube.put(edited))
+        await rec.reconcile(NS, "a")
+        assert renders == ["a", "b", "a"]
+        job_a = next(j for j in kube.find("Job") if j["metadata"]["name"].startswith("a"))
+        assert job_a["spec"]["backoffLimit"] == 4
+        assert job_a["metadata"]["annotations"][R.GENERATION_ANNOTATION] == "2"
+        # the held target is a digest and a few hundred bytes, not the rendered Job
+        assert all(len(st.target[1]) < 400 for st in rec._states.values())
     run(scenario())
 
 

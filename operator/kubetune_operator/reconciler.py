@@ -6,8 +6,10 @@ FineTuneJob fresh and works out everything from what exists, so a missed or repe
 Runs for one FineTuneJob are serialised by a per-job lock and coalesced (events arriving while a run is in
 progress cause one more run, not one each). The Job and pods come from kopf indices (no list calls); the
 FineTuneJob itself comes from kopf's watch (`observe`, fed by the FineTuneJob event handler) or from our own
-status write's answer, whichever is newer, so a child event costs no GET. The validated model and the
-rendered Job are kept per FineTuneJob until its metadata or spec change (every child event needs them).
+status write's answer, whichever is newer, so a child event costs no GET. What aligning the live Job needs of
+the rendered one (its template hash, the fields a live Job may change) is kept per FineTuneJob until its metadata,
+spec, runtime or retry count change; the validated model is kept for the jobs seen last (every child event needs
+both).
 A multi-node job's workload is a JobSet (render_jobset.py), read by name (GET) on each run: it is not
 indexed, so an operator on a cluster without JobSet needs no watch on it. "The Job" below means the workload of
 either kind.

@@ -23,6 +23,7 @@ override the matching variables.
 | KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS | 300 | trainer pods' terminationGracePeriodSeconds (time to checkpoint on SIGTERM) |
 | KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
+| KUBETUNE_GC_THRESHOLD | 10000 | allocations between the garbage collector's youngest-generation runs (Python's default: 700); 0 keeps Python's defaults and does not freeze the startup objects (`__main__.tune_gc`) |
 | KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (threads and connections); FineTuneJob reconciles running at once are 4x this (workqueue.py) |
 """
 
@@ -61,6 +62,7 @@ ENV_VARS: dict[str, str] = {
     "trainer_termination_grace_seconds": "KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS",
     "trainer_metrics_port": "KUBETUNE_TRAINER_METRICS_PORT",
     "api_concurrency": "KUBETUNE_API_CONCURRENCY",
+    "gc_threshold": "KUBETUNE_GC_THRESHOLD",
 }
 
 
@@ -91,6 +93,7 @@ class OperatorSettings(BaseModel):
     trainer_termination_grace_seconds: int = Field(300, ge=0)
     trainer_metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=1, le=65535)
     api_concurrency: int = Field(32, ge=1, le=256)
+    gc_threshold: int = Field(10000, ge=0)
 
     @field_validator("trainer_resources")
     @classmethod

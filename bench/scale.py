@@ -21,7 +21,8 @@ What one run of an arm does (each in a fresh namespace, deleted afterwards):
   divided by N; peak RSS (VmHWM) over the whole run including `--hold` seconds of steady state afterwards
   (N Running jobs: progress scraping and resync), whose CPU is reported per 1000 jobs per minute;
   reconcile errors = kubetune_operator_reconcile_errors_total from its /metrics plus ERROR lines and
-  tracebacks in its log.
+  tracebacks in its log; the part of its CPU per job its garbage collector took
+  (kubetune_operator_gc_seconds_total).
 - Pods land on `bench-node-*` KWOK nodes the script adds (2000 pods, 4000 GPUs each, a taint of their own
   that only the bench's pods tolerate; removed with --cleanup-nodes), so node capacity never limits either arm.
 
@@ -318,13 +319,21 @@ class Operator:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    def reconcile_errors(self) -> int:
+    def _metric_sum(self, name: str) -> Optional[float]:
+        """Sum over all series of one metric of the operator's /metrics (None: not answering)."""
         try:
             text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
         except OSError:
-            return -1
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("kubetune_operator_reconcile_errors_total{")))
+            return None
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+    def reconcile_errors(self) -> int:
+        errors = self._metric_sum("kubetune_operator_reconcile_errors_total")
+        return -1 if errors is None else int(errors)
+
+    def gc_seconds(self) -> float:
+        """CPU seconds its garbage collector took so far (kubetune_operator_gc_seconds_total, all generations)."""
+        return self._metric_sum("kubetune_operator_gc_seconds_total") or 0.0
 
     def log_errors(self) -> int:
         text = self.log_path.read_text(errors="replace")
@@ -377,6 +386,7 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     requests0 = api_requests(api)
     servers0 = cluster_cpu()
     op0 = op.cpu_seconds() if op else 0.0
+    gc0 = op.gc_seconds() if op else 0.0
     t0 = time.monotonic()
     create_all(api, ns, objs, path)
     t_created = time.monotonic()
@@ -396,7 +406,8 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         t_status = status.wait(n, max(30.0, timeout - (time.monotonic() - t0)))
         cpu1 = op.cpu_seconds()
         row.update(status_s=(t_status - t0) if t_status else None, running_count=len(status.times),
-                   cpu_per_job_ms=1000 * (cpu1 - cpu0) / n)
+                   cpu_per_job_ms=1000 * (cpu1 - cpu0) / n,
+                   gc_per_job_ms=1000 * (op.gc_seconds() - gc0) / n)  # the part its garbage collector took
         if traced:
             op.dump_memory(traced)
     requests1 = api_requests(api)
@@ -445,9 +456,9 @@ def spread(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| N | FineTuneJobs: pods scheduled s | plain Jobs: pods scheduled s | ratio | FTJ status Running s "
-           "| operator CPU ms/job | operator peak RSS MB | idle CPU s/1k jobs/min | API requests/job (FTJ / Job) "
-           "| reconcile errors (metric / log) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| operator CPU ms/job | of it GC ms/job | operator peak RSS MB | idle CPU s/1k jobs/min "
+           "| API requests/job (FTJ / Job) | reconcile errors (metric / log) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted({r["n"] for r in rows}):
         f = [r for r in rows if r["n"] == n and r["arm"] == "ftj"]
         j = [r for r in rows if r["n"] == n and r["arm"] == "job"]
@@ -460,7 +471,9 @@ def table(rows: list[dict]) -> str:
         out.append("| " + " | ".join([
             f"{n:,}", spread(fs), spread(js), ratio,
             spread([r["status_s"] for r in f if r.get("status_s") is not None]),
-            spread([r["cpu_per_job_ms"] for r in f]), spread([r["rss_mb"] for r in f]), spread(hold),
+            spread([r["cpu_per_job_ms"] for r in f]),
+            spread([r["gc_per_job_ms"] for r in f if "gc_per_job_ms" in r]),
+            spread([r["rss_mb"] for r in f]), spread(hold),
             f"{spread([r['api_requests_per_job'] for r in f])} / {spread([r['api_requests_per_job'] for r in j])}",
             " ".join(f"{r['reconcile_errors']}/{r['log_errors']}" for r in f) or "-"]) + " |")
     return "\n".join(out)

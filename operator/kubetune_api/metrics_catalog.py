@@ -96,6 +96,9 @@ OPERATOR_METRICS: list[MetricDef] = [
               labels=("stage", "result"), component="operator"),
     MetricDef("kubetune_operator_reconcile_errors_total", "counter", "Reconcile attempts that raised.",
               labels=("handler",), component="operator"),
+    MetricDef("kubetune_operator_gc_seconds_total", "counter",
+              "CPU seconds the operator's Python garbage collector took, by generation (2: full collections); "
+              "KUBETUNE_GC_THRESHOLD sets how often it runs.", labels=("generation",), component="operator"),
     MetricDef("kubetune_job_phase", "gauge",
               "1 for each job's current phase, 0 for the other phases (series removed when the job is deleted).",
               labels=OPERATOR_LABELS_JOB + ("phase",), component="operator"),

@@ -4,16 +4,19 @@ table the dashboard, the alert rules and docs/metrics.md also use).
 Per-job series (`kubetune_job_*`) are set from the FineTuneJob's status on every watch event, so they carry
 the last-known values after the trainer pod is gone and after an operator restart (the status is the memory),
 and they are removed when the FineTuneJob is deleted. Fleet series: jobs per phase, phase transitions and job
-durations (observed when the operator writes a transition, so a restart does not count a job twice).
+durations (observed when the operator writes a transition, so a restart does not count a job twice), and the
+CPU time of the operator's own garbage collector (`__main__.tune_gc`).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kubetune_api.constants import Phase
 from kubetune_api.metrics_catalog import OPERATOR_METRICS, MetricDef
@@ -67,6 +70,50 @@ class PhaseCollector:
         yield family
 
 
+GC_METRIC = "kubetune_operator_gc_seconds_total"
+
+
+class GcCollector:
+    """kubetune_operator_gc_seconds_total from a gc callback. The callback runs inside the collector, in whatever
+    thread allocated: it only adds to a list of floats (no lock, nothing that could wait on a lock the
+    interrupted code holds); the scrape reads the list."""
+
+    def __init__(self, definition: MetricDef):
+        self.definition = definition
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started: Optional[float] = None
+        self._installed = False
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.thread_time()  # the collector runs in one thread at a time (the GIL)
+        elif self._started is not None:
+            generation = min(int(info.get("generation", 2)), 2)
+            self.seconds[generation] += max(0.0, time.thread_time() - self._started)
+            self._started = None
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self.on_gc)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            gc.callbacks.remove(self.on_gc)
+            self._installed = False
+
+    def describe(self):
+        return [CounterMetricFamily(self.definition.name, self.definition.help,
+                                    labels=list(self.definition.labels))]
+
+    def collect(self):
+        family = CounterMetricFamily(self.definition.name, self.definition.help,
+                                     labels=list(self.definition.labels))
+        for generation, seconds in enumerate(list(self.seconds)):
+            family.add_metric([str(generation)], seconds)
+        yield family
+
+
 class OperatorMetrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None):
         disable_created_metrics()  # `*_created` series are not in the catalog (and nobody queries them)
@@ -75,6 +122,10 @@ class OperatorMetrics:
         for m in OPERATOR_METRICS:
             if m.name == PHASE_METRIC:
                 self.registry.register(PhaseCollector(self, m))
+                continue
+            if m.name == GC_METRIC:
+                self.gc = GcCollector(m)
+                self.registry.register(self.gc)
                 continue
             kind = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}[m.type]
             kwargs = {"buckets": DURATION_BUCKETS} if m.type == "histogram" else {}
@@ -99,7 +150,13 @@ class OperatorMetrics:
         self._server = server
         return server.server_address[1]
 
+    def track_gc(self) -> None:
+        """Count the garbage collector's CPU time in kubetune_operator_gc_seconds_total from now on (the operator
+        process calls it once; unit tests build many OperatorMetrics and leave gc alone)."""
+        self.gc.install()
+
     def shutdown(self) -> None:
+        self.gc.uninstall()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

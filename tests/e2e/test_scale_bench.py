@@ -29,6 +29,7 @@ def test_scale_bench_smoke(cluster, tmp_path, monkeypatch, capsys):
     (ftj,) = [r for r in rows if r["arm"] == "ftj"]
     assert ftj["running_count"] == 5 and ftj["rss_mb"] > 0 and ftj["cpu_per_job_ms"] > 0
     assert ftj["reconcile_errors"] == 0 and ftj["log_errors"] == 0
+    assert 0 <= ftj["gc_per_job_ms"] < ftj["cpu_per_job_ms"]  # its garbage collector's part of that CPU
     # where the CPU went until the pods had nodes: the operator's share, and the cluster's servers in both arms
     (job,) = [r for r in rows if r["arm"] == "job"]
     assert ftj["cpu_ms_per_job_until_scheduled"]["operator"] > 0

@@ -161,3 +161,33 @@ def test_per_job_headline_series_follow_each_stages_status():
         assert value(m, name, **pref) is None, name
     for name in ("kubetune_job_mean_reward", "kubetune_job_policy_kl"):
         assert value(m, name, **rl) is None, name
+
+
+def test_garbage_collector_time_is_counted_by_generation_once_tracked():
+    import gc
+
+    m = OperatorMetrics(CollectorRegistry())
+    assert value(m, "kubetune_operator_gc_seconds_total", generation="2") == 0.0, "exported from the start"
+
+    def cycles(n: int = 20000) -> None:
+        for _ in range(n):
+            a: list = []
+            a.append(a)  # only the collector frees these
+
+    gc.collect()
+    cycles()
+    gc.collect()
+    assert value(m, "kubetune_operator_gc_seconds_total", generation="2") == 0.0, "nothing counted before track_gc"
+    m.track_gc()
+    try:
+        cycles()
+        gc.collect()  # a full collection, freeing 20,000 cycles: measurable CPU time
+        full = value(m, "kubetune_operator_gc_seconds_total", generation="2")
+        assert full > 0.0
+        assert [value(m, "kubetune_operator_gc_seconds_total", generation=g) for g in ("0", "1", "2")] \
+            == m.gc.seconds
+    finally:
+        m.shutdown()
+    assert m.gc.on_gc not in gc.callbacks, "shutdown removes the callback"
+    gc.collect()
+    assert value(m, "kubetune_operator_gc_seconds_total", generation="2") == full

@@ -143,7 +143,7 @@ def owners() -> list[str]:
         parts = {attr: _deep_size(getattr(rec, attr), seen) for attr in ("metrics", "lookup", "api", "settings")}
         states = list(getattr(rec, "_states", {}).values())
         if states:
-            for field in ("body", "validated", "desired", "status", "result", "unrecorded_runtime", "blocked"):
+            for field in ("frozen", "head", "target", "status", "result", "unrecorded_runtime", "blocked"):
                 parts[f"state.{field}"] = sum(_deep_size(getattr(st, field, None), seen) for st in states)
             parts["state.rest"] = _deep_size(rec._states, seen)
         out.append(f"Reconciler parts over {len(states)} jobs: " + ", ".join(
@@ -206,6 +206,8 @@ def dump(*_: object) -> None:
 
 
 if __name__ == "__main__":
+    # gc.get_objects() leaves out frozen objects: keep the startup objects visible to the counts above
+    os.environ.setdefault("KUBETUNE_GC_THRESHOLD", "0")
     if FRAMES > 0:
         tracemalloc.start(FRAMES)
     threading.Thread(target=_sample_rss, name="rss sampler", daemon=True).start()

@@ -331,9 +331,10 @@ class Operator:
         errors = self._metric_sum("kubetune_operator_reconcile_errors_total")
         return -1 if errors is None else int(errors)
 
-    def gc_seconds(self) -> float:
-        """CPU seconds its garbage collector took so far (kubetune_operator_gc_seconds_total, all generations)."""
-        return self._metric_sum("kubetune_operator_gc_seconds_total") or 0.0
+    def gc_seconds(self) -> Optional[float]:
+        """CPU seconds its garbage collector took so far (kubetune_operator_gc_seconds_total, all generations;
+        None: /metrics did not answer)."""
+        return self._metric_sum("kubetune_operator_gc_seconds_total")
 
     def log_errors(self) -> int:
         text = self.log_path.read_text(errors="replace")
@@ -386,7 +387,7 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     requests0 = api_requests(api)
     servers0 = cluster_cpu()
     op0 = op.cpu_seconds() if op else 0.0
-    gc0 = op.gc_seconds() if op else 0.0
+    gc0 = op.gc_seconds() if op else None
     t0 = time.monotonic()
     create_all(api, ns, objs, path)
     t_created = time.monotonic()
@@ -405,9 +406,11 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     if op:
         t_status = status.wait(n, max(30.0, timeout - (time.monotonic() - t0)))
         cpu1 = op.cpu_seconds()
+        gc1 = op.gc_seconds()
         row.update(status_s=(t_status - t0) if t_status else None, running_count=len(status.times),
-                   cpu_per_job_ms=1000 * (cpu1 - cpu0) / n,
-                   gc_per_job_ms=1000 * (op.gc_seconds() - gc0) / n)  # the part its garbage collector took
+                   cpu_per_job_ms=1000 * (cpu1 - cpu0) / n)
+        if gc0 is not None and gc1 is not None:
+            row["gc_per_job_ms"] = 1000 * (gc1 - gc0) / n  # the part of it its garbage collector took
         if traced:
             op.dump_memory(traced)
     requests1 = api_requests(api)

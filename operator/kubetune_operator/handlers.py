@@ -130,8 +130,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs
     api = KubeApi.from_environment(concurrency=cfg.api_concurrency)
     api.health = health
     metrics = OperatorMetrics()
-    metrics.track_gc()
     port = metrics.serve(cfg.metrics_host, cfg.metrics_port)
+    metrics.track_gc()  # after serve: a startup retry after a failed serve adds no second callback
     log.info("serving metrics on http://%s:%d/metrics", cfg.metrics_host, port)
     lookup = IndexLookup(trainer_jobs, trainer_pods)
     recorder = EventRecorder(api, instance=memo.get("identity"))

@@ -86,7 +86,7 @@ class GcCollector:
 
     def on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._started = time.thread_time()  # the collector runs in one thread at a time (the GIL)
+            self._started = time.thread_time()  # collections never overlap or nest (CPython's `collecting` flag)
         elif self._started is not None:
             generation = min(int(info.get("generation", 2)), 2)
             self.seconds[generation] += max(0.0, time.thread_time() - self._started)

@@ -726,7 +726,7 @@ class Reconciler:
         if not create_job:
             return {}, False
         workload = render_job(job_model, ftj, self.settings, runtime)
-        # the next reconcile aligns the new Job with what it was rendered from: no need to render it again
+        # the next reconcile aligns the Job with what it should be for these inputs: no need to render it again
         st.target = (self._target_digest(st, runtime, 0), freeze(align_target(workload)))
         try:
             return await self._ensure(workload, uid, job_model=job_model)

@@ -23,7 +23,7 @@ override the matching variables.
 | KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS | 300 | trainer pods' terminationGracePeriodSeconds (time to checkpoint on SIGTERM) |
 | KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
-| KUBETUNE_GC_THRESHOLD | 10000 | allocations between the garbage collector's youngest-generation runs (Python's default: 700); 0 keeps Python's defaults and does not freeze the startup objects (`__main__.tune_gc`) |
+| KUBETUNE_GC_THRESHOLD | 10000 | net allocations of tracked objects between the garbage collector's youngest-generation runs (Python's default: 700; the older generations then run every 20 instead of 10 younger ones); 0 keeps Python's defaults and does not freeze the startup objects (`__main__.tune_gc`) |
 | KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (threads and connections); FineTuneJob reconciles running at once are 4x this (workqueue.py) |
 """
 

@@ -633,6 +633,27 @@ def test_validation_is_kept_for_recent_jobs_only_and_the_rendered_target_for_eve
     run(scenario())
 
 
+def test_a_changed_recorded_runtime_renders_again_and_the_live_job_follows():
+    """The kept target is keyed by the runtime too: a recorded runtime that changes (status.runtime written
+    anew) brings its defaults to the live Job's mutable fields, here the deadline a runtime's policy sets."""
+    import kubetune_operator.reconciler as R
+
+    async def scenario():
+        kube, lookup, rec = make()
+        rec.observe(kube.put(ftj()))
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        job = kube.find("Job")[0]
+        assert "activeDeadlineSeconds" not in job["spec"]
+        edited = stored(kube)
+        snap = edited["status"]["runtime"]
+        snap["spec"].setdefault("policy", {})["maxActiveDeadlineSeconds"] = 3600
+        rec.observe(kube.put(edited))
+        await rec.reconcile(NS, "demo")
+        assert kube.find("Job")[0]["spec"]["activeDeadlineSeconds"] == 3600
+        assert R.thaw(rec._states[(NS, "demo")].target[1])["mutable"]["activeDeadlineSeconds"] == 3600
+    run(scenario())
+
+
 def test_bounded_cache_evicts_the_least_recently_used():
     from kubetune_operator.reconciler import BoundedCache
 

@@ -416,14 +416,18 @@ class Reconciler:
         changes (`st.ensuring`: this run's spec_key). Only a digest of those inputs is kept, not the inputs."""
         digest = self._target_digest(st, runtime, retries_used)
         if st.target is None or st.target[0] != digest:
-            st.target = (digest, freeze(align_target(render_job(job_model, ftj, self.settings, runtime,
-                                                                retries_used))))
+            self._keep_target(st, digest, render_job(job_model, ftj, self.settings, runtime, retries_used))
         return thaw(st.target[1])
 
     @staticmethod
     def _target_digest(st: _KeyState, runtime: FineTuneRuntimeSpec, retries_used: int) -> bytes:
         return hashlib.blake2b(f"{st.ensuring}\0{runtime.model_dump_json()}\0{retries_used}".encode(),
                                digest_size=16).digest()
+
+    @staticmethod
+    def _keep_target(st: _KeyState, digest: bytes, workload: dict) -> None:
+        """Keep what _align_job needs of `workload`, rendered from the inputs `digest` stands for."""
+        st.target = (digest, freeze(align_target(workload)))
 
     # -------------------------------------------------------------------------------------------- entry
     async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False,
@@ -727,7 +731,7 @@ class Reconciler:
             return {}, False
         workload = render_job(job_model, ftj, self.settings, runtime)
         # the next reconcile aligns the Job with what it should be for these inputs: no need to render it again
-        st.target = (self._target_digest(st, runtime, 0), freeze(align_target(workload)))
+        self._keep_target(st, self._target_digest(st, runtime, 0), workload)
         try:
             return await self._ensure(workload, uid, job_model=job_model)
         except ChildRejected:

@@ -54,13 +54,26 @@ running() {
   local p; p=$(pid_of "$1") || return 1
   group_alive "$p" && [[ "$(cmdline_of "$p")" == "$(cat "$RUN/$1.cmd" 2>/dev/null)"* ]]
 }
+# ended_how NAME: sets ENDED to why NAME does not count as running: its exit status or signal (when this shell
+# started it), or what its pid runs now. A component killed before it wrote a line has an empty log: this names
+# the signal. Not in a $(subshell): only this shell holds its children's exit statuses.
+ended_how() {
+  local p rc
+  p=$(pid_of "$1") || { ENDED="no pid file"; return 0; }
+  if kill -0 "$p" 2>/dev/null; then ENDED="pid $p runs: $(cmdline_of "$p" | cut -c1-160)"; return 0; fi
+  wait "$p" 2>/dev/null && rc=0 || rc=$?   # a child's status, kept by bash after it was reaped; 127: not ours
+  if (( rc == 127 )); then ENDED="pid $p exited; status unknown (started by an earlier run) or 127"
+  elif (( rc > 128 )); then ENDED="pid $p killed by SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128)))"
+  else ENDED="pid $p exited with status $rc"; fi
+}
 # diagnose: to stderr, which components run and, for each one started but no longer running, its log tail.
 diagnose() {
   local n
   for n in "${COMPONENTS[@]}"; do
     [[ -e $RUN/$n.pid ]] || continue
     if running "$n"; then log "  $n: running (pid $(pid_of "$n"))"; continue; fi
-    log "  $n: NOT running; last lines of $LOGS/$n.log:"
+    ended_how "$n"
+    log "  $n: NOT running ($ENDED); last lines of $LOGS/$n.log:"
     tail -n 15 "$LOGS/$n.log" 2>/dev/null | sed 's/^/      /' >&2 || true
   done
 }
@@ -77,4 +90,30 @@ stop_group() {
   done
   log "$name did not stop in ${grace}s: SIGKILL"
   kill -KILL -- "-$pg" 2>/dev/null || true
+}
+
+# start NAME PORT CMD...: runs CMD in its own session (so down.sh can signal the whole process group),
+# output to $LOGS/NAME.log, pid (= process group id) to $RUN/NAME.pid.
+start() {
+  local name=$1 port=$2; shift 2
+  if running "$name"; then log "$name already running (pid $(pid_of "$name"))"; return 0; fi
+  [[ $port == - ]] || ! port_busy "$port" || die "$name: port $port is in use by a process this script did not start"
+  printf '\n=== %s starting: %s\n' "$(date -Is)" "$*" >> "$LOGS/$name.log"
+  setsid "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
+  local pid=$! i
+  echo "$pid" > "$RUN/$name.pid"
+  printf '%s %s' "$1" "${2:-}" > "$RUN/$name.cmd"
+  # `running` knows a component by its process group and command line, and both are right only once setsid has
+  # made the group and exec'd the command: until then the child is a copy of this shell. Wait for that (ms; more
+  # on a loaded machine) so that check_alive right after does not take a component still starting for one that
+  # died. Bounded: a command that cannot start ends the loop by exiting.
+  for ((i = 0; i < 200; i++)); do
+    running "$name" || ! kill -0 "$pid" 2>/dev/null && break
+    sleep 0.05
+  done
+  log "started $name (pid $pid, log $LOGS/$name.log)"
+}
+# a component that died right after start shows up here instead of as a timeout much later
+check_alive() {
+  local n; for n in "$@"; do running "$n" || { diagnose; die "$n exited (log: $LOGS/$n.log)"; }; done
 }

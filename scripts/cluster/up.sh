@@ -141,19 +141,7 @@ export KUBETUNE_POD_IP_PREFIX=$POD_IP_PREFIX
 export PATH=$BIN:\$PATH
 EOF
 
-# ---------------------------------------------------------------- process helpers
-# start NAME PORT CMD...: runs CMD in its own session (so down.sh can signal the whole process group),
-# output to $LOGS/NAME.log, pid (= process group id) to $RUN/NAME.pid.
-start() {
-  local name=$1 port=$2; shift 2
-  if running "$name"; then log "$name already running (pid $(pid_of "$name"))"; return 0; fi
-  [[ $port == - ]] || ! port_busy "$port" || die "$name: port $port is in use by a process this script did not start"
-  printf '\n=== %s starting: %s\n' "$(date -Is)" "$*" >> "$LOGS/$name.log"
-  setsid "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
-  echo $! > "$RUN/$name.pid"
-  printf '%s %s' "$1" "${2:-}" > "$RUN/$name.cmd"
-  log "started $name (pid $!, log $LOGS/$name.log)"
-}
+# ---------------------------------------------------------------- process helpers (start, check_alive: common.sh)
 # wait_for DESC CMD...: polls CMD until it succeeds; after $TIMEOUT s fails with CMD's last output and the
 # state of every component (a timeout is usually a component that died or logs why it cannot start)
 wait_for() {
@@ -176,10 +164,6 @@ wait_for() {
 }
 # Any other failing command (set -e) says which one, where, and how the components are doing.
 trap 'rc=$?; log "ERROR: line $LINENO: \`$BASH_COMMAND\` exited $rc"; diagnose; exit $rc' ERR
-# a component that died right after start shows up here instead of as a timeout much later
-check_alive() {
-  local n; for n in "$@"; do running "$n" || { diagnose; die "$n exited (log: $LOGS/$n.log)"; }; done
-}
 
 # ---------------------------------------------------------------- etcd, S3, Prometheus (independent of the apiserver)
 start etcd "$ETCD_PORT" "$BIN/etcd" --name kubetune --data-dir "$DIR/etcd" \

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -282,12 +283,28 @@ def cluster() -> Cluster:
     dir_existed = state.exists()
     # up.sh also runs for a cluster that is up: it is idempotent and restarts a component that died;
     # it builds missing binaries itself (20-35 min the first time)
-    proc = subprocess.run(["bash", str(SCRIPTS / "up.sh")], capture_output=True, text=True,
-                          env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)), timeout=3600)
+    def up() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPTS / "up.sh")], capture_output=True, text=True,
+                              env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)), timeout=3600)
+
+    def excerpt(p: subprocess.CompletedProcess) -> str:  # the start (what it did first) and the end (why it stopped)
+        err = p.stderr
+        return err if len(err) <= 6000 else f"{err[:1500]}\n[... {len(err) - 5500} characters ...]\n{err[-4000:]}"
+
+    proc = up()
     if proc.returncode != 0:
-        subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)),
-                       capture_output=True, timeout=120)
-        pytest.fail(f"scripts/cluster/up.sh failed ({proc.returncode}); logs in {state}/logs:\n{proc.stderr[-4000:]}")
+        # Every e2e test needs this cluster, so one component that fails to start would error all of them:
+        # up.sh gets one more go (it starts only what is not running) and the first failure stays visible as a
+        # warning in the summary. A second failure ends the session's e2e tests with both outputs.
+        first = proc
+        warnings.warn(f"scripts/cluster/up.sh failed ({first.returncode}), running it once more:\n"
+                      f"{first.stderr[-3000:]}", stacklevel=1)
+        proc = up()
+        if proc.returncode != 0:
+            subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)),
+                           capture_output=True, timeout=120)
+            pytest.fail(f"scripts/cluster/up.sh failed twice ({first.returncode}, {proc.returncode}); logs in "
+                        f"{state}/logs.\nFirst run:\n{excerpt(first)}\nSecond run:\n{excerpt(proc)}")
     env = _read_env_file(state / "env", bin_dir)
     c = Cluster(dir=state, kubeconfig=env["KUBECONFIG"], env=env, s3_endpoint=env["KUBETUNE_S3_ENDPOINT"],
                 prometheus_url=env["KUBETUNE_PROMETHEUS_URL"], bin_dir=bin_dir, started_here=not was_up)

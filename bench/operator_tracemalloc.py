@@ -143,7 +143,7 @@ def owners() -> list[str]:
         parts = {attr: _deep_size(getattr(rec, attr), seen) for attr in ("metrics", "lookup", "api", "settings")}
         states = list(getattr(rec, "_states", {}).values())
         if states:
-            for field in ("frozen", "head", "target", "status", "result", "unrecorded_runtime", "blocked"):
+            for field in ("frozen", "frozen_status", "head", "target", "result", "unrecorded_runtime", "blocked"):
                 parts[f"state.{field}"] = sum(_deep_size(getattr(st, field, None), seen) for st in states)
             parts["state.rest"] = _deep_size(rec._states, seen)
         out.append(f"Reconciler parts over {len(states)} jobs: " + ", ".join(

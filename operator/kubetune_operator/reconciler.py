@@ -283,10 +283,12 @@ def st_key(ftj: dict) -> tuple[str, str]:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
-def spec_key(ftj: dict) -> str:
-    """What validation and rendering read: metadata (less what changes on every write) and spec."""
+def spec_key(ftj: dict) -> bytes:
+    """A digest of what validation and rendering read: metadata (less what changes on every write) and spec.
+    A digest, not the JSON: it is kept per job (up to three of them, `_KeyState`), ~1.5 KB each as text."""
     meta = {k: v for k, v in (ftj.get("metadata") or {}).items() if k not in _VOLATILE_META}
-    return json.dumps([meta, ftj.get("spec")], sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps([meta, ftj.get("spec")], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def align_target(desired: dict) -> dict:
@@ -305,24 +307,27 @@ class Result:
     state: str  # gone | terminal | invalid | rejected | conflict | waiting | ok
     message: str = ""
     delay: float = 0.0
-    status: dict = field(default_factory=dict)
 
 
-@dataclass
+# Kept for every FineTuneJob the operator has seen, so as small as it can be: slots, digests instead of spec
+# texts, and the FineTuneJob and its status as frozen bytes (live dicts of the status alone were ~7 KB per job
+# at N=1,000, docs/scale.md).
+@dataclass(slots=True)
 class _KeyState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     requested: bool = False
     ensure_all: bool = False
     # spec_key of the last run that checked every child: a FineTuneJob first seen (created, or found when the
     # operator starts) or whose metadata/spec changed gets its ConfigMap and Service checked too
-    ensured: Optional[str] = None
-    ensuring: Optional[str] = None
-    observed: Optional[str] = None  # spec_key of the newest body the watch delivered (`unsettled`)
+    ensured: Optional[bytes] = None
+    ensuring: Optional[bytes] = None
+    observed: Optional[bytes] = None  # spec_key of the newest body the watch delivered (`unsettled`)
     result: Optional[Result] = None
     uid: Optional[str] = None
-    status: Optional[dict] = None
+    frozen_status: Optional[bytes] = None  # the status last seen or written (freeze); `status` thaws it
+    terminal: bool = False  # whether that status is terminal (checked on every event: no thawing for it)
     frozen: Optional[bytes] = None  # the FineTuneJob last seen (freeze(_slim(body))); `body` thaws it
-    head: Optional[dict] = None  # its uid and resourceVersion, for `newer` without thawing
+    head: Optional[tuple] = None  # its (uid, resourceVersion), for `newer` without thawing (`held`)
     watched: bool = False  # kopf's watch feeds `body` (observe): reconciles read it instead of GETting it
     expected_deletion: Optional[str] = None  # uid of a Job this operator deleted to re-create it
     blocked: tuple = (None, None)  # last _pods_refused answer, reused by runs that do not list events
@@ -332,6 +337,16 @@ class _KeyState:
     unrecorded_runtime: Optional[dict] = None
     # (digest of what the Job was rendered from, freeze(AlignTarget)): what _align_job compares a live Job with
     target: Optional[tuple[bytes, bytes]] = None
+
+    @property
+    def status(self) -> Optional[dict]:
+        """A fresh copy of the status last seen or written (None: nothing held)."""
+        return None if self.frozen_status is None else thaw(self.frozen_status)
+
+    @status.setter
+    def status(self, value: Optional[dict]) -> None:
+        self.frozen_status = None if value is None else freeze(value)
+        self.terminal = value is not None and S.is_terminal(value)
 
     @property
     def body(self) -> Optional[dict]:
@@ -345,7 +360,12 @@ class _KeyState:
             return
         meta = value.get("metadata") or {}
         self.frozen = freeze(_slim(value))
-        self.head = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}}
+        self.head = (meta.get("uid"), meta.get("resourceVersion"))
+
+    @property
+    def held(self) -> Optional[dict]:
+        """The uid and resourceVersion of the FineTuneJob held, shaped as `newer` reads them."""
+        return None if self.head is None else {"metadata": {"uid": self.head[0], "resourceVersion": self.head[1]}}
 
 
 class Reconciler:
@@ -385,10 +405,10 @@ class Reconciler:
         would otherwise cost a reconcile that finds nothing to do, about three per new job."""
         meta = body.get("metadata") or {}
         st = self._state(*st_key(body))
-        held = (st.head or {}).get("metadata") or {}
+        held = (st.held or {}).get("metadata") or {}
         known = st.watched and held.get("resourceVersion") is not None and \
             held.get("resourceVersion") == meta.get("resourceVersion") and held.get("uid") == meta.get("uid")
-        if newer(body, st.head):
+        if newer(body, st.held):
             st.body = body  # frozen: a copy by construction
             st.observed = spec_key(body)
         st.watched = True
@@ -421,7 +441,7 @@ class Reconciler:
 
     @staticmethod
     def _target_digest(st: _KeyState, runtime: FineTuneRuntimeSpec, retries_used: int) -> bytes:
-        return hashlib.blake2b(f"{st.ensuring}\0{runtime.model_dump_json()}\0{retries_used}".encode(),
+        return hashlib.blake2b(st.ensuring + f"\0{runtime.model_dump_json()}\0{retries_used}".encode(),
                                digest_size=16).digest()
 
     @staticmethod
@@ -459,8 +479,8 @@ class Reconciler:
 
     async def _reconcile_once(self, st: _KeyState, namespace: str, name: str, ensure_all: bool,
                               check_blocked: bool = True) -> Result:
-        if not ensure_all and st.status is not None and S.is_terminal(st.status):
-            return Result("terminal", status=st.status)  # a finished job's pods come and go: nothing to do
+        if not ensure_all and st.terminal:
+            return Result("terminal")  # a finished job's pods come and go: nothing to do
         held = st.body if st.watched else None
         ftj = held if held is not None else await self.api.get(ftj_path(namespace, name))
         if ftj is None or (ftj.get("metadata") or {}).get("deletionTimestamp"):
@@ -472,13 +492,13 @@ class Reconciler:
             st.uid, st.expected_deletion, st.unrecorded_runtime = uid, None, None
         if ftj is not held:
             st.body = ftj
-        st.status = ftj.get("status") or {}
-        old_status = st.status
+        old_status = ftj.get("status") or {}
+        st.status = old_status
 
         if S.is_terminal(old_status):
             new = S.derive_status(ftj, None, [], now=self.now())
             await self._write(st, ftj, new)
-            return Result("terminal", status=st.status)
+            return Result("terminal")
 
         st.ensuring = spec_key(ftj)
         ensure_all = ensure_all or st.ensuring != st.ensured
@@ -486,7 +506,7 @@ class Reconciler:
         if problems:
             message = describe_problems(problems)
             await self._write(st, ftj, S.invalid_spec_status(ftj, message, now=self.now()))
-            return Result("invalid", message=message, status=st.status)
+            return Result("invalid", message=message)
 
         if is_multi_node(job_model.spec):
             jobs = []  # a JobSet: no index (it is read by name below); the batch Jobs in the index are its children
@@ -505,7 +525,7 @@ class Reconciler:
         if refusal is not None:
             reason, message = refusal
             await self._write(st, ftj, S.invalid_spec_status(ftj, message, now=self.now(), reason=reason))
-            return Result("invalid", message=message, status=st.status)
+            return Result("invalid", message=message)
         job_model = runtimes.apply_defaults(job_model, runtime)
         try:
             if job is None and queueing.queue_name(job_model) and job_model.spec.suspend:
@@ -513,7 +533,7 @@ class Reconciler:
                 # job suspended before it ever ran gets its Job only when unsuspended.
                 await self._ensure_children(st, ftj, job_model, runtime, create_job=False)
                 await self._write(st, ftj, S.held_status(ftj, queueing.queue_name(job_model), pods, now=self.now()))
-                return Result("ok", status=st.status)
+                return Result("ok")
             if job is None:
                 ours = st.expected_deletion is not None
                 alive = [p for p in pods if not S.pod_is_finished(p)]
@@ -521,7 +541,7 @@ class Reconciler:
                     # the old Job's pods are still stopping (and checkpointing): start new ones after them
                     new = S.derive_status(ftj, None, pods, now=self.now())
                     await self._write(st, ftj, new)
-                    return Result("waiting", message=new.get("message", ""), status=st.status)
+                    return Result("waiting", message=new.get("message", ""))
                 existed = S.condition_true(old_status.get("conditions"), CT.CREATED)
                 job, created = await self._ensure_children(st, ftj, job_model, runtime, create_job=True,
                                                            existed=existed)
@@ -546,14 +566,14 @@ class Reconciler:
         except ChildRejected as exc:
             log.info("%s/%s cannot run: %s", namespace, name, exc)
             await self._write(st, ftj, S.invalid_spec_status(ftj, str(exc), now=self.now(), reason=exc.reason))
-            return Result("rejected", message=str(exc), status=st.status)
+            return Result("rejected", message=str(exc))
         except ChildConflict as exc:
             gen = ftj["metadata"].get("generation")
             conds = S.set_condition(old_status.get("conditions"), CT.CREATED, False, exc.reason,
                                     str(exc), gen, self.now())
             await self._write(st, ftj, {**S.base_status(old_status), "conditions": conds, "observedGeneration": gen,
                                         "phase": S.derive_phase(conds), "message": str(exc)})
-            return Result("conflict", message=str(exc), delay=exc.delay, status=st.status)
+            return Result("conflict", message=str(exc), delay=exc.delay)
 
         queue = await self._queue_state(job_model, job)
         if check_blocked or not self._missing_pods(job, pods, job_model):
@@ -569,9 +589,9 @@ class Reconciler:
             await self._write(st, ftj, new)
             # the Job would otherwise start pods whenever the quota frees up, for a job reported Failed
             await self.api.delete(_path_of(job))
-            return Result("terminal", status=st.status)
+            return Result("terminal")
         await self._write(st, ftj, new)
-        return Result("ok", status=st.status)
+        return Result("ok")
 
     def lacks_pods(self, namespace: str, name: str) -> bool:
         """Whether a Job of this FineTuneJob (as the watches last showed it) has fewer pods than it should run, so
@@ -969,7 +989,7 @@ class Reconciler:
         Returns whether the status changed."""
         st = self._state(namespace, name)
         async with st.lock:
-            if st.uid != uid or st.status is None:
+            if st.uid != uid or st.frozen_status is None:
                 ftj = await self.api.get(ftj_path(namespace, name))
                 if ftj is None or ftj["metadata"].get("uid") != uid:
                     return False
@@ -998,7 +1018,7 @@ class Reconciler:
         if not st.watched:
             return
         if resp and resp.get("metadata"):
-            if newer(resp, st.head):
+            if newer(resp, st.held):
                 st.body = resp
         else:
             st.body = None  # no answer to trust: the next run GETs the FineTuneJob

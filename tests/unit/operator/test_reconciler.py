@@ -567,7 +567,8 @@ def test_the_held_body_is_a_frozen_copy():
     body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
     rec.observe(body)
     st = rec._state(NS, "demo")
-    assert isinstance(st.frozen, bytes) and b"managedFields" not in st.frozen
+    from kubetune_operator import reconciler as R
+    assert isinstance(st.frozen, bytes) and "managedFields" not in R.thaw(st.frozen)["metadata"]
     body["spec"]["stage"] = "dpo"
     held = st.body
     assert held["spec"]["stage"] == "sft" and held["metadata"]["resourceVersion"] == "7"
@@ -578,6 +579,38 @@ def test_the_held_body_is_a_frozen_copy():
     older["spec"]["stage"] = "orpo"
     rec.observe(older)  # a late watch event must not roll back what is held
     assert st.body["spec"]["stage"] == "sft"
+
+
+def test_what_is_kept_per_job_is_bytes_digests_and_flags():
+    """Every FineTuneJob the operator has seen keeps a _KeyState for as long as it exists (thousands at once,
+    docs/scale.md): its status and spec keys are kept as frozen bytes and 16-byte digests, never as the dicts
+    and texts a reconcile works with, and a finished job is recognised without thawing anything."""
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        job = kube.find("Job")[0]
+        lookup.pod_list = [pod(job_uid=job["metadata"]["uid"])]
+        await rec.reconcile(NS, "demo")
+        st = rec._state(NS, "demo")
+        assert not hasattr(st, "__dict__"), "slots: no per-instance dict"
+        assert isinstance(st.frozen_status, bytes) and st.status == stored(kube)["status"]
+        held = st.status
+        held["phase"] = "Mangled"
+        assert st.status["phase"] == Phase.RUNNING and not st.terminal, "each read is a copy"
+        for name in ("ensured", "ensuring", "observed"):
+            value = getattr(st, name)
+            assert value is None or (isinstance(value, bytes) and len(value) == 16), (name, value)
+        assert st.ensured is not None
+        kept = {name: getattr(st, name) for name in st.__slots__ if name not in ("lock", "result")}
+        assert all(isinstance(v, (bytes, str, bool, int, type(None))) or
+                   (isinstance(v, tuple) and all(isinstance(x, (bytes, str, type(None))) for x in v))
+                   for v in kept.values()), kept
+        job["status"] = {"conditions": [job_cond("Complete", "CompletionsReached")], "completionTime": NOW}
+        lookup.pod_list = [pod(job_uid=job["metadata"]["uid"], phase="Succeeded")]
+        await rec.reconcile(NS, "demo")
+        assert st.terminal and st.status["phase"] == Phase.SUCCEEDED
+    run(scenario())
 
 
 def test_validation_is_kept_for_recent_jobs_only_and_the_rendered_target_for_every_job(monkeypatch):

@@ -569,6 +569,7 @@ def test_the_held_body_is_a_frozen_copy():
     st = rec._state(NS, "demo")
     from kubetune_operator import reconciler as R
     assert isinstance(st.frozen, bytes) and "managedFields" not in R.thaw(st.frozen)["metadata"]
+    assert len(st.frozen) < len(json.dumps(R.thaw(st.frozen), separators=(",", ":"))), "compressed"
     body["spec"]["stage"] = "dpo"
     held = st.body
     assert held["spec"]["stage"] == "sft" and held["metadata"]["resourceVersion"] == "7"

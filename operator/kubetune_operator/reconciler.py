@@ -395,8 +395,8 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         st = self._states.get((namespace, name))
         self._models.pop((namespace, name))
-        if st is not None:
-            st.body, st.watched = None, False
+        if st is not None:  # a job re-created under this name must not inherit "terminal" (st.status)
+            st.body, st.status, st.watched = None, None, False
         if st is not None and not st.lock.locked():
             self._states.pop((namespace, name), None)
 
@@ -411,6 +411,9 @@ class Reconciler:
         held = (st.held or {}).get("metadata") or {}
         known = st.watched and held.get("resourceVersion") is not None and \
             held.get("resourceVersion") == meta.get("resourceVersion") and held.get("uid") == meta.get("uid")
+        if st.uid is not None and meta.get("uid") != st.uid:
+            st.status = None  # a new FineTuneJob under a finished one's name: not "terminal" (forget may have
+            # found the old one's reconcile running and left its state)
         if newer(body, st.held):
             st.body = body  # frozen: a copy by construction
             st.observed = spec_key(body)
@@ -444,7 +447,7 @@ class Reconciler:
 
     @staticmethod
     def _target_digest(st: _KeyState, runtime: FineTuneRuntimeSpec, retries_used: int) -> bytes:
-        return hashlib.blake2b(st.ensuring + f"\0{runtime.model_dump_json()}\0{retries_used}".encode(),
+        return hashlib.blake2b((st.ensuring or b"") + f"\0{runtime.model_dump_json()}\0{retries_used}".encode(),
                                digest_size=16).digest()
 
     @staticmethod

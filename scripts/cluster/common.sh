@@ -60,10 +60,11 @@ running() {
 ended_how() {
   local p rc
   p=$(pid_of "$1") || { ENDED="no pid file"; return 0; }
-  if kill -0 "$p" 2>/dev/null; then ENDED="pid $p runs: $(cmdline_of "$p" | cut -c1-160)"; return 0; fi
-  wait "$p" 2>/dev/null && rc=0 || rc=$?   # a child's status, kept by bash after it was reaped; 127: not ours
-  if (( rc == 127 )); then ENDED="pid $p exited; status unknown (started by an earlier run) or 127"
-  elif (( rc > 128 )); then ENDED="pid $p killed by SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128)))"
+  if kill -0 "$p" 2>/dev/null; then ENDED="pid $p runs: $(cmdline_of "$p" | cut -c1-160 || true)"; return 0; fi
+  if [[ " ${STARTED_PIDS:-} " != *" $p "* ]]; then ENDED="pid $p exited (started by an earlier run: status unknown)"; return 0; fi
+  wait "$p" 2>/dev/null && rc=0 || rc=$?   # a child's status, kept by bash after it was reaped
+  if (( rc > 128 && rc < 160 )); then
+    ENDED="pid $p killed by SIG$(kill -l $((rc - 128)) 2>/dev/null || echo $((rc - 128))) (status $rc)"
   else ENDED="pid $p exited with status $rc"; fi
 }
 # diagnose: to stderr, which components run and, for each one started but no longer running, its log tail.
@@ -101,6 +102,7 @@ start() {
   printf '\n=== %s starting: %s\n' "$(date -Is)" "$*" >> "$LOGS/$name.log"
   setsid "$@" >> "$LOGS/$name.log" 2>&1 < /dev/null &
   local pid=$! i
+  STARTED_PIDS="${STARTED_PIDS:-} $pid"   # ended_how: only this shell's children have a status to tell
   echo "$pid" > "$RUN/$name.pid"
   printf '%s %s' "$1" "${2:-}" > "$RUN/$name.cmd"
   # `running` knows a component by its process group and command line, and both are right only once setsid has

@@ -614,6 +614,36 @@ def test_what_is_kept_per_job_is_bytes_digests_and_flags():
     run(scenario())
 
 
+def test_a_job_recreated_under_a_finished_ones_name_is_reconciled():
+    """forget() keeps the state of a job whose reconcile is running; the new FineTuneJob's first watch event
+    must still clear the old one's terminal status, or its reconciles would all end as "terminal"."""
+    async def scenario():
+        kube, lookup, rec = make()
+        kube.put(ftj())
+        await rec.reconcile(NS, "demo", ensure_all=True)
+        job = kube.find("Job")[0]
+        job["status"] = {"conditions": [job_cond("Complete", "CompletionsReached")], "completionTime": NOW}
+        lookup.pod_list = [pod(job_uid=job["metadata"]["uid"], phase="Succeeded")]
+        await rec.reconcile(NS, "demo")
+        st = rec._state(NS, "demo")
+        assert st.terminal
+        async with st.lock:  # deleted while a reconcile of it runs: forget leaves the state in place
+            rec.forget(NS, "demo")
+            st.status = stored(kube)["status"]  # what that running reconcile writes back
+        assert rec._state(NS, "demo") is st and st.terminal
+        kube.objects.clear()
+        lookup.pod_list = []
+        new = ftj(uid="99999999-2222-3333-4444-555555555555")
+        new["metadata"]["resourceVersion"] = "1"
+        kube.put(new)
+        rec.observe(kube.objects[ftj_path(NS, "demo")])
+        assert not st.terminal
+        result = await rec.reconcile(NS, "demo")
+        assert result.state == "ok" and kinds(kube) == ["ConfigMap", "Job"]
+        assert stored(kube)["status"]["phase"] == Phase.PENDING
+    run(scenario())
+
+
 def test_validation_is_kept_for_recent_jobs_only_and_the_rendered_target_for_every_job(monkeypatch):
     """Parsed models sit in a bounded cache: reused across one job's burst of events, evicted for jobs seen long
     ago (which then validate again, with the same result). What aligning a live Job needs of the rendered Job is

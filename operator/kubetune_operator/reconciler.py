@@ -206,20 +206,27 @@ def ftj_path(namespace: str, name: str) -> str:
 
 
 def _rv(obj: Optional[dict]) -> Optional[int]:
+    return _int_or_none(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+
+
+def _int_or_none(value: Any) -> Optional[int]:
     try:
-        return int(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+        return int(value)
     except (TypeError, ValueError):
         return None
 
 
-def newer(candidate: dict, held: Optional[dict]) -> bool:
-    """Whether `candidate` may replace `held` (the same FineTuneJob): a watch event can arrive after our own
-    status write's answer and must not roll it back. resourceVersions are etcd revisions (integers) on every
-    API server in use; an unparsable one is taken as newer, as if the cache did not exist."""
-    new, old = _rv(candidate), _rv(held)
-    if held is None or new is None or old is None:
+def newer(candidate: dict, head: Optional[tuple]) -> bool:
+    """Whether `candidate` may replace the FineTuneJob held, known by its `head` (uid, resourceVersion): a watch
+    event can arrive after our own status write's answer and must not roll it back. resourceVersions are etcd
+    revisions (integers) on every API server in use; an unparsable one is taken as newer, as if the cache did
+    not exist."""
+    if head is None:
         return True
-    if ((candidate.get("metadata") or {}).get("uid")) != ((held.get("metadata") or {}).get("uid")):
+    new, old = _rv(candidate), _int_or_none(head[1])
+    if new is None or old is None:
+        return True
+    if (candidate.get("metadata") or {}).get("uid") != head[0]:
         return True  # deleted and created again under the same name
     return new >= old
 
@@ -330,7 +337,7 @@ class _KeyState:
     frozen_status: Optional[bytes] = None  # the status last seen or written (freeze); `status` thaws it
     terminal: bool = False  # whether that status is terminal (checked on every event: no thawing for it)
     frozen: Optional[bytes] = None  # the FineTuneJob last seen (freeze(_slim(body))); `body` thaws it
-    head: Optional[tuple] = None  # its (uid, resourceVersion), for `newer` without thawing (`held`)
+    head: Optional[tuple] = None  # its (uid, resourceVersion), for `newer` without thawing
     watched: bool = False  # kopf's watch feeds `body` (observe): reconciles read it instead of GETting it
     expected_deletion: Optional[str] = None  # uid of a Job this operator deleted to re-create it
     blocked: tuple = (None, None)  # last _pods_refused answer, reused by runs that do not list events
@@ -364,11 +371,6 @@ class _KeyState:
         meta = value.get("metadata") or {}
         self.frozen = freeze(_slim(value))
         self.head = (meta.get("uid"), meta.get("resourceVersion"))
-
-    @property
-    def held(self) -> Optional[dict]:
-        """The uid and resourceVersion of the FineTuneJob held, shaped as `newer` reads them."""
-        return None if self.head is None else {"metadata": {"uid": self.head[0], "resourceVersion": self.head[1]}}
 
 
 class Reconciler:
@@ -408,13 +410,13 @@ class Reconciler:
         would otherwise cost a reconcile that finds nothing to do, about three per new job."""
         meta = body.get("metadata") or {}
         st = self._state(*st_key(body))
-        held = (st.held or {}).get("metadata") or {}
-        known = st.watched and held.get("resourceVersion") is not None and \
-            held.get("resourceVersion") == meta.get("resourceVersion") and held.get("uid") == meta.get("uid")
+        held_uid, held_rv = st.head or (None, None)
+        known = st.watched and held_rv is not None and \
+            held_rv == meta.get("resourceVersion") and held_uid == meta.get("uid")
         if st.uid is not None and meta.get("uid") != st.uid:
             st.status = None  # a new FineTuneJob under a finished one's name: not "terminal" (forget may have
             # found the old one's reconcile running and left its state)
-        if newer(body, st.held):
+        if newer(body, st.head):
             st.body = body  # frozen: a copy by construction
             st.observed = spec_key(body)
         st.watched = True
@@ -1024,7 +1026,7 @@ class Reconciler:
         if not st.watched:
             return
         if resp and resp.get("metadata"):
-            if newer(resp, st.held):
+            if newer(resp, st.head):
                 st.body = resp
         else:
             st.body = None  # no answer to trust: the next run GETs the FineTuneJob

@@ -300,15 +300,14 @@ def cluster() -> Cluster:
         warnings.warn(f"scripts/cluster/up.sh failed ({first.returncode}), running it once more:\n"
                       f"{first.stderr[-3000:]}", stacklevel=1)
         proc = up()
-        if proc.returncode != 0:
-            subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)),
-                           capture_output=True, timeout=120)
-            pytest.fail(f"scripts/cluster/up.sh failed twice ({first.returncode}, {proc.returncode}); logs in "
-                        f"{state}/logs.\nFirst run:\n{excerpt(first)}\nSecond run:\n{excerpt(proc)}")
+        failed = (f"scripts/cluster/up.sh failed twice ({first.returncode}, {proc.returncode}); logs in {state}/logs."
+                  f"\nFirst run:\n{excerpt(first)}\nSecond run:\n{excerpt(proc)}")
+    else:
+        failed = f"scripts/cluster/up.sh failed ({proc.returncode}); logs in {state}/logs:\n{excerpt(proc)}"
     if proc.returncode != 0:
         subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=dict(os.environ, KUBETUNE_CLUSTER_DIR=str(state)),
                        capture_output=True, timeout=120)
-        pytest.fail(f"scripts/cluster/up.sh failed ({proc.returncode}); logs in {state}/logs:\n{excerpt(proc)}")
+        pytest.fail(failed)
     env = _read_env_file(state / "env", bin_dir)
     c = Cluster(dir=state, kubeconfig=env["KUBECONFIG"], env=env, s3_endpoint=env["KUBETUNE_S3_ENDPOINT"],
                 prometheus_url=env["KUBETUNE_PROMETHEUS_URL"], bin_dir=bin_dir, started_here=not was_up)

@@ -22,7 +22,8 @@ What one run of an arm does (each in a fresh namespace, deleted afterwards):
   (N Running jobs: progress scraping and resync), whose CPU is reported per 1000 jobs per minute;
   reconcile errors = kubetune_operator_reconcile_errors_total from its /metrics plus ERROR lines and
   tracebacks in its log; the part of its CPU per job its garbage collector took
-  (kubetune_operator_gc_seconds_total).
+  (kubetune_operator_gc_seconds_total); what it did per job in the CPU window and per job per minute of
+  `--hold` (results.json: reconciles by trigger, /progress scrapes by result).
 - Pods land on `bench-node-*` KWOK nodes the script adds (2000 pods, 4000 GPUs each, a taint of their own
   that only the bench's pods tolerate; removed with --cleanup-nodes), so node capacity never limits either arm.
 
@@ -327,6 +328,20 @@ class Operator:
             return None
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
+    def work(self) -> dict[str, float]:
+        """What the operator has done so far, by kind: reconciles by trigger and /progress scrapes by result
+        (kubetune_operator_reconciles_total, kubetune_operator_progress_scrapes_total; empty: not answering)."""
+        try:
+            text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        except OSError:
+            return {}
+        found = {}
+        for line in text.splitlines():
+            m = re.match(r'kubetune_operator_(reconciles|progress_scrapes)_total\{\w+="(\w+)"\} (\S+)$', line)
+            if m:
+                found[f"{'reconcile' if m.group(1) == 'reconciles' else 'scrape'} {m.group(2)}"] = float(m.group(3))
+        return found
+
     def reconcile_errors(self) -> int:
         errors = self._metric_sum("kubetune_operator_reconcile_errors_total")
         return -1 if errors is None else int(errors)
@@ -388,6 +403,7 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
     servers0 = cluster_cpu()
     op0 = op.cpu_seconds() if op else 0.0
     gc0 = op.gc_seconds() if op else None
+    work0 = op.work() if op else {}
     t0 = time.monotonic()
     create_all(api, ns, objs, path)
     t_created = time.monotonic()
@@ -407,6 +423,9 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         t_status = status.wait(n, max(30.0, timeout - (time.monotonic() - t0)))
         cpu1 = op.cpu_seconds()
         gc1 = op.gc_seconds()
+        work1 = op.work()
+        # per job, creation until all statuses are Running (the CPU figure's window): what the CPU went into
+        row["operator_work_per_job"] = {k: round((v - work0.get(k, 0.0)) / n, 2) for k, v in work1.items()}
         row.update(status_s=(t_status - t0) if t_status else None, running_count=len(status.times),
                    cpu_per_job_ms=1000 * (cpu1 - cpu0) / n)
         if gc0 is not None and gc1 is not None:
@@ -423,6 +442,8 @@ def run_arm(api, arm: str, n: int, args, workdir: Path) -> dict:
         if args.hold > 0:
             time.sleep(args.hold)
             row["hold_cpu_per_1k_jobs_min"] = (op.cpu_seconds() - cpu1) / args.hold * 60 * 1000 / n
+            row["hold_work_per_job_min"] = {k: round((v - work1.get(k, 0.0)) / args.hold * 60 / n, 2)
+                                            for k, v in op.work().items()}
         if traced:
             op.dump_memory(traced)
         row.update(rss_mb=op.peak_rss_mb(), reconcile_errors=op.reconcile_errors(), log_errors=op.log_errors())

@@ -45,6 +45,10 @@ def _unsuffixed(m: MetricDef) -> str:
 # Every `handler` label value of kubetune_operator_reconcile_errors_total (handlers.py's @_counted names and
 # the progress loop); tests/unit/operator keeps this list and the code in step.
 RECONCILE_HANDLERS = ("reconcile", "job-event", "jobset-event", "pod-event", "delete", "metrics", "progress")
+# `trigger` of kubetune_operator_reconciles_total (Reconciler.reconcile) and `result` of
+# kubetune_operator_progress_scrapes_total (progress.py): all exported from the start, at 0
+RECONCILE_TRIGGERS = ("event", "waiting", "resync")
+SCRAPE_RESULTS = ("ok", "failed")
 
 
 # Exported from the operator's own phase table at scrape time (PhaseCollector) rather than as prometheus_client
@@ -143,6 +147,10 @@ class OperatorMetrics:
         # makes rate()/increase() (dashboard, alerts) miss that first error.
         for handler in RECONCILE_HANDLERS:
             self.metrics["kubetune_operator_reconcile_errors_total"].labels(handler=handler)
+        for trigger in RECONCILE_TRIGGERS:
+            self.metrics["kubetune_operator_reconciles_total"].labels(trigger=trigger)
+        for result in SCRAPE_RESULTS:
+            self.metrics["kubetune_operator_progress_scrapes_total"].labels(result=result)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics; returns the bound port (port 0 picks a free one)."""
@@ -186,6 +194,12 @@ class OperatorMetrics:
 
     def reconcile_error(self, handler: str) -> None:
         self.metrics["kubetune_operator_reconcile_errors_total"].labels(handler=handler).inc()
+
+    def reconciled(self, trigger: str) -> None:
+        self.metrics["kubetune_operator_reconciles_total"].labels(trigger=trigger).inc()
+
+    def scraped(self, result: str) -> None:
+        self.metrics["kubetune_operator_progress_scrapes_total"].labels(result=result).inc()
 
     # per job --------------------------------------------------------------------------------------------
     def jobs(self) -> list[tuple[str, str]]:

@@ -40,6 +40,7 @@ import copy
 import hashlib
 import json
 import logging
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -347,6 +348,7 @@ class _KeyState:
     unrecorded_runtime: Optional[dict] = None
     # (digest of what the Job was rendered from, freeze(AlignTarget)): what _align_job compares a live Job with
     target: Optional[tuple[bytes, bytes]] = None
+    reconciled_at: float = float("-inf")  # Reconciler.monotonic() when the last run started (resync: idle_seconds)
 
     @property
     def status(self) -> Optional[dict]:
@@ -382,6 +384,7 @@ class Reconciler:
         self.recorder = recorder
         self.lookup = lookup
         self.now = now
+        self.monotonic = time.monotonic
         self._states: dict[tuple[str, str], _KeyState] = {}
         self._models = BoundedCache(MODEL_CACHE_SIZE)  # key -> (spec_key, model, problems)
         self._recent = RecentGets(api, ttl=RUNTIME_READ_TTL_SECONDS)
@@ -458,13 +461,19 @@ class Reconciler:
         st.target = (digest, freeze(align_target(workload)))
 
     # -------------------------------------------------------------------------------------------- entry
+    def idle_seconds(self, namespace: str, name: str) -> float:
+        """Seconds since the job's last reconcile started (inf: never, in this process)."""
+        st = self._states.get((namespace, name))
+        return float("inf") if st is None else self.monotonic() - st.reconciled_at
+
     async def reconcile(self, namespace: str, name: str, *, ensure_all: bool = False,
-                        check_blocked: bool = True) -> Result:
+                        check_blocked: bool = True, trigger: str = "event") -> Result:
         """Bring one FineTuneJob in line. `ensure_all` also checks the ConfigMap and Service; without it they are
         checked when the job is first seen or its metadata/spec changed (`_KeyState.ensured`), otherwise child
         events only need the Job and the status. `check_blocked=False`
         (child events: the Job and pods changed, so Kubernetes is creating pods) skips listing the Job's
-        FailedCreate events and keeps the last answer; the progress loop checks Pending jobs every tick."""
+        FailedCreate events and keeps the last answer; the progress loop checks Pending jobs every tick. `trigger`
+        (event, waiting, resync: metrics.RECONCILE_TRIGGERS) labels the run in kubetune_operator_reconciles_total."""
         st = self._state(namespace, name)
         st.requested = True
         st.ensure_all = st.ensure_all or ensure_all
@@ -473,6 +482,8 @@ class Reconciler:
             if not st.requested and st.result is not None:
                 return st.result  # a run that started after our request already covered it
             st.requested, ensure, st.ensure_all = False, st.ensure_all, False
+            st.reconciled_at = self.monotonic()
+            self.metrics.reconciled(trigger)
             check, st.check_blocked = st.check_blocked, False
             try:
                 st.result = await self._reconcile_once(st, namespace, name, ensure, check)
@@ -696,6 +707,20 @@ class Reconciler:
             for e in events:
                 by_uid.setdefault((e.get("involvedObject") or {}).get("uid") or "", []).append(e)
             self._failed_creates[ns] = by_uid
+
+    def refusal_may_change(self, namespace: str, name: str) -> bool:
+        """Whether reconciling this waiting job (lacks_pods) during a tick could find anything its last reconcile
+        did not: its Jobs have FailedCreate events in the tick's shared listing, it is reported blocked (to clear,
+        or to time out: pods_blocked_timeout_seconds), or there is no shared listing or no Job to look up. Jobs
+        whose pods the Job controller simply has not created yet are skipped: at 3,000 jobs created at once, a
+        reconcile of each of them every tick until its pod appeared was a cost per job that grew with N
+        (docs/scale.md); the pod's watch event reconciles it when it comes."""
+        shared = self._failed_creates.get(namespace)
+        st = self._states.get((namespace, name))
+        if shared is None or st is None or st.blocked[0] is not None:
+            return True
+        uids = [(j.get("metadata") or {}).get("uid") for j in self.lookup.jobs(namespace, name)]
+        return not uids or any(uid in shared for uid in uids)
 
     def unshare_failed_creates(self) -> None:
         self._failed_creates.clear()

@@ -18,8 +18,9 @@ override the matching variables.
 | KUBETUNE_PROGRESS_INTERVAL_SECONDS | 15 | how often Running jobs' /progress is scraped |
 | KUBETUNE_PROGRESS_TIMEOUT_SECONDS | 2 | timeout of one scrape |
 | KUBETUNE_PROGRESS_MAX_CONCURRENCY | 32 | scrapes in flight at once, over all jobs |
+| KUBETUNE_PROGRESS_MAX_SCRAPES_PER_SECOND | 50 | scrapes started per second, over all jobs: with more Running jobs than this times the interval, each job is scraped less often (3,000 jobs: every 60 s), oldest-scraped first, so the operator's work per second does not grow with the number of jobs |
 | KUBETUNE_PROGRESS_WARNING_INTERVAL_SECONDS | 600 | at most one "progress unreachable" event per job per this many seconds |
-| KUBETUNE_RESYNC_INTERVAL_SECONDS | 300 | full re-reconcile of every unfinished job (safety net for missed watch events) |
+| KUBETUNE_RESYNC_INTERVAL_SECONDS | 300 | the longest an unfinished job goes without a reconcile: the progress loop re-reconciles those whose last one is older (safety net for missed watch events and failed writes), spread over time rather than all jobs at once |
 | KUBETUNE_TRAINER_TERMINATION_GRACE_SECONDS | 300 | trainer pods' terminationGracePeriodSeconds (time to checkpoint on SIGTERM) |
 | KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
@@ -56,6 +57,7 @@ ENV_VARS: dict[str, str] = {
     "progress_interval_seconds": "KUBETUNE_PROGRESS_INTERVAL_SECONDS",
     "progress_timeout_seconds": "KUBETUNE_PROGRESS_TIMEOUT_SECONDS",
     "progress_max_concurrency": "KUBETUNE_PROGRESS_MAX_CONCURRENCY",
+    "progress_max_scrapes_per_second": "KUBETUNE_PROGRESS_MAX_SCRAPES_PER_SECOND",
     "progress_warning_interval_seconds": "KUBETUNE_PROGRESS_WARNING_INTERVAL_SECONDS",
     "resync_interval_seconds": "KUBETUNE_RESYNC_INTERVAL_SECONDS",
     "pods_blocked_timeout_seconds": "KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS",
@@ -87,6 +89,7 @@ class OperatorSettings(BaseModel):
     progress_interval_seconds: float = Field(15.0, gt=0)
     progress_timeout_seconds: float = Field(2.0, gt=0)
     progress_max_concurrency: int = Field(32, ge=1)
+    progress_max_scrapes_per_second: float = Field(50.0, gt=0)
     progress_warning_interval_seconds: float = Field(600.0, ge=0)
     resync_interval_seconds: float = Field(300.0, gt=0)
     pods_blocked_timeout_seconds: float = Field(0.0, ge=0)

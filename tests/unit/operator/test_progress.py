@@ -139,6 +139,88 @@ def test_scrapes_are_bounded_by_the_concurrency_limit():
     asyncio.run(scenario())
 
 
+def test_scrapes_per_tick_are_capped_oldest_scraped_first():
+    """Past progress_max_scrapes_per_second x interval Running jobs, a tick scrapes only that many, the ones
+    scraped longest ago first: every job is still scraped, each less often, and the operator's work per tick
+    stops growing with N (at 3,000 jobs every job scraped every 15 s grew each job's share of the operator's CPU
+    with how long it ran, docs/scale.md). Under the cap every Running job is scraped every tick."""
+    scraped: list[str] = []
+
+    async def fetch(url):
+        scraped.append(url.split("//")[1].split(":")[0])
+        raise ConnectionRefusedError()
+
+    async def scenario():
+        settings = OperatorSettings(progress_interval_seconds=1, progress_max_scrapes_per_second=4)
+        kube, lookup, rec, loop, views = setup(fetch, settings=settings)
+        views[:] = [P.JobView(NS, f"j{i}", f"u{i}", Phase.RUNNING, None, None, False) for i in range(10)]
+        loop.pods = lambda ns, name: [pod(name=name, ip=f"10.0.0.{name[1:]}")]
+        rounds = []
+        for _ in range(5):
+            scraped.clear()
+            await loop.tick()
+            rounds.append(sorted(scraped, key=lambda ip: int(ip.rsplit(".", 1)[1])))
+        assert all(len(r) == 4 for r in rounds), rounds
+        ips = [f"10.0.0.{i}" for i in range(10)]
+        at = [[ips[i] for i in r] for r in ([0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 8, 9], [2, 3, 4, 5], [0, 1, 6, 7])]
+        assert rounds == at, "never-scraped jobs first, then the ones scraped longest ago"
+        assert {ip for r in rounds[:3] for ip in r} == set(ips), "every job within ceil(10 / 4) ticks"
+        assert rec.metrics.registry.get_sample_value(
+            "kubetune_operator_progress_scrapes_total", {"result": "failed"}) == 20
+        assert rec.metrics.registry.get_sample_value(
+            "kubetune_operator_progress_scrapes_total", {"result": "ok"}) == 0
+
+        views[:] = views[:3]  # back under the cap: everyone, every tick, and nothing remembered
+        scraped.clear()
+        await loop.tick()
+        assert sorted(scraped) == ips[:3] and loop._scraped == {}
+    asyncio.run(scenario())
+
+
+def test_resync_reconciles_only_jobs_idle_for_the_interval():
+    """The safety net reconciles each unfinished job at least every resync_interval_seconds, counted from its
+    own last reconcile: a job its watch events keep reconciling is left alone, and the resync of thousands of
+    jobs is spread over time instead of all of them in one tick (kubetune_operator_reconciles_total{trigger})."""
+    async def fetch(url):
+        raise ConnectionRefusedError()
+
+    def count(rec, trigger):
+        return rec.metrics.registry.get_sample_value("kubetune_operator_reconciles_total", {"trigger": trigger})
+
+    async def scenario():
+        settings = OperatorSettings(progress_interval_seconds=0.01, resync_interval_seconds=300)
+        kube, lookup, rec, loop, views = setup(fetch, settings=settings)
+        clock = {"t": 1000.0}
+        rec.monotonic = lambda: clock["t"]
+        await running_job(kube, lookup, rec, views, started=STARTED_LONG_AGO)
+        kube.put(ftj("other", uid="uid-other"))
+        await rec.reconcile(NS, "other", ensure_all=True)
+        views.append(P.job_view(kube.objects[ftj_path(NS, "other")]))
+        assert rec.lacks_pods(NS, "other") and not rec.lacks_pods(NS, "demo"), "other: waiting every tick"
+        events = count(rec, "event")
+        assert events >= 3 and count(rec, "resync") == 0
+        clock["t"] += 299
+        await loop.tick()
+        assert count(rec, "resync") == 0, "both reconciled less than 300 s ago"
+        assert rec.idle_seconds(NS, "demo") == 299
+        clock["t"] += 1
+        await rec.reconcile(NS, "demo")  # a watch event of demo
+        clock["t"] += 1
+        await loop.tick()
+        assert count(rec, "resync") == 1 and rec.idle_seconds(NS, "other") == 0, "other: idle for 301 s"
+        assert rec.idle_seconds(NS, "demo") == 1
+        clock["t"] += 249
+        await loop.tick()
+        assert count(rec, "resync") == 1, "demo's last reconcile is 250 s old, other's 249 s"
+        clock["t"] += 50
+        await loop.tick()
+        assert count(rec, "resync") == 2 and rec.idle_seconds(NS, "demo") == 0
+        assert count(rec, "event") == events + 1
+        assert count(rec, "waiting") == 0, "other lacks pods, but no FailedCreate event names its Job"
+        assert rec.idle_seconds(NS, "nobody") == float("inf")
+    asyncio.run(scenario())
+
+
 def test_rank0_pod_selection():
     assert P.rank0_pod([pod(index=1), pod(index=0, phase="Pending")]) is None
     newest = pod(index=0, created="2026-01-01T00:30:00Z", ip="10.9.9.9")
@@ -301,6 +383,9 @@ def test_tick_lists_refused_pods_once_per_namespace_for_all_waiting_jobs():
     def event_lists(kube) -> list[str]:
         return [path for method, path in kube.calls if method == "GET" and path.endswith("/events")]
 
+    def waiting_runs(rec) -> float:
+        return rec.metrics.registry.get_sample_value("kubetune_operator_reconciles_total", {"trigger": "waiting"})
+
     async def scenario():
         kube, lookup, rec, loop, views = setup(fetch)
         names = ["a", "b", "c"]
@@ -316,9 +401,18 @@ def test_tick_lists_refused_pods_once_per_namespace_for_all_waiting_jobs():
         assert event_lists(kube)[before:] == [f"/api/v1/namespaces/{NS}/events"], "one LIST for the namespace"
         reasons = {n: conds(kube, n)[CT.RUNNING]["reason"] for n in names}
         assert reasons == {"a": Reason.PENDING, "b": Reason.PODS_BLOCKED, "c": Reason.PENDING}
+        assert waiting_runs(rec) == 1, "a and c: nothing names their Jobs, so a reconcile would find nothing new"
+        refusals = list(kube.core_events)
+        kube.core_events.clear()  # the quota freed up, the Job controller's next try will work: b is looked at
+        await loop.tick()         # again because it is reported blocked, and is Pending again
+        assert waiting_runs(rec) == 2 and conds(kube, "b")[CT.RUNNING]["reason"] == Reason.PENDING
+        await loop.tick()
+        assert waiting_runs(rec) == 2, "nothing blocked, nothing named: no reconcile"
+        kube.core_events.extend(refusals)
         # after the tick, a job's own check lists its own events again (fresh, not the tick's answer)
         kube.core_events.append(failed_create(jobs["c"], QUOTA))
+        before = len(event_lists(kube))
         await rec.reconcile(NS, "c")
-        assert len(event_lists(kube)) == before + 2
+        assert len(event_lists(kube)) == before + 1
         assert conds(kube, "c")[CT.RUNNING]["reason"] == Reason.PODS_BLOCKED
     asyncio.run(scenario())

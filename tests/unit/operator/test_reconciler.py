@@ -604,7 +604,7 @@ def test_what_is_kept_per_job_is_bytes_digests_and_flags():
             assert value is None or (isinstance(value, bytes) and len(value) == 16), (name, value)
         assert st.ensured is not None
         kept = {name: getattr(st, name) for name in st.__slots__ if name not in ("lock", "result")}
-        assert all(isinstance(v, (bytes, str, bool, int, type(None))) or
+        assert all(isinstance(v, (bytes, str, bool, int, float, type(None))) or
                    (isinstance(v, tuple) and all(isinstance(x, (bytes, str, type(None))) for x in v))
                    for v in kept.values()), kept
         job["status"] = {"conditions": [job_cond("Complete", "CompletionsReached")], "completionTime": NOW}

@@ -98,8 +98,8 @@ OPERATOR_METRICS: list[MetricDef] = [
               labels=("handler",), component="operator"),
     MetricDef("kubetune_operator_reconciles_total", "counter",
               "FineTuneJob reconciles run, by trigger: event (a watch event of the job or its Job/pods), waiting (a "
-              "Pending job without pods, looked at every progress interval), resync (none for "
-              "KUBETUNE_RESYNC_INTERVAL_SECONDS).", labels=("trigger",), component="operator"),
+              "Pending job whose pods Kubernetes refuses to create, looked at every progress interval), resync (none "
+              "for KUBETUNE_RESYNC_INTERVAL_SECONDS).", labels=("trigger",), component="operator"),
     MetricDef("kubetune_operator_progress_scrapes_total", "counter",
               "Scrapes of Running jobs' /progress, by result (ok, failed).", labels=("result",), component="operator"),
     MetricDef("kubetune_operator_gc_seconds_total", "counter",

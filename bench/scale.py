@@ -320,23 +320,25 @@ class Operator:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def _metrics_text(self) -> Optional[str]:
+        """The operator's /metrics exposition (None: not answering)."""
+        try:
+            return urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        except OSError:
+            return None
+
     def _metric_sum(self, name: str) -> Optional[float]:
         """Sum over all series of one metric of the operator's /metrics (None: not answering)."""
-        try:
-            text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
-        except OSError:
+        text = self._metrics_text()
+        if text is None:
             return None
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
     def work(self) -> dict[str, float]:
         """What the operator has done so far, by kind: reconciles by trigger and /progress scrapes by result
         (kubetune_operator_reconciles_total, kubetune_operator_progress_scrapes_total; empty: not answering)."""
-        try:
-            text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
-        except OSError:
-            return {}
         found = {}
-        for line in text.splitlines():
+        for line in (self._metrics_text() or "").splitlines():
             m = re.match(r'kubetune_operator_(reconciles|progress_scrapes)_total\{\w+="(\w+)"\} (\S+)$', line)
             if m:
                 found[f"{'reconcile' if m.group(1) == 'reconciles' else 'scrape'} {m.group(2)}"] = float(m.group(3))

@@ -123,8 +123,17 @@ def tune_gc(threshold: int) -> None:
     gc.set_threshold(threshold, 20, 20)
 
 
+def without_kubernetes_client() -> None:
+    """Keep the `kubernetes` package out of the operator's process where it is installed (a development
+    environment with the CLI): the operator does not use it (kube.py, credentials.py), but kopf imports its
+    models, ~10 MB of resident memory, when it can (docs/scale.md). The operator image does not install it."""
+    if "kubernetes" not in sys.modules:
+        sys.modules["kubernetes"] = None  # type: ignore[assignment]  - `import kubernetes` raises ImportError
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    without_kubernetes_client()
     import kopf
 
     from . import handlers  # noqa: F401 - registers the handlers

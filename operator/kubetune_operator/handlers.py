@@ -16,7 +16,8 @@ number of workers, delayed retries); the reconciles run from the queue.
   works; multi-node jobs then fail with reason JobSetNotInstalled (install JobSet, then restart the operator).
 - deletion: nothing blocks it (no finalizer, no delete handler); the garbage collector removes the children
   through their owner references.
-- the startup handler owns all settings and starts the progress loop (scrape, TTL, resync).
+- the startup handler owns all settings and starts the progress loop (scrape, TTL, resync); the login handler
+  gives kopf the credentials KubeApi uses (credentials.py).
 
 Importing this module must not import torch or transformers (the operator image has neither).
 """
@@ -34,6 +35,7 @@ import kopf
 from kubetune_api import constants as C
 from kubetune_api.constants import Label
 
+from . import credentials
 from .kube import EventRecorder, KubeApi
 from .metrics import OperatorMetrics
 from .outage import ENDLESS_BACKOFF, ApiHealth, ApiUnreachable, install_log_filter
@@ -120,6 +122,13 @@ def _counted(handler: str) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------------ lifecycle
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches connect and authenticate as KubeApi does (credentials.py). kopf calls this again after
+    a 401, which re-reads a rotated service-account token."""
+    return credentials.load()
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, finetunejobs: kopf.Index,
                   trainer_jobs: kopf.Index, trainer_pods: kopf.Index, **_: Any) -> None:
@@ -170,6 +179,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.close_fetch()
     if memo.get("metrics") is not None:
         memo.metrics.shutdown()
+    if memo.get("api") is not None:
+        await memo.api.close()
 
 
 @kopf.on.probe(id="finetunejobs")

@@ -1,12 +1,13 @@
 """A small JSON client for the few API calls the operator makes itself (kopf does the watching), and an event
 recorder.
 
-Why not the typed kubernetes client methods: they convert to and from generated models, which drop fields the
-client version does not know (new Job status fields) and refuse plain dicts. This wrapper sends and returns the
-API's JSON as dicts, over the official client's connection pool and authentication (kubeconfig or in-cluster
-service account, with token refresh). Calls are blocking and run in worker threads of the client's own pool
-(`concurrency` threads and as many HTTP connections): asyncio's default executor has only cpu+4 threads,
-which a burst of hundreds of new FineTuneJobs (each several calls) queued behind for minutes.
+Why not the typed kubernetes client: its methods convert to and from generated models, which drop fields the
+client version does not know (new Job status fields) and refuse plain dicts, and importing it costs the
+operator ~10 MB of memory (docs/scale.md). This client sends and returns the API's JSON as dicts over aiohttp
+(which kopf's watches use too), with the connection and credentials of credentials.py; after a 401 it logs in
+again once (a rotated service-account token) and repeats the request. Calls run on the operator's event loop;
+at most `concurrency` HTTP connections are open, and further calls wait for one (a burst of hundreds of new
+FineTuneJobs, each several calls, is served `concurrency` at a time).
 
 Events are posted here rather than with `kopf.event()` because the progress loop runs outside kopf's handler
 context, where kopf's event queue is not available; one recorder keeps all of the operator's events alike.
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlencode
+
+import aiohttp
+import yarl
 
 from kubetune_api import constants as C
 
@@ -81,80 +84,104 @@ def object_path(obj: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ client
 class KubeApi:
-    """async request() returning parsed JSON; ApiError for non-2xx answers."""
+    """async request() returning parsed JSON; ApiError for non-2xx answers, ApiUnreachable for no answer.
 
-    def __init__(self, api_client: Any = None, timeout: float = 30.0, health: Optional[ApiHealth] = None,
+        api = KubeApi.from_environment(concurrency=32)   # credentials.load(): in-cluster or kubeconfig
+        pod = await api.get("/api/v1/namespaces/team-a/pods/p")
+        await api.close()
+
+    `login` returns a kopf.ConnectionInfo (server, headers, TLS); the aiohttp session is made on first use in the
+    running event loop (and made again if a later call runs in another loop, as unit tests do)."""
+
+    def __init__(self, login: Callable[[], Any], timeout: float = 30.0, health: Optional[ApiHealth] = None,
                  concurrency: int = 32):
-        self._client = api_client
+        self._login = login
         self.timeout = timeout
         # told about every call: no answer -> ApiUnreachable (and one warning), an answer -> back (outage.py)
         self.health = health
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kube-api")
+        self.concurrency = concurrency
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server = ""
+        self._headers: dict[str, str] = {}
 
     @classmethod
     def from_environment(cls, concurrency: int = 32) -> "KubeApi":
-        from kubernetes import client, config
+        from .credentials import load
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        cfg = client.Configuration.get_default_copy()
-        cfg.connection_pool_maxsize = concurrency  # one connection per thread: none waits for a connection
-        return cls(client.ApiClient(cfg), concurrency=concurrency)
+        load()  # fail now, at startup, with the loader's message, rather than at the first call
+        return cls(load, concurrency=concurrency)
 
-    def _request_sync(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
+    def _connect(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop or self._session.closed:
+            info = self._login()
+            self._server = str(info.server).rstrip("/")
+            self._headers = {"Accept": "application/json", "User-Agent": COMPONENT, **info.as_http_headers()}
+            ssl = info.as_ssl_context() if self._server.startswith("https:") else None
+            # limit: one call per connection at a time, as many connections as `concurrency`; the rest wait here
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency, ssl=ssl))
+            self._loop = loop
+        return self._session
+
+    async def _relogin(self) -> None:
+        old, self._session = self._session, None
+        if old is not None and self._loop is asyncio.get_running_loop():
+            await old.close()
+
+    async def close(self) -> None:
+        """Close the connections (the operator's cleanup handler)."""
+        if self._session is not None and self._loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = None
+
+    async def _send(self, method: str, url_path: str, data: Optional[bytes], content_type: str,
+                    timeout: float) -> tuple[int, bytes]:
+        session = self._connect()
+        headers = self._headers if data is None else {**self._headers, "Content-Type": content_type}
+        # encoded=True: the path and query are sent as built here (urlencode), not parsed and quoted again
+        async with session.request(method, yarl.URL(self._server + url_path, encoded=True), data=data, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return resp.status, await resp.read()
+
+    async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                       content_type: str = "application/json") -> Optional[dict]:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
         url_path = path + (("?" + urlencode(query)) if query else "")
-        m, url, h, b, p = self._client.param_serialize(method, url_path, header_params=headers, body=body,
-                                                       auth_settings=["BearerToken"])
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            resp = self._client.call_api(m, url, h, b, p, _request_timeout=self.timeout)
-            resp.read()
+            status, raw = await self._send(method, url_path, data, content_type, self.timeout)
+            if status == 401:  # a rotated token (projected service-account tokens expire): log in again, once
+                await self._relogin()
+                status, raw = await self._send(method, url_path, data, content_type, self.timeout)
         except Exception as exc:
             if not unreachable(exc):
                 raise
             if self.health is not None:
                 self.health.lost(type(exc).__name__)
             raise ApiUnreachable(f"{method} {path}: the API server did not answer ({type(exc).__name__})") from exc
-        data = resp.data or b""
-        if resp.status in (429, 503) and (b"initializing" in data or b"HTTP paths have been installed" in data):
+        if status in (429, 503) and (b"initializing" in raw or b"HTTP paths have been installed" in raw):
             # the server is starting: as good as no answer (outage.py)
             if self.health is not None:
                 self.health.lost("starting")
-            raise ApiUnreachable(f"{method} {path}: the API server is starting ({resp.status})")
-        if not 200 <= resp.status < 300:
+            raise ApiUnreachable(f"{method} {path}: the API server is starting ({status})")
+        if not 200 <= status < 300:
             try:
-                status = json.loads(data)
+                answer = json.loads(raw)
             except ValueError:
-                status = None
-            if isinstance(status, dict):
-                raise ApiError(resp.status, status.get("reason", ""), status.get("message", ""),
-                               (status.get("details") or {}).get("causes"))
-                raise ApiError(resp.status, "", data[:200].decode(errors="replace")) from None
-        return json.loads(data) if data else None
-
-    def _ready_sync(self) -> bool:
-        m, url, h, b, p = self._client.param_serialize("GET", "/readyz", header_params={"Accept": "text/plain"},
-                                                       auth_settings=["BearerToken"])
-        try:
-            resp = self._client.call_api(m, url, h, b, p, _request_timeout=5)
-            resp.read()
-        except Exception:  # noqa: BLE001 - no answer: not ready
-            return False
-        return resp.status == 200
+                answer = None
+            if isinstance(answer, dict):
+                raise ApiError(status, answer.get("reason", ""), answer.get("message", ""),
+                               (answer.get("details") or {}).get("causes"))
+            raise ApiError(status, "", raw[:200].decode(errors="replace"))
+        return json.loads(raw) if raw else None
 
     async def ready(self) -> bool:
         """GET /readyz answered 200: the API server is up and serves everything (outage.py's health watch)."""
-        return await asyncio.to_thread(self._ready_sync)
-
-    async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
-                      content_type: str = "application/json") -> Optional[dict]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._request_sync, method, path, body, query, content_type)
+        try:
+            status, _ = await self._send("GET", "/readyz", None, "", 5)
+        except Exception:  # noqa: BLE001 - no answer: not ready
+            return False
+        return status == 200
 
     # conveniences -------------------------------------------------------------------------------------
     async def get(self, path: str) -> Optional[dict]:

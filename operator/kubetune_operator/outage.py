@@ -10,8 +10,8 @@ progress loop's resync catches up on whatever changed meanwhile.
 
 Where the noise came from (measured with the kube-apiserver stopped for 27 s, issue 15): kopf's API client logs
 every failed attempt of every watch at ERROR ("Request attempt #3/9 failed; will retry: ... ClientConnectorError")
-and, after its nine attempts (54 s), gives up with a traceback; urllib3 (the kubernetes client under KubeApi)
-warns on each of its own retries; a handler whose API call failed is logged by kopf with the whole traceback.
+and, after its nine attempts (54 s), gives up with a traceback; a handler whose API call failed is logged by kopf
+with the whole traceback.
 The filter drops exactly those records while they are about an unreachable server (connection refused or reset,
 timeouts, 502/503/504 while the server starts), and turns the first one into the single warning.
 """
@@ -48,12 +48,11 @@ class EndlessBackoff:
 
 ENDLESS_BACKOFF = EndlessBackoff()
 
-# Exceptions that mean "no answer from the server" (class names, so that this module needs neither aiohttp nor
-# urllib3 imported: kopf uses the first, the kubernetes client the second).
+# Exceptions that mean "no answer from the server" (class names, so that this module needs no aiohttp imported:
+# kopf and KubeApi use aiohttp; the rest are the standard library's).
 _UNREACHABLE_TYPES = {
     "ApiUnreachable", "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ClientOSError",
     "ClientConnectionResetError", "ServerTimeoutError", "ConnectionTimeoutError", "SocketTimeoutError",
-    "MaxRetryError", "NewConnectionError", "ProtocolError", "ConnectTimeoutError", "ReadTimeoutError",
     "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "TimeoutError",
     "RemoteDisconnected",
 }
@@ -150,11 +149,8 @@ class OutageFilter(logging.Filter):
         if exc is not None and unreachable(exc):
             self.health.lost(f"{type(exc).__name__}")
             return False
-        if record.name.startswith("kopf") or record.name.startswith("urllib3"):
+        if record.name.startswith("kopf"):
             msg = record.getMessage()
-            if record.name.startswith("urllib3") and msg.startswith("Retrying (") and _UNREACHABLE_TEXT.search(msg):
-                self.health.lost("connection refused")
-                return False
             if _RETRY_RECORD.match(msg) and _UNREACHABLE_TEXT.search(msg):
                 self.health.lost(msg.split(" -> ", 1)[-1].split("(", 1)[0])
                 return False

@@ -25,7 +25,7 @@ override the matching variables.
 | KUBETUNE_PODS_BLOCKED_TIMEOUT_SECONDS | 0 (never) | fail a job (reason PodsBlocked) whose pods Kubernetes has refused to create (quota, missing PriorityClass/ServiceAccount) for this long |
 | KUBETUNE_TRAINER_METRICS_PORT | 9400 | port the trainer serves /metrics and /progress on |
 | KUBETUNE_GC_THRESHOLD | 10000 | net allocations of tracked objects between the garbage collector's youngest-generation runs (Python's default: 700; the older generations then run every 20 instead of 10 younger ones); 0 keeps Python's defaults and does not freeze the startup objects (`__main__.tune_gc`) |
-| KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (threads and connections); FineTuneJob reconciles running at once are 4x this (workqueue.py) |
+| KUBETUNE_API_CONCURRENCY | 32 | Kubernetes API calls of the operator in flight at once (HTTP connections; kopf's watches are apart); FineTuneJob reconciles running at once are 4x this (workqueue.py) |
 """
 
 from __future__ import annotations

@@ -30,6 +30,20 @@ def test_importing_the_operator_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_operator_process_never_imports_the_kubernetes_client():
+    """Where the CLI's kubernetes package is installed too, the operator's entry point keeps it out (kopf would
+    import its models, ~10 MB); the handlers still register and log in through credentials.py."""
+    code = ("import sys; from kubetune_operator.__main__ import without_kubernetes_client; "
+            "without_kubernetes_client(); import kopf, kubetune_operator.handlers; "
+            "loaded = sorted(m for m, v in sys.modules.items() if m.startswith('kubernetes') and v is not None); "
+            "assert not loaded, loaded[:5]; "
+            "ids = [h.id for h in kopf.get_default_registry()._activities.get_all_handlers()]; "
+            "assert any('login' in i for i in ids), ids; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(REPO / "operator"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def _handlers():
     return kopf.get_default_registry()  # importing kubetune_operator.handlers registered them there
 

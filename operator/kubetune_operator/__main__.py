@@ -136,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     without_kubernetes_client()
     import kopf
 
-    from . import handlers  # noqa: F401 - registers the handlers
+    from . import handlers  # registers the handlers
 
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet,
                    log_format=kopf.LogFormat[args.log_format.upper()])
@@ -147,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"kubetune-operator: bad configuration: {exc}", file=sys.stderr)
         return 2
     tune_gc(p["memo"]["settings"].gc_threshold)
-    kopf.run(memo=kopf.Memo(**p["memo"]), **p["kwargs"])
+    kopf.run(memo=handlers.SharedMemo(**p["memo"]), **p["kwargs"])
     return 0
 
 

@@ -209,3 +209,20 @@ def test_cli_rejects_contradictions():
         parse_args(["--standalone", "--peering", "x"])
     with pytest.raises(SystemExit):
         parse_args(["-A", "-n", "x"])
+
+
+def test_every_watched_object_shares_the_operators_memo():
+    """kopf copies the memo for every object it watches (three per FineTuneJob); the operator's is shared."""
+    from kopf._core.reactor.inventory import ResourceMemories
+
+    from kubetune_operator.handlers import SharedMemo
+
+    async def recall(memobase):
+        memories = ResourceMemories()
+        return [(await memories.recall(raw_body={"metadata": {"uid": f"u{i}", "name": f"n{i}", "namespace": "a"}},
+                                       memobase=memobase)).memo for i in range(3)]
+    shared = SharedMemo(settings=object(), queue=object())
+    assert all(m is shared for m in asyncio.run(recall(shared)))
+    plain = kopf.Memo(settings=object())
+    copies = asyncio.run(recall(plain))
+    assert all(m is not plain and m == plain for m in copies), "kopf's own behaviour: a copy per object"

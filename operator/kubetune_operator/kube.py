@@ -140,8 +140,12 @@ class KubeApi:
         session = self._connect()
         headers = self._headers if data is None else {**self._headers, "Content-Type": content_type}
         # encoded=True: the path and query are sent as built here (urlencode), not parsed and quoted again
+        # `timeout` bounds connecting and each read, not the wait for a free connection: a burst of reconciles
+        # queues for the `concurrency` connections (as calls queued for threads before), and a total timeout
+        # would count that wait and call a busy but answering server unreachable
         async with session.request(method, yarl.URL(self._server + url_path, encoded=True), data=data, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                                   timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeout,
+                                                                 sock_read=timeout)) as resp:
             return resp.status, await resp.read()
 
     async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,

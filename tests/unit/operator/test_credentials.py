@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
@@ -141,6 +142,8 @@ class _Server:
                                             "details": {"causes": [{"field": "spec.x", "message": "no"}]}})
                 if self.path.startswith("/plain"):
                     return self._send(500, b"oops, not json")
+                if self.path.startswith("/slow"):
+                    time.sleep(float(self.path.rsplit("/", 1)[1]))
                 if self.path == "/readyz":
                     return self._send(200, b"ok")
                 return self._send(200, {"method": self.command, "path": self.path,
@@ -265,3 +268,26 @@ def test_a_session_per_event_loop(server):
     for _ in range(2):
         assert asyncio.run(once())["method"] == "GET"
     assert len(calls) == 2
+
+
+def test_waiting_for_a_free_connection_is_not_a_timeout(server):
+    """One connection, three calls of 0.3 s each, a 0.5 s timeout: the third waits 0.6 s for the connection and
+    still succeeds (the timeout bounds connecting and reading, as the thread pool did); a call whose answer takes
+    longer than the timeout is ApiUnreachable."""
+    login, _ = _login(server, ["t2"])
+    health = ApiHealth()
+
+    async def go():
+        api = KubeApi(login, timeout=0.5, concurrency=1, health=health)
+        try:
+            started = time.monotonic()
+            got = await asyncio.gather(*(api.get(f"/slow/{i}/0.3") for i in range(3)))
+            assert [g["path"] for g in got] == [f"/slow/{i}/0.3" for i in range(3)]
+            assert time.monotonic() - started >= 0.85, "served one at a time"
+            assert not health.down
+            with pytest.raises(ApiUnreachable):
+                await api.get("/slow/x/1.5")
+            assert health.down
+        finally:
+            await api.close()
+    asyncio.run(go())

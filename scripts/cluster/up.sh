@@ -10,6 +10,7 @@
 # Writes $DIR/kubeconfig (admin, system:masters) and $DIR/env (source it: KUBECONFIG, S3, Prometheus vars).
 # Env: KUBETUNE_CLUSTER_DIR (default /tmp/kubetune-cluster), ports (see common.sh), KUBETUNE_PYTHON_BIN_DIR,
 #      KUBETUNE_SKIP_BUILD=1 (fail instead of building missing binaries), KUBETUNE_UP_TIMEOUT (s, default 180).
+#      KUBETUNE_APISERVER_PROFILING=true: kube-apiserver serves /debug/pprof (for bench/ profiles; default off).
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(cd "$(dirname "$0")" && pwd)/common.sh"
@@ -242,7 +243,7 @@ start kube-apiserver "$APISERVER_PORT" "$BIN/kube-apiserver" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
   --service-cluster-ip-range="$SERVICE_CIDR" --authorization-mode=Node,RBAC --allow-privileged=true \
-  --cert-dir="$PKI/apiserver-generated" --profiling=false --event-ttl=1h \
+  --cert-dir="$PKI/apiserver-generated" --profiling="${KUBETUNE_APISERVER_PROFILING:-false}" --event-ttl=1h \
   --shutdown-watch-termination-grace-period=2s
 check_alive etcd s3 prometheus kube-apiserver
 ADMIN_TOKEN=$(token_of kubetune-admin)

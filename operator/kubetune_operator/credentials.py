@@ -87,18 +87,17 @@ def from_kubeconfig(kubeconfig: Optional[str] = None) -> Optional[kopf.Connectio
             raise CredentialsError(
                 f"kubeconfig user {context['user']!r} authenticates with {plugin!r}, which the operator does not "
                 f"run: give it a user with token, tokenFile or a client certificate, or run it in-cluster")
-    token = user.get("token")
-    if not token and user.get("tokenFile"):
-        token = _read(_resolve(user["tokenFile"], user_base))
+    # as client-go: tokenFile over token, and *-data over the file of the same thing
+    token = _read(_resolve(user["tokenFile"], user_base)) if user.get("tokenFile") else user.get("token")
     return kopf.ConnectionInfo(
         server=cluster.get("server"),
-        ca_path=_resolve(cluster.get("certificate-authority"), cluster_base),
+        ca_path=_path_unless(cluster, "certificate-authority", cluster_base),
         ca_data=cluster.get("certificate-authority-data"),
         insecure=bool(cluster.get("insecure-skip-tls-verify")) or None,
         token=token or None,
-        certificate_path=_resolve(user.get("client-certificate"), user_base),
+        certificate_path=_path_unless(user, "client-certificate", user_base),
         certificate_data=user.get("client-certificate-data"),
-        private_key_path=_resolve(user.get("client-key"), user_base),
+        private_key_path=_path_unless(user, "client-key", user_base),
         private_key_data=user.get("client-key-data"),
         default_namespace=context.get("namespace"),
         priority=10,
@@ -117,6 +116,11 @@ def load() -> kopf.ConnectionInfo:
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
+
+
+def _path_unless(entry: dict, field: str, base: str) -> Optional[str]:
+    """The file named by `field`, unless `field`-data is given (which wins, as in client-go)."""
+    return None if entry.get(f"{field}-data") else _resolve(entry.get(field), base)
 
 
 def _resolve(path: Any, base: str) -> Optional[str]:

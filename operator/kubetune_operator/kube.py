@@ -83,6 +83,27 @@ def object_path(obj: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ client
+class _Connection:
+    """One login: the server, the headers that carry its credentials, and two aiohttp sessions: `calls` (at most
+    `concurrency` connections) and `probes` (one connection for GET /readyz, so that the health watch never
+    queues behind a burst of calls)."""
+
+    __slots__ = ("server", "headers", "calls", "probes", "loop")
+
+    def __init__(self, info: Any, concurrency: int, loop: asyncio.AbstractEventLoop):
+        self.server = str(info.server).rstrip("/")
+        self.headers = {"Accept": "application/json", "User-Agent": COMPONENT, **info.as_http_headers()}
+        ssl = info.as_ssl_context() if self.server.startswith("https:") else None
+        # limit: one call per connection at a time, as many connections as `concurrency`; the rest wait here
+        self.calls = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, ssl=ssl))
+        self.probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, ssl=ssl))
+        self.loop = loop
+
+    async def close(self) -> None:
+        await self.calls.close()
+        await self.probes.close()
+
+
 class KubeApi:
     """async request() returning parsed JSON; ApiError for non-2xx answers, ApiUnreachable for no answer.
 
@@ -90,7 +111,7 @@ class KubeApi:
         pod = await api.get("/api/v1/namespaces/team-a/pods/p")
         await api.close()
 
-    `login` returns a kopf.ConnectionInfo (server, headers, TLS); the aiohttp session is made on first use in the
+    `login` returns a kopf.ConnectionInfo (server, headers, TLS); the connection is made on first use in the
     running event loop (and made again if a later call runs in another loop, as unit tests do)."""
 
     def __init__(self, login: Callable[[], Any], timeout: float = 30.0, health: Optional[ApiHealth] = None,
@@ -100,10 +121,8 @@ class KubeApi:
         # told about every call: no answer -> ApiUnreachable (and one warning), an answer -> back (outage.py)
         self.health = health
         self.concurrency = concurrency
-        self._session: Optional[aiohttp.ClientSession] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._server = ""
-        self._headers: dict[str, str] = {}
+        self._conn: Optional[_Connection] = None
+        self._retired: set[_Connection] = set()  # replaced after a 401; closed once their calls had time to end
 
     @classmethod
     def from_environment(cls, concurrency: int = 32) -> "KubeApi":
@@ -112,38 +131,48 @@ class KubeApi:
         load()  # fail now, at startup, with the loader's message, rather than at the first call
         return cls(load, concurrency=concurrency)
 
-    def _connect(self) -> aiohttp.ClientSession:
+    def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop or self._session.closed:
-            info = self._login()
-            self._server = str(info.server).rstrip("/")
-            self._headers = {"Accept": "application/json", "User-Agent": COMPONENT, **info.as_http_headers()}
-            ssl = info.as_ssl_context() if self._server.startswith("https:") else None
-            # limit: one call per connection at a time, as many connections as `concurrency`; the rest wait here
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency, ssl=ssl))
-            self._loop = loop
-        return self._session
+        conn = self._conn
+        if conn is None or conn.loop is not loop or conn.calls.closed:
+            conn = self._conn = _Connection(self._login(), self.concurrency, loop)
+        return conn
 
-    async def _relogin(self) -> None:
-        old, self._session = self._session, None
-        if old is not None and self._loop is asyncio.get_running_loop():
-            await old.close()
+    def _relogin(self, used: _Connection) -> None:
+        """After a 401 on `used`. When a token expires many calls get a 401 at once: only the first of them
+        replaces the connection (no await between the check and the change), the others retry on the new one.
+        The old one is closed later, not under the calls still on it."""
+        if self._conn is not used:
+            return
+        self._conn = None
+        self._retired.add(used)
+
+        def close_later() -> None:
+            if used in self._retired:
+                self._retired.discard(used)
+                task = asyncio.ensure_future(used.close())
+                task.add_done_callback(lambda t: t.exception())  # nothing to report: it is gone either way
+
+        used.loop.call_later(2 * self.timeout + 5, close_later)
 
     async def close(self) -> None:
         """Close the connections (the operator's cleanup handler)."""
-        if self._session is not None and self._loop is asyncio.get_running_loop():
-            await self._session.close()
-        self._session = None
+        loop = asyncio.get_running_loop()
+        for conn in [self._conn, *self._retired]:
+            if conn is not None and conn.loop is loop:
+                await conn.close()
+        self._conn = None
+        self._retired.clear()
 
-    async def _send(self, method: str, url_path: str, data: Optional[bytes], content_type: str,
-                    timeout: float) -> tuple[int, bytes]:
-        session = self._connect()
-        headers = self._headers if data is None else {**self._headers, "Content-Type": content_type}
-        # encoded=True: the path and query are sent as built here (urlencode), not parsed and quoted again
+    async def _send(self, session: aiohttp.ClientSession, server: str, headers: dict, method: str, url_path: str,
+                    data: Optional[bytes], content_type: str, timeout: float) -> tuple[int, bytes]:
+        if data is not None:
+            headers = {**headers, "Content-Type": content_type}
         # `timeout` bounds connecting and each read, not the wait for a free connection: a burst of reconciles
         # queues for the `concurrency` connections (as calls queued for threads before), and a total timeout
         # would count that wait and call a busy but answering server unreachable
-        async with session.request(method, yarl.URL(self._server + url_path, encoded=True), data=data, headers=headers,
+        # encoded=True: the path and query are sent as built here (urlencode), not parsed and quoted again
+        async with session.request(method, yarl.URL(server + url_path, encoded=True), data=data, headers=headers,
                                    timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeout,
                                                                  sock_read=timeout)) as resp:
             return resp.status, await resp.read()
@@ -153,10 +182,14 @@ class KubeApi:
         url_path = path + (("?" + urlencode(query)) if query else "")
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            status, raw = await self._send(method, url_path, data, content_type, self.timeout)
+            conn = self._connect()
+            status, raw = await self._send(conn.calls, conn.server, conn.headers, method, url_path, data,
+                                           content_type, self.timeout)
             if status == 401:  # a rotated token (projected service-account tokens expire): log in again, once
-                await self._relogin()
-                status, raw = await self._send(method, url_path, data, content_type, self.timeout)
+                self._relogin(conn)
+                conn = self._connect()
+                status, raw = await self._send(conn.calls, conn.server, conn.headers, method, url_path, data,
+                                               content_type, self.timeout)
         except Exception as exc:
             if not unreachable(exc):
                 raise
@@ -182,7 +215,8 @@ class KubeApi:
     async def ready(self) -> bool:
         """GET /readyz answered 200: the API server is up and serves everything (outage.py's health watch)."""
         try:
-            status, _ = await self._send("GET", "/readyz", None, "", 5)
+            conn = self._connect()
+            status, _ = await self._send(conn.probes, conn.server, conn.headers, "GET", "/readyz", None, "", 5)
         except Exception:  # noqa: BLE001 - no answer: not ready
             return False
         return status == 200

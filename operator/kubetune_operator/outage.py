@@ -53,9 +53,14 @@ ENDLESS_BACKOFF = EndlessBackoff()
 _UNREACHABLE_TYPES = {
     "ApiUnreachable", "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ClientOSError",
     "ClientConnectionResetError", "ServerTimeoutError", "ConnectionTimeoutError", "SocketTimeoutError",
+    "ClientPayloadError",
     "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "TimeoutError",
     "RemoteDisconnected",
 }
+# ... except a server certificate the client refuses (aiohttp's subclass of ClientConnectorError): a wrong CA does
+# not pass by waiting, so it is raised and logged as it is. (Other TLS errors, such as an EOF in the handshake of a
+# server that is stopping, stay outages.)
+_TLS_TYPES = {"ClientConnectorCertificateError"}
 # kopf's retry records carry the exception only as repr() in the message.
 _RETRY_RECORD = re.compile(r"^Request attempt #\d+(/\d+)? failed; (will retry|escalating): ")
 # ... and while it starts: 503 "the request has been made before all known HTTP paths have been installed",
@@ -67,6 +72,8 @@ def unreachable(exc: Optional[BaseException]) -> bool:
     """exc, or an exception it was raised from, says the API server did not answer."""
     seen = 0
     while exc is not None and seen < 10:
+        if any(t.__name__ in _TLS_TYPES for t in type(exc).__mro__):
+            return False  # an answer of sorts: a certificate the client refuses is no outage, and says so
         if any(t.__name__ in _UNREACHABLE_TYPES for t in type(exc).__mro__):
             return True
         status = getattr(exc, "status", None) or getattr(exc, "status_code", None)

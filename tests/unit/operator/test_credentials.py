@@ -291,3 +291,52 @@ def test_waiting_for_a_free_connection_is_not_a_timeout(server):
         finally:
             await api.close()
     asyncio.run(go())
+
+
+def test_many_401s_at_once_log_in_again_once_and_none_fails(server):
+    """An expired token: five calls in flight get a 401 together; the first replaces the connection, the others
+    retry on it (closing it under them would fail them), and the old one is closed later."""
+    login, calls = _login(server, ["t1", "t2", "t3"])
+
+    async def go():
+        api = KubeApi(login)
+        try:
+            got = await asyncio.gather(*(api.get(f"/slow/{i}/0.2") for i in range(5)))
+            assert [g["path"] for g in got] == [f"/slow/{i}/0.2" for i in range(5)]
+            assert len(api._retired) == 1, "the replaced connection waits to be closed"
+        finally:
+            await api.close()
+        assert not api._retired
+    asyncio.run(go())
+    assert len(calls) == 2, "one login again for all five"
+
+
+def test_readiness_probe_does_not_queue_behind_calls(server):
+    login, _ = _login(server, ["t2"])
+
+    async def go():
+        api = KubeApi(login, concurrency=1)
+        try:
+            slow = asyncio.ensure_future(api.get("/slow/x/1.5"))
+            await asyncio.sleep(0.2)  # the one call connection is taken
+            started = time.monotonic()
+            assert await api.ready() is True
+            assert time.monotonic() - started < 1.0
+            await slow
+        finally:
+            await api.close()
+    asyncio.run(go())
+
+
+def test_kubeconfig_data_over_files_and_token_file_over_token(tmp_path):
+    """client-go's precedence: certificate-authority-data over certificate-authority, tokenFile over token."""
+    (tmp_path / "tok").write_text("from-file")
+    cfg = _kubeconfig(tmp_path / "config",
+                      cluster={"server": "https://h:6443", "certificate-authority": "ca.crt",
+                               "certificate-authority-data": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="},
+                      user={"token": "inline", "tokenFile": "tok", "client-certificate": "c.crt",
+                            "client-certificate-data": "Y2VydA==", "client-key": "c.key", "client-key-data": "a2V5"})
+    info = from_kubeconfig(str(cfg))
+    assert info.token == "from-file"
+    assert info.ca_path is None and info.ca_data.startswith("LS0t")
+    assert info.certificate_path is None and info.private_key_path is None

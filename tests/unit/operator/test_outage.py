@@ -120,3 +120,14 @@ def test_a_relapse_while_the_server_settles_is_the_same_outage(caplog):
         now[0] = 25.0 + ApiHealth.SETTLE_SECONDS + 1
         health.lost("refused")
         assert health.outages == 2 and len(caplog.records) == 3
+
+
+def test_a_refused_server_certificate_is_not_an_outage_but_a_dropped_answer_is():
+    key = aiohttp.client_reqrep.ConnectionKey("127.0.0.1", 6443, True, True, None, None, None)
+    import ssl
+
+    cert = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError("unknown authority"))
+    assert not unreachable(cert), "a wrong CA does not pass by waiting: it must be logged"
+    assert unreachable(ApiUnreachable("GET /x: no answer"))
+    assert unreachable(aiohttp.ClientPayloadError("Response payload is not completed"))
+    assert unreachable(aiohttp.ClientConnectorSSLError(key, ssl.SSLEOFError("EOF in the handshake")))

@@ -103,6 +103,20 @@ class _Connection:
         await self.calls.close()
         await self.probes.close()
 
+    async def send(self, session: aiohttp.ClientSession, method: str, url_path: str, data: Optional[bytes],
+                   content_type: str, timeout: float) -> tuple[int, bytes]:
+        """One request over `session` (`calls` or `probes`): the answer's status and body."""
+        headers = self.headers if data is None else {**self.headers, "Content-Type": content_type}
+        # `timeout` bounds connecting and each read, not the wait for a free connection: a burst of reconciles
+        # queues for the `concurrency` connections (as calls queued for threads before), and a total timeout
+        # would count that wait and call a busy but answering server unreachable
+        # encoded=True: the path and query are sent as built here (urlencode), not parsed and quoted again
+        async with session.request(method, yarl.URL(self.server + url_path, encoded=True), data=data,
+                                   headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeout,
+                                                                 sock_read=timeout)) as resp:
+            return resp.status, await resp.read()
+
 
 class KubeApi:
     """async request() returning parsed JSON; ApiError for non-2xx answers, ApiUnreachable for no answer.
@@ -164,32 +178,17 @@ class KubeApi:
         self._conn = None
         self._retired.clear()
 
-    async def _send(self, session: aiohttp.ClientSession, server: str, headers: dict, method: str, url_path: str,
-                    data: Optional[bytes], content_type: str, timeout: float) -> tuple[int, bytes]:
-        if data is not None:
-            headers = {**headers, "Content-Type": content_type}
-        # `timeout` bounds connecting and each read, not the wait for a free connection: a burst of reconciles
-        # queues for the `concurrency` connections (as calls queued for threads before), and a total timeout
-        # would count that wait and call a busy but answering server unreachable
-        # encoded=True: the path and query are sent as built here (urlencode), not parsed and quoted again
-        async with session.request(method, yarl.URL(server + url_path, encoded=True), data=data, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeout,
-                                                                 sock_read=timeout)) as resp:
-            return resp.status, await resp.read()
-
     async def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                       content_type: str = "application/json") -> Optional[dict]:
         url_path = path + (("?" + urlencode(query)) if query else "")
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            conn = self._connect()
-            status, raw = await self._send(conn.calls, conn.server, conn.headers, method, url_path, data,
-                                           content_type, self.timeout)
-            if status == 401:  # a rotated token (projected service-account tokens expire): log in again, once
-                self._relogin(conn)
+            for again in (False, True):
                 conn = self._connect()
-                status, raw = await self._send(conn.calls, conn.server, conn.headers, method, url_path, data,
-                                               content_type, self.timeout)
+                status, raw = await conn.send(conn.calls, method, url_path, data, content_type, self.timeout)
+                if status != 401 or again:
+                    break
+                self._relogin(conn)  # a rotated token (projected service-account tokens expire): log in again, once
         except Exception as exc:
             if not unreachable(exc):
                 raise
@@ -216,7 +215,7 @@ class KubeApi:
         """GET /readyz answered 200: the API server is up and serves everything (outage.py's health watch)."""
         try:
             conn = self._connect()
-            status, _ = await self._send(conn.probes, conn.server, conn.headers, "GET", "/readyz", None, "", 5)
+            status, _ = await conn.send(conn.probes, "GET", "/readyz", None, "", 5)
         except Exception:  # noqa: BLE001 - no answer: not ready
             return False
         return status == 200

@@ -136,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     without_kubernetes_client()
     import kopf
 
-    from . import handlers  # registers the handlers
+    from . import credentials, handlers  # handlers registers the handlers
 
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet,
                    log_format=kopf.LogFormat[args.log_format.upper()])
@@ -145,6 +145,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         p = plan(args)
     except ValueError as exc:
         print(f"kubetune-operator: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        credentials.load()  # no usable credentials: say so once and exit, not a startup retry every minute
+    except credentials.CredentialsError as exc:
+        print(f"kubetune-operator: {exc}", file=sys.stderr)
         return 2
     tune_gc(p["memo"]["settings"].gc_threshold)
     kopf.run(memo=handlers.SharedMemo(**p["memo"]), **p["kwargs"])

@@ -226,3 +226,21 @@ def test_every_watched_object_shares_the_operators_memo():
     plain = kopf.Memo(settings=object())
     copies = asyncio.run(recall(plain))
     assert all(m is not plain and m == plain for m in copies), "kopf's own behaviour: a copy per object"
+
+
+def test_unusable_credentials_end_the_operator_with_one_line_not_a_retry_loop(tmp_path):
+    """A kubeconfig whose user needs an exec plugin: exit 2 with the loader's message naming the user, at once
+    (kopf would retry its failing startup handler every minute, with a traceback each time)."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: eks-user, user: {exec: {command: aws}}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: eks-user}}]\n")
+    proc = subprocess.run([sys.executable, "-m", "kubetune_operator", "--standalone", "-n", "x"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(REPO / "operator"), "PATH": "/usr/bin:/bin",
+                               "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "kubeconfig user 'eks-user' authenticates with 'exec'" in proc.stderr
+    assert "Traceback" not in proc.stderr
